@@ -1,0 +1,55 @@
+//! ringline: a server framework and server for internal service-to-service calls over
+//! persistent TCP, speaking newline-delimited JSON (protocol v1, compatible with tornado-TCP
+//! clients).
+//!
+//! One thread per core, one io_uring ring per core, memchr framing over pooled buffers,
+//! simd-json parsing each request in place, handlers in a static dispatch table.
+//!
+//! # Getting started
+//!
+//! ```no_run
+//! use ringline::{HandlerError, HandlerResult, Reply, Request, Server};
+//!
+//! fn greet(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
+//!     let name = request.param_str("name").ok_or(HandlerError::bad_request("params.name: string required"))?;
+//!     reply.object().str("greeting", name);
+//!     Ok(())
+//! }
+//!
+//! ringline::routes! {
+//!     Greeter { 2000 => greet }
+//! }
+//!
+//! fn main() -> Result<(), ringline::ServerError> {
+//!     let server = Server::builder().addr("127.0.0.1:8889").start::<Greeter>()?;
+//!     server.wait()
+//! }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the sans-I/O core. [`protocol::frame`] splits lines with memchr,
+//!   [`protocol::request`] reads the envelope off simd-json's tape, [`protocol::reply`]
+//!   encodes replies, [`protocol::session`] turns received bytes into reply bytes.
+//! - [`dispatch`]: the [`Routes`] trait and the [`routes!`] macro (compile-time tables).
+//! - [`handlers`]: the built-in commands (ping, stats, echo).
+//! - [`stats`]: per-core counters, merged on read.
+//! - [`server`]: configuration, the builder, start-up and shutdown fan-out.
+//! - [`backend`]: the I/O drivers that move bytes for the core (`uring`, and its shared
+//!   socket, affinity and limit helpers).
+//!
+//! Design notes live in `docs/architecture.md`; the wire format in `docs/protocol.md`.
+
+pub mod backend;
+pub mod dispatch;
+pub mod handlers;
+pub mod protocol;
+pub mod server;
+pub mod stats;
+
+pub use dispatch::{Handler, HandlerError, HandlerResult, NoRoutes, Routes};
+pub use protocol::{Reply, Request};
+pub use server::{
+    Backend, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper,
+};
+pub use simd_json;

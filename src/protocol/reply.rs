@@ -1,0 +1,341 @@
+//! Reply encoding: the `{"code":…}` envelope, JSON string escaping, and the [`Reply`] writer
+//! handlers use to put their `data` value straight into the connection's output buffer.
+//!
+//! Nothing here allocates except the growth of the output buffer itself, which is reused for
+//! the life of the connection.
+
+use std::fmt;
+
+use simd_json::prelude::Writable;
+use simd_json::tape::Value;
+
+use crate::dispatch::HandlerError;
+
+/// Writes `s` as the contents of a JSON string (without the surrounding quotes).
+pub(crate) fn escape_into(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 15) as usize],
+            ]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+/// A `fmt::Write` sink that JSON-escapes everything written to it, so error messages built
+/// with `write!` land in a JSON string without a temporary `String`.
+struct EscapingWriter<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for EscapingWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        escape_into(self.0, s);
+        Ok(())
+    }
+}
+
+/// Writes an `"id":…,` member echoing the request's id, if it had one.
+fn write_id(out: &mut Vec<u8>, id: Option<Value<'_, '_>>) {
+    if let Some(id) = id {
+        out.extend_from_slice(b"\"id\":");
+        // Writing into a Vec cannot fail.
+        let _ = id.write(out);
+        out.push(b',');
+    }
+}
+
+/// Starts a success reply: `{"code":0,"id":…,"data":`. The handler's value follows.
+pub(crate) fn begin_ok(out: &mut Vec<u8>, id: Option<Value<'_, '_>>) {
+    out.extend_from_slice(b"{\"code\":0,");
+    write_id(out, id);
+    out.extend_from_slice(b"\"data\":");
+}
+
+/// Ends a success reply started with [`begin_ok`]; `data_start` is where the value began, so a
+/// handler that wrote nothing gets `null`.
+pub(crate) fn end_ok(out: &mut Vec<u8>, data_start: usize) {
+    if out.len() == data_start {
+        out.extend_from_slice(b"null");
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+/// Writes a whole error reply line: `{"code":N,"id":…,"error":"message"}\n`.
+pub(crate) fn write_error(
+    out: &mut Vec<u8>,
+    code: u16,
+    id: Option<Value<'_, '_>>,
+    message: fmt::Arguments<'_>,
+) {
+    out.extend_from_slice(b"{\"code\":");
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(digits.format(code).as_bytes());
+    out.push(b',');
+    write_id(out, id);
+    out.extend_from_slice(b"\"error\":\"");
+    let _ = fmt::write(&mut EscapingWriter(out), message);
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// Where a handler writes the `data` of its success reply: exactly one JSON value, written
+/// straight into the connection's output buffer. Writing nothing replies `"data":null`.
+///
+/// Every method consumes the writer, so a handler cannot write two values by mistake.
+pub struct Reply<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl<'o> Reply<'o> {
+    pub(crate) fn new(out: &'o mut Vec<u8>) -> Self {
+        Self { out }
+    }
+
+    /// Writes bytes that already are one valid JSON value (the caller vouches for them).
+    pub fn raw(self, json: &[u8]) {
+        self.out.extend_from_slice(json);
+    }
+
+    /// Writes a JSON string.
+    pub fn str(self, s: &str) {
+        write_str(self.out, s);
+    }
+
+    /// Writes an unsigned integer.
+    pub fn u64(self, n: u64) {
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    /// Writes a signed integer.
+    pub fn i64(self, n: i64) {
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    /// Writes a float; non-finite values become `null`, as JSON has no NaN or infinity.
+    pub fn f64(self, x: f64) {
+        write_f64(self.out, x);
+    }
+
+    /// Writes `true` or `false`.
+    pub fn bool(self, b: bool) {
+        self.out
+            .extend_from_slice(if b { b"true" } else { b"false" });
+    }
+
+    /// Writes a parsed JSON value, e.g. part of the request (this is how echo works).
+    pub fn value(self, v: Value<'_, '_>) {
+        let _ = v.write(self.out);
+    }
+
+    /// Serializes any `serde::Serialize` value.
+    ///
+    /// # Errors
+    /// Fails when the value cannot be represented as JSON (e.g. a map with non-string keys).
+    pub fn serialize<T: serde::Serialize + ?Sized>(self, v: &T) -> Result<(), HandlerError> {
+        simd_json::to_writer(&mut *self.out, v)
+            .map_err(|e| HandlerError::internal(format!("reply serialization failed: {e}")))
+    }
+
+    /// Starts a JSON object; members are added with the [`ObjectWriter`] methods and the
+    /// object is closed when the writer is dropped.
+    pub fn object(self) -> ObjectWriter<'o> {
+        ObjectWriter::open(self.out)
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    escape_into(out, s);
+    out.push(b'"');
+}
+
+fn write_f64(out: &mut Vec<u8>, x: f64) {
+    if x.is_finite() {
+        out.extend_from_slice(ryu::Buffer::new().format_finite(x).as_bytes());
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// Writes the members of a JSON object; the closing `}` is written on drop.
+pub struct ObjectWriter<'o> {
+    out: &'o mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'o> ObjectWriter<'o> {
+    fn open(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, empty: true }
+    }
+
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        write_str(self.out, key);
+        self.out.push(b':');
+        self.out
+    }
+
+    /// Adds `"key": n`.
+    pub fn u64(&mut self, key: &str, n: u64) -> &mut Self {
+        let out = self.key(key);
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self
+    }
+
+    /// Adds `"key": n`.
+    pub fn i64(&mut self, key: &str, n: i64) -> &mut Self {
+        let out = self.key(key);
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self
+    }
+
+    /// Adds `"key": x` (`null` when not finite).
+    pub fn f64(&mut self, key: &str, x: f64) -> &mut Self {
+        let out = self.key(key);
+        write_f64(out, x);
+        self
+    }
+
+    /// Adds `"key": true|false`.
+    pub fn bool(&mut self, key: &str, b: bool) -> &mut Self {
+        let out = self.key(key);
+        out.extend_from_slice(if b { b"true" } else { b"false" });
+        self
+    }
+
+    /// Adds `"key": "s"`.
+    pub fn str(&mut self, key: &str, s: &str) -> &mut Self {
+        let out = self.key(key);
+        write_str(out, s);
+        self
+    }
+
+    /// Adds `"key": <parsed value>`.
+    pub fn value(&mut self, key: &str, v: Value<'_, '_>) -> &mut Self {
+        let out = self.key(key);
+        let _ = v.write(out);
+        self
+    }
+
+    /// Adds `"key": <json>`; the caller vouches that `json` is one valid JSON value.
+    pub fn raw(&mut self, key: &str, json: &[u8]) -> &mut Self {
+        let out = self.key(key);
+        out.extend_from_slice(json);
+        self
+    }
+
+    /// Adds `"key": {…}` and returns the writer of the nested object.
+    pub fn object(&mut self, key: &str) -> ObjectWriter<'_> {
+        let out = self.key(key);
+        ObjectWriter::open(out)
+    }
+
+    /// Adds `"key": [ … ]` and returns the writer of the array.
+    pub fn array(&mut self, key: &str) -> ArrayWriter<'_> {
+        let out = self.key(key);
+        ArrayWriter::open(out)
+    }
+}
+
+impl Drop for ObjectWriter<'_> {
+    fn drop(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Writes the elements of a JSON array; the closing `]` is written on drop.
+pub struct ArrayWriter<'o> {
+    out: &'o mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'o> ArrayWriter<'o> {
+    fn open(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'[');
+        Self { out, empty: true }
+    }
+
+    fn next(&mut self) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out
+    }
+
+    /// Appends an object element and returns its writer.
+    pub fn object(&mut self) -> ObjectWriter<'_> {
+        let out = self.next();
+        ObjectWriter::open(out)
+    }
+
+    /// Appends an unsigned integer element.
+    pub fn u64(&mut self, n: u64) -> &mut Self {
+        let out = self.next();
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self
+    }
+}
+
+impl Drop for ArrayWriter<'_> {
+    fn drop(&mut self) {
+        self.out.push(b']');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_control_characters_quotes_and_backslashes() {
+        let mut out = Vec::new();
+        escape_into(&mut out, "a\"b\\c\nd\u{1}é");
+        assert_eq!(out, b"a\\\"b\\\\c\\nd\\u0001\xc3\xa9");
+    }
+
+    #[test]
+    fn error_reply_escapes_its_message() {
+        let mut out = Vec::new();
+        write_error(&mut out, 400, None, format_args!("bad \"{}\"", "x"));
+        assert_eq!(out, b"{\"code\":400,\"error\":\"bad \\\"x\\\"\"}\n");
+    }
+
+    #[test]
+    fn object_writer_nests_and_closes() {
+        let mut out = Vec::new();
+        {
+            let mut o = Reply::new(&mut out).object();
+            o.u64("a", 1).str("b", "x");
+            o.array("c").u64(1).u64(2);
+            o.object("d").bool("e", true);
+        }
+        assert_eq!(out, br#"{"a":1,"b":"x","c":[1,2],"d":{"e":true}}"#);
+    }
+}

@@ -1,0 +1,291 @@
+//! Bytes in → bytes out for one connection: the [`Processor`] (one per core: parser buffers,
+//! tape, dispatch) and the [`Session`] (one per connection: the carry buffer for a line that
+//! straddles two receives, and whether the stream is still in sync).
+//!
+//! A line that lies inside one receive buffer is parsed where it lies: backends hand over
+//! buffers with [`PADDING`] readable bytes past the data, which simd-json needs. Only a line
+//! that straddles two receives is copied, into the session's carry buffer.
+
+use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use simd_json::{Buffers, Tape};
+
+use super::frame::{content_len, find_newline, is_blank};
+use super::reply::{Reply, begin_ok, end_ok, write_error};
+use super::request::{CoreContext, Rejected, decode};
+use crate::dispatch::{HandlerResult, RESERVED_BELOW, Routes};
+use crate::handlers;
+use crate::stats::{CoreStats, StatsRegistry};
+
+/// Readable bytes every receive buffer must have past its data (simd-json's SIMD reads).
+pub const PADDING: usize = simd_json::INPUT_PADDING;
+
+/// Default longest request line, in bytes, not counting the `\n`.
+pub const DEFAULT_MAX_LINE: usize = 1 << 20;
+
+/// Carry buffers bigger than this are freed once their line is done, so a connection that
+/// once sent a huge line does not keep its memory.
+const CARRY_KEEP: usize = 64 << 10;
+
+/// Protocol limits enforced by the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest request line in bytes (excluding `\n`); longer gets 413 and a close.
+    pub max_line: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line: DEFAULT_MAX_LINE,
+        }
+    }
+}
+
+/// What the backend must do with the connection after feeding it bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep reading.
+    Continue,
+    /// Send what is in the output buffer, then close: the stream cannot be resynchronised
+    /// (a line over the limit). Further input is discarded.
+    Close,
+}
+
+/// Per-connection protocol state.
+#[derive(Debug, Default)]
+pub struct Session {
+    carry: Vec<u8>,
+    desynced: bool,
+}
+
+impl Session {
+    /// A fresh connection's state (allocates nothing).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes of an incomplete line held until its `\n` arrives.
+    pub fn pending_bytes(&self) -> usize {
+        self.carry.len()
+    }
+
+    /// The peer closed its side: an unterminated last line is not a frame and is dropped.
+    /// Returns how many bytes were dropped.
+    pub fn finish(&mut self) -> usize {
+        let dropped = self.carry.len();
+        self.carry = Vec::new();
+        dropped
+    }
+}
+
+/// One core's protocol engine: parser buffers, the reused tape, the dispatch table `R`.
+pub struct Processor<R: Routes> {
+    buffers: Buffers,
+    tape: Tape<'static>,
+    empty_params: Tape<'static>,
+    context: CoreContext,
+    limits: Limits,
+    scratch: Vec<u8>,
+    _routes: PhantomData<R>,
+}
+
+impl<R: Routes> Processor<R> {
+    /// The engine for core `core`, counting into `stats`.
+    pub fn new(core: usize, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
+        Self {
+            buffers: Buffers::new(4096),
+            tape: Tape(Vec::with_capacity(64)),
+            empty_params: Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]),
+            context: CoreContext::new(core, stats),
+            limits,
+            scratch: Vec::new(),
+            _routes: PhantomData,
+        }
+    }
+
+    /// This core's counters.
+    pub fn stats(&self) -> &CoreStats {
+        self.context.stats().core(self.context.core())
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Feeds `buf[..len]`, just received on `session`'s connection, and appends every reply
+    /// it completes to `out`, in request order.
+    ///
+    /// `buf` must extend at least [`PADDING`] bytes past `len`: those bytes are read (never
+    /// kept) by the parser. Lines inside `buf` are parsed in place, which rewrites escaped
+    /// strings inside them.
+    pub fn on_recv(
+        &mut self,
+        session: &mut Session,
+        buf: &mut [u8],
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Flow {
+        assert!(
+            buf.len() >= len + PADDING,
+            "receive buffers need PADDING bytes of slack"
+        );
+        self.stats().bytes_in(len);
+        if session.desynced {
+            return Flow::Close;
+        }
+        let max_line = self.limits.max_line;
+        let mut pos = 0;
+        if !session.carry.is_empty() {
+            let Some(nl) = find_newline(&buf[..len]) else {
+                return self.stash(session, &buf[..len], out);
+            };
+            if session.carry.len() + nl > max_line {
+                return self.too_long(session, out);
+            }
+            let carry = &mut session.carry;
+            carry.extend_from_slice(&buf[..nl]);
+            let line_len = carry.len();
+            carry.resize(line_len + PADDING, 0);
+            self.handle_line(carry, line_len, out);
+            if carry.capacity() > CARRY_KEEP {
+                *carry = Vec::new();
+            } else {
+                carry.clear();
+            }
+            pos = nl + 1;
+        }
+        while pos < len {
+            match find_newline(&buf[pos..len]) {
+                Some(nl) if nl > max_line => return self.too_long(session, out),
+                Some(nl) => {
+                    self.handle_line(&mut buf[pos..], nl, out);
+                    pos += nl + 1;
+                }
+                None => return self.stash(session, &buf[pos..len], out),
+            }
+        }
+        Flow::Continue
+    }
+
+    /// [`on_recv`](Self::on_recv) for bytes without padding: copies them into a padded
+    /// scratch buffer first. For tests and callers that do not own their receive buffers.
+    pub fn on_recv_copy(&mut self, session: &mut Session, data: &[u8], out: &mut Vec<u8>) -> Flow {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(data);
+        scratch.resize(data.len() + PADDING, 0);
+        let flow = self.on_recv(session, &mut scratch, data.len(), out);
+        self.scratch = scratch;
+        flow
+    }
+
+    fn stash(&mut self, session: &mut Session, rest: &[u8], out: &mut Vec<u8>) -> Flow {
+        if session.carry.len() + rest.len() > self.limits.max_line {
+            return self.too_long(session, out);
+        }
+        session.carry.extend_from_slice(rest);
+        Flow::Continue
+    }
+
+    fn too_long(&mut self, session: &mut Session, out: &mut Vec<u8>) -> Flow {
+        session.carry = Vec::new();
+        session.desynced = true;
+        self.stats().request();
+        self.stats().reply(413);
+        let max_line = self.limits.max_line;
+        write_error(
+            out,
+            413,
+            None,
+            format_args!("request line longer than {max_line} bytes"),
+        );
+        Flow::Close
+    }
+
+    /// Handles the line `buf[..len]` (without its `\n`); `buf[len..]` is padding.
+    fn handle_line(&mut self, buf: &mut [u8], len: usize, out: &mut Vec<u8>) {
+        let len = content_len(&buf[..len]);
+        if is_blank(&buf[..len]) {
+            return;
+        }
+        self.stats().request();
+        let mut tape = std::mem::replace(&mut self.tape, Tape(Vec::new())).reset();
+        let code = match simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape) {
+            Ok(()) => self.dispatch(&tape, out),
+            Err(e) => {
+                write_error(out, 400, None, format_args!("invalid JSON: {e}"));
+                400
+            }
+        };
+        self.tape = tape.reset();
+        self.stats().reply(code);
+    }
+
+    /// Validates the envelope, runs the handler, encodes the reply. Returns the reply code.
+    fn dispatch(&self, tape: &Tape<'_>, out: &mut Vec<u8>) -> u16 {
+        let request = match decode(tape, &self.empty_params, &self.context) {
+            Ok(request) => request,
+            Err(Rejected { error, id }) => {
+                write_error(out, 400, id, format_args!("{error}"));
+                return 400;
+            }
+        };
+        let cmdid = request.cmdid();
+        let start = out.len();
+        begin_ok(out, request.id());
+        let data_start = out.len();
+        let outcome = catch_unwind(AssertUnwindSafe(|| -> Option<HandlerResult> {
+            let reply = Reply::new(out);
+            if cmdid < RESERVED_BELOW {
+                handlers::call_builtin(cmdid, &request, reply)
+            } else {
+                R::call(cmdid, &request, reply)
+            }
+        }));
+        match outcome {
+            Ok(Some(Ok(()))) => {
+                end_ok(out, data_start);
+                0
+            }
+            Ok(Some(Err(e))) => {
+                out.truncate(start);
+                write_error(out, e.code(), request.id(), format_args!("{}", e.message()));
+                e.code()
+            }
+            Ok(None) => {
+                out.truncate(start);
+                write_error(
+                    out,
+                    404,
+                    request.id(),
+                    format_args!("unknown cmdid {cmdid}"),
+                );
+                404
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("non-string panic payload");
+                tracing::error!(
+                    cmdid,
+                    core = self.context.core(),
+                    "handler panicked: {what}"
+                );
+                out.truncate(start);
+                write_error(
+                    out,
+                    500,
+                    request.id(),
+                    format_args!("handler for cmdid {cmdid} panicked"),
+                );
+                500
+            }
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! Server configuration, the builder users call, start-up (listeners, one worker per core)
+//! and the shutdown fan-out to every worker.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::backend::{self, sys};
+use crate::dispatch::Routes;
+use crate::protocol::Limits;
+use crate::stats::StatsRegistry;
+
+/// The I/O driver that moves bytes for the protocol core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Native io_uring: one ring per core, multishot accept and recv, provided buffers.
+    #[default]
+    Uring,
+}
+
+impl Backend {
+    /// Every backend, in the order they are documented.
+    pub const ALL: [Backend; 1] = [Backend::Uring];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Uring => "uring",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| format!("unknown backend {s:?} (expected: uring)"))
+    }
+}
+
+/// Everything a server needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (default `127.0.0.1:8889`, loopback only).
+    pub addr: SocketAddr,
+    /// Worker threads, one per core; 0 means one per CPU this process may use.
+    pub threads: usize,
+    /// Protocol limits.
+    pub limits: Limits,
+    /// The I/O driver.
+    pub backend: Backend,
+    /// Pin each worker to its own CPU.
+    pub pin_threads: bool,
+    /// How long a graceful shutdown waits for connections to drain.
+    pub shutdown_timeout: Duration,
+}
+
+/// The default listen address.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8889";
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_ADDR.parse().expect("valid default address"),
+            threads: 0,
+            limits: Limits::default(),
+            backend: Backend::default(),
+            pin_threads: true,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The worker count after resolving 0 to the number of usable CPUs.
+    pub fn resolved_threads(&self) -> usize {
+        if self.threads == 0 {
+            sys::allowed_cpus().len()
+        } else {
+            self.threads
+        }
+    }
+}
+
+/// Why a server could not start or stopped abnormally. Each message names the cause and,
+/// where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The address could not be resolved.
+    #[error("cannot resolve listen address {addr:?}: {source}")]
+    Resolve {
+        /// What was given.
+        addr: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The listening socket could not be created.
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// io_uring could not be set up on this host.
+    #[error("io_uring is not available here: {source}. {hint}")]
+    IoUringUnavailable {
+        /// The error from io_uring_setup or a registration.
+        source: io::Error,
+        /// The likely cause and the fix.
+        hint: String,
+    },
+    /// Any other start-up failure (thread spawn, eventfd, …).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// A worker thread panicked.
+    #[error("worker thread for core {0} panicked")]
+    WorkerPanicked(usize),
+}
+
+impl ServerError {
+    pub(crate) fn listen(addr: SocketAddr, source: io::Error) -> Self {
+        let hint = match source.raw_os_error() {
+            Some(libc::EADDRINUSE) => {
+                " (the port is in use: stop the process listening there or pick another --addr)"
+            }
+            Some(libc::EACCES) => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            Some(libc::EADDRNOTAVAIL) => " (that IP address is not configured on this host)",
+            _ => "",
+        };
+        ServerError::Listen { addr, source, hint }
+    }
+}
+
+/// Shared between the handle and the workers: the stop flag and each worker's wake-up fd.
+#[derive(Debug)]
+pub(crate) struct Control {
+    stopping: AtomicBool,
+    wakers: Vec<sys::EventFd>,
+}
+
+impl Control {
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn waker(&self, core: usize) -> &sys::EventFd {
+        &self.wakers[core]
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for waker in &self.wakers {
+            waker.notify();
+        }
+    }
+}
+
+/// What each worker thread is given.
+pub(crate) struct WorkerSetup {
+    pub core: usize,
+    pub cpu: Option<usize>,
+    pub listener: OwnedFd,
+    pub config: ServerConfig,
+    pub stats: Arc<StatsRegistry>,
+    pub control: Arc<Control>,
+    /// Reports the end of the worker's set-up: `Ok` once it is serving.
+    pub ready: mpsc::Sender<Result<(), ServerError>>,
+}
+
+/// Builds and starts a server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    addr: Option<String>,
+}
+
+/// Entry point: `Server::builder()…start::<Routes>()`.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// A builder with the default configuration.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+}
+
+impl ServerBuilder {
+    /// Starts from a full configuration.
+    pub fn config(config: ServerConfig) -> Self {
+        Self { config, addr: None }
+    }
+
+    /// Address to listen on, e.g. `127.0.0.1:0` for any free port.
+    pub fn addr(mut self, addr: impl Into<String>) -> Self {
+        self.addr = Some(addr.into());
+        self
+    }
+
+    /// Worker threads (0: one per usable CPU).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.config.threads = threads;
+        self
+    }
+
+    /// Longest accepted request line in bytes.
+    pub fn max_line(mut self, bytes: usize) -> Self {
+        self.config.limits.max_line = bytes;
+        self
+    }
+
+    /// The I/O driver.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.config.backend = backend;
+        self
+    }
+
+    /// Whether to pin each worker to its own CPU (default on).
+    pub fn pin_threads(mut self, pin: bool) -> Self {
+        self.config.pin_threads = pin;
+        self
+    }
+
+    /// How long a graceful shutdown waits for connections to drain.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Binds, starts one worker per core and returns once every worker is serving.
+    ///
+    /// # Errors
+    /// The address cannot be resolved or bound, or the backend cannot be set up here.
+    pub fn start<R: Routes>(mut self) -> Result<ServerHandle, ServerError> {
+        if let Some(addr) = self.addr.take() {
+            self.config.addr = resolve(&addr)?;
+        }
+        let config = self.config;
+        let threads = config.resolved_threads().max(1);
+        let (listeners, local_addr) = sys::reuseport_listeners(config.addr, threads)
+            .map_err(|e| ServerError::listen(config.addr, e))?;
+        let wakers = (0..threads)
+            .map(|_| sys::EventFd::new())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| ServerError::Io {
+                what: "cannot create eventfd",
+                source,
+            })?;
+        let control = Arc::new(Control {
+            stopping: AtomicBool::new(false),
+            wakers,
+        });
+        let stats = StatsRegistry::new(threads);
+        let cpus = sys::allowed_cpus();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut workers = Vec::with_capacity(threads);
+        for (core, listener) in listeners.into_iter().enumerate() {
+            let setup = WorkerSetup {
+                core,
+                cpu: config.pin_threads.then(|| cpus[core % cpus.len()]),
+                listener,
+                config: config.clone(),
+                stats: stats.clone(),
+                control: control.clone(),
+                ready: ready_tx.clone(),
+            };
+            let backend = config.backend;
+            let spawned = std::thread::Builder::new()
+                .name(format!("ringline-{core}"))
+                .spawn(move || backend::run::<R>(backend, setup));
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(source) => {
+                    control.stop();
+                    return Err(ServerError::Io {
+                        what: "cannot spawn worker thread",
+                        source,
+                    });
+                }
+            }
+        }
+        drop(ready_tx);
+        let mut handle = ServerHandle {
+            local_addr,
+            backend: config.backend,
+            threads,
+            stats,
+            control,
+            workers,
+        };
+        for _ in 0..threads {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    handle.stop();
+                    let _ = handle.join();
+                    return Err(e);
+                }
+                Err(_) => {
+                    handle.stop();
+                    return Err(handle
+                        .join()
+                        .err()
+                        .unwrap_or(ServerError::WorkerPanicked(0)));
+                }
+            }
+        }
+        Ok(handle)
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, ServerError> {
+    let resolve_err = |source| ServerError::Resolve {
+        addr: addr.to_owned(),
+        source,
+    };
+    addr.to_socket_addrs()
+        .map_err(resolve_err)?
+        .next()
+        .ok_or_else(|| resolve_err(io::Error::new(io::ErrorKind::NotFound, "no address found")))
+}
+
+/// Begins a graceful shutdown of the server it came from; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Stopper(Arc<Control>);
+
+impl Stopper {
+    /// Begins a graceful shutdown (idempotent).
+    pub fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+/// A running server. Dropping it stops the server gracefully and waits for it.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    backend: Backend,
+    threads: usize,
+    stats: Arc<StatsRegistry>,
+    control: Arc<Control>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The backend serving.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &StatsRegistry {
+        &self.stats
+    }
+
+    /// Begins a graceful shutdown: stop accepting, answer what was received, close.
+    pub fn stop(&self) {
+        self.control.stop();
+    }
+
+    /// A handle that can begin the shutdown from another thread (e.g. a signal handler).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.control.clone())
+    }
+
+    /// Waits until every worker has exited.
+    ///
+    /// # Errors
+    /// A worker panicked.
+    pub fn wait(mut self) -> Result<(), ServerError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), ServerError> {
+        let mut result = Ok(());
+        for (core, worker) in self.workers.drain(..).enumerate() {
+            if worker.join().is_err() {
+                result = Err(ServerError::WorkerPanicked(core));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self.join();
+    }
+}
