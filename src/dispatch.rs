@@ -97,10 +97,7 @@ pub const fn check_cmdids(cmdids: &[u32]) {
         );
         let mut j = i + 1;
         while j < cmdids.len() {
-            assert!(
-                cmdids[i] != cmdids[j],
-                "routes!: duplicate cmdid in the table"
-            );
+            assert!(cmdids[i] != cmdids[j], "routes!: duplicate cmdid in the table");
             j += 1;
         }
         i += 1;

@@ -15,11 +15,7 @@ pub const STATS: u32 = 1;
 pub const ECHO: u32 = 10000;
 
 /// Runs the built-in command `cmdid`, if there is one.
-pub(crate) fn call_builtin(
-    cmdid: u32,
-    request: &Request<'_, '_>,
-    reply: Reply<'_>,
-) -> Option<HandlerResult> {
+pub(crate) fn call_builtin(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
     match cmdid {
         PING => Some(ping(request, reply)),
         STATS => Some(stats(request, reply)),

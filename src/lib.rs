@@ -49,7 +49,5 @@ pub mod stats;
 
 pub use dispatch::{Handler, HandlerError, HandlerResult, NoRoutes, Routes};
 pub use protocol::{Reply, Request};
-pub use server::{
-    Backend, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper,
-};
+pub use server::{Backend, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper};
 pub use simd_json;

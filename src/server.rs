@@ -322,10 +322,7 @@ impl ServerBuilder {
                 }
                 Err(_) => {
                     handle.stop();
-                    return Err(handle
-                        .join()
-                        .err()
-                        .unwrap_or(ServerError::WorkerPanicked(0)));
+                    return Err(handle.join().err().unwrap_or(ServerError::WorkerPanicked(0)));
                 }
             }
         }

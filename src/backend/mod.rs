@@ -13,6 +13,11 @@ use crate::server::{Backend, WorkerSetup};
 
 /// Runs one worker thread of `backend` until the server shuts down.
 pub(crate) fn run<R: Routes>(backend: Backend, setup: WorkerSetup) {
+    if let Some(cpu) = setup.cpu
+        && let Err(e) = sys::pin_to_cpu(cpu)
+    {
+        tracing::warn!(core = setup.core, cpu, "cannot pin worker to its CPU: {e}");
+    }
     match backend {
         Backend::Uring => uring::run::<R>(setup),
     }

@@ -84,13 +84,7 @@ pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
     }
     let (storage, len) = sockaddr(&addr);
     // SAFETY: storage holds a valid sockaddr of length len.
-    cvt(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &storage as *const _ as *const libc::sockaddr,
-            len,
-        )
-    })?;
+    cvt(unsafe { libc::bind(fd.as_raw_fd(), &storage as *const _ as *const libc::sockaddr, len) })?;
     // SAFETY: fd is a bound socket.
     cvt(unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) })?;
     Ok(fd)
@@ -107,10 +101,7 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
             // SAFETY: the family says the storage holds a sockaddr_in.
             let sin = unsafe { *(&storage as *const _ as *const libc::sockaddr_in) };
             let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sin.sin_port),
-            )))
+            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
@@ -156,6 +147,17 @@ pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
 pub fn shutdown(fd: RawFd, how: libc::c_int) {
     // SAFETY: plain shutdown(2) on a descriptor we own; failure is harmless here.
     unsafe { libc::shutdown(fd, how) };
+}
+
+/// Bytes received by the kernel on `fd` and not yet read (0 when unknown).
+pub fn unread_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
 }
 
 /// The CPUs this process may run on (honours `taskset`), in ascending order.
@@ -213,13 +215,7 @@ impl EventFd {
     pub fn notify(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64; a full counter (EAGAIN) is still readable.
-        unsafe {
-            libc::write(
-                self.0.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        unsafe { libc::write(self.0.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
     }
 
     /// The raw descriptor, to poll or read from a ring.

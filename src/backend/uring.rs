@@ -126,9 +126,11 @@ pub(crate) fn diagnose(err: &io::Error) -> String {
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
     match err.raw_os_error() {
-        Some(libc::ENOSYS) => "The kernel has no io_uring (built without CONFIG_IO_URING, or older than 5.19 \
+        Some(libc::ENOSYS) => {
+            "The kernel has no io_uring (built without CONFIG_IO_URING, or older than 5.19 \
              for multishot and buffer rings). Use --backend epoll."
-            .into(),
+                .into()
+        }
         Some(libc::EPERM) | Some(libc::EACCES) => match disabled {
             Some(2) => "io_uring is disabled by sysctl kernel.io_uring_disabled=2. \
                  Set it to 0 (sysctl -w kernel.io_uring_disabled=0) or use --backend epoll."
@@ -291,15 +293,11 @@ struct Worker<R: Routes> {
     accept_armed: bool,
     draining_since: Option<Instant>,
     deadline_passed: bool,
+    settle_all_pending: bool,
 }
 
 impl<R: Routes> Worker<R> {
     fn new(setup: WorkerSetup) -> Result<Self, ServerError> {
-        if let Some(cpu) = setup.cpu {
-            if let Err(e) = sys::pin_to_cpu(cpu) {
-                tracing::warn!(core = setup.core, cpu, "cannot pin worker to its CPU: {e}");
-            }
-        }
         let unavailable = |source: io::Error| ServerError::IoUringUnavailable {
             hint: diagnose(&source),
             source,
@@ -328,6 +326,7 @@ impl<R: Routes> Worker<R> {
             accept_armed: false,
             draining_since: None,
             deadline_passed: false,
+            settle_all_pending: false,
         };
         worker.arm_accept().map_err(unavailable)?;
         worker.arm_wake().map_err(unavailable)?;
@@ -394,6 +393,13 @@ impl<R: Routes> Worker<R> {
                 self.complete(&cqe)?;
             }
             self.completions = completions;
+            if self.settle_all_pending && self.ring.completion().is_empty() {
+                // After the whole batch, so no received bytes are still waiting to be handled.
+                self.settle_all_pending = false;
+                for slot in 0..self.conns.len() as u32 {
+                    self.settle(slot)?;
+                }
+            }
         }
     }
 
@@ -511,9 +517,9 @@ impl<R: Routes> Worker<R> {
                     let start = usize::from(bid) * STRIDE;
                     &mut self.pool.storage[start..start + STRIDE]
                 };
-                let flow =
-                    self.processor
-                        .on_recv(&mut conn.session, buf, res as usize, &mut conn.out);
+                let flow = self
+                    .processor
+                    .on_recv(&mut conn.session, buf, res as usize, &mut conn.out);
                 if flow == Flow::Close {
                     conn.read_done = true;
                     conn.closing = true;
@@ -528,11 +534,7 @@ impl<R: Routes> Worker<R> {
             // Orderly shutdown by the peer: answer what was received, then close.
             let dropped = conn.session.finish();
             if dropped > 0 {
-                tracing::debug!(
-                    core = self.core,
-                    dropped,
-                    "peer closed with an unterminated line"
-                );
+                tracing::debug!(core = self.core, dropped, "peer closed with an unterminated line");
             }
             conn.read_done = true;
             rearm = false;
@@ -636,10 +638,12 @@ impl<R: Routes> Worker<R> {
             if conn.read_done && !conn.closing {
                 // The peer half-closed and every reply is out: done.
                 conn.dead = true;
-            } else if conn.closing && !conn.write_shut {
+            } else if conn.closing && !conn.write_shut && (conn.read_done || sys::unread_bytes(conn.fd) == 0)
+            {
                 // Send FIN after the last reply; keep reading (and discarding) until the
                 // peer closes too, so unread input cannot turn our close into a reset that
-                // destroys the replies in flight.
+                // destroys the replies in flight. While draining for shutdown, bytes the
+                // kernel already holds are requests still owed a reply: wait for them.
                 sys::shutdown(conn.fd, libc::SHUT_WR);
                 conn.write_shut = true;
             }
@@ -695,9 +699,7 @@ impl<R: Routes> Worker<R> {
             .build()
             .user_data(user_data(Op::DrainDeadline, 0, 0));
         self.push(deadline)?;
-        for slot in 0..self.conns.len() as u32 {
-            self.settle(slot)?;
-        }
+        self.settle_all_pending = true;
         Ok(())
     }
 

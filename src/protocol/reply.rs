@@ -140,8 +140,7 @@ impl<'o> Reply<'o> {
 
     /// Writes `true` or `false`.
     pub fn bool(self, b: bool) {
-        self.out
-            .extend_from_slice(if b { b"true" } else { b"false" });
+        self.out.extend_from_slice(if b { b"true" } else { b"false" });
     }
 
     /// Writes a parsed JSON value, e.g. part of the request (this is how echo works).

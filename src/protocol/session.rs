@@ -122,13 +122,7 @@ impl<R: Routes> Processor<R> {
     /// `buf` must extend at least [`PADDING`] bytes past `len`: those bytes are read (never
     /// kept) by the parser. Lines inside `buf` are parsed in place, which rewrites escaped
     /// strings inside them.
-    pub fn on_recv(
-        &mut self,
-        session: &mut Session,
-        buf: &mut [u8],
-        len: usize,
-        out: &mut Vec<u8>,
-    ) -> Flow {
+    pub fn on_recv(&mut self, session: &mut Session, buf: &mut [u8], len: usize, out: &mut Vec<u8>) -> Flow {
         assert!(
             buf.len() >= len + PADDING,
             "receive buffers need PADDING bytes of slack"
@@ -258,12 +252,7 @@ impl<R: Routes> Processor<R> {
             }
             Ok(None) => {
                 out.truncate(start);
-                write_error(
-                    out,
-                    404,
-                    request.id(),
-                    format_args!("unknown cmdid {cmdid}"),
-                );
+                write_error(out, 404, request.id(), format_args!("unknown cmdid {cmdid}"));
                 404
             }
             Err(panic) => {
@@ -272,11 +261,7 @@ impl<R: Routes> Processor<R> {
                     .copied()
                     .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
                     .unwrap_or("non-string panic payload");
-                tracing::error!(
-                    cmdid,
-                    core = self.context.core(),
-                    "handler panicked: {what}"
-                );
+                tracing::error!(cmdid, core = self.context.core(), "handler panicked: {what}");
                 out.truncate(start);
                 write_error(
                     out,

@@ -1,0 +1,131 @@
+//! Shared helpers for the live-server tests: start a real server on 127.0.0.1:0 with any
+//! backend, and a small blocking line client that asserts on raw bytes.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use ringline::{Backend, HandlerError, HandlerResult, Reply, Request, ServerError, ServerHandle};
+
+/// Failsafe so a broken server fails a test instead of hanging it; never a timing assertion.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn fail(_request: &Request<'_, '_>, _reply: Reply<'_>) -> HandlerResult {
+    Err(HandlerError::internal("disk on fire"))
+}
+
+fn explode(_request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
+    reply.raw(b"[1,2");
+    panic!("handler bug");
+}
+
+ringline::routes! {
+    /// The shipped server's echo plus two misbehaving handlers.
+    pub TestRoutes {
+        10000 => ringline::handlers::echo,
+        9001 => fail,
+        9002 => explode,
+    }
+}
+
+/// Starts a server for `backend`, or reports why this host cannot run it. A skip is printed
+/// with its reason, and fails the test when RINGLINE_REQUIRE_ALL_BACKENDS is set (as CI does).
+pub fn start_with(
+    backend: Backend,
+    configure: impl FnOnce(ringline::ServerBuilder) -> ringline::ServerBuilder,
+) -> Option<ServerHandle> {
+    let builder = ringline::Server::builder()
+        .addr("127.0.0.1:0")
+        .backend(backend)
+        .threads(2)
+        .pin_threads(false);
+    match configure(builder).start::<TestRoutes>() {
+        Ok(server) => Some(server),
+        Err(e @ ServerError::IoUringUnavailable { .. }) => {
+            assert!(
+                std::env::var_os("RINGLINE_REQUIRE_ALL_BACKENDS").is_none(),
+                "backend {backend} cannot run here and RINGLINE_REQUIRE_ALL_BACKENDS is set: {e}"
+            );
+            eprintln!("SKIPPED: backend {backend} cannot run on this host: {e}");
+            None
+        }
+        Err(e) => panic!("cannot start the {backend} server: {e}"),
+    }
+}
+
+pub fn start(backend: Backend) -> Option<ServerHandle> {
+    start_with(backend, |b| b)
+}
+
+/// A blocking connection that reads replies line by line.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).expect("write");
+    }
+
+    /// The next reply line, with its `\n`.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read reply");
+        assert!(n > 0, "connection closed while a reply was expected");
+        line
+    }
+
+    /// Sends one request line and returns its reply line.
+    pub fn call(&mut self, request: &str) -> String {
+        self.send(request.as_bytes());
+        self.line()
+    }
+
+    /// Asserts the server closed the connection with nothing more to say.
+    pub fn expect_eof(&mut self) {
+        let mut rest = Vec::new();
+        match self.reader.read_to_end(&mut rest) {
+            Ok(_) => assert!(
+                rest.is_empty(),
+                "unexpected bytes before close: {:?}",
+                String::from_utf8_lossy(&rest)
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => assert!(rest.is_empty()),
+            Err(e) => panic!("expected the server to close, got {e}"),
+        }
+    }
+
+    pub fn shutdown_write(&mut self) {
+        self.reader.get_ref().shutdown(Shutdown::Write).unwrap();
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+}
+
+/// Reads a numeric field out of the stats reply's `total` object.
+pub fn total_stat(client: &mut Client, field: &str) -> u64 {
+    let reply = client.call("{\"cmdid\":1}\n");
+    let total = reply.split("\"total\":").nth(1).expect("stats reply has a total");
+    let needle = format!("\"{field}\":");
+    let start = total.find(&needle).expect("field present") + needle.len();
+    total[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}

@@ -1,0 +1,190 @@
+//! Tests of the sans-I/O protocol core, without sockets: however a byte stream is split into
+//! reads, the replies are the same bytes; arbitrary input never panics and always ends in
+//! replies or a clean close.
+
+use proptest::prelude::*;
+use ringline::protocol::{Flow, Limits, Processor, Session};
+use ringline::stats::StatsRegistry;
+use ringline::{HandlerError, HandlerResult, Reply, Request};
+
+fn fail(_: &Request<'_, '_>, _: Reply<'_>) -> HandlerResult {
+    Err(HandlerError::bad_request("no"))
+}
+
+ringline::routes! {
+    CoreRoutes {
+        10000 => ringline::handlers::echo,
+        2000 => fail,
+    }
+}
+
+const MAX_LINE: usize = 300;
+
+fn processor() -> Processor<CoreRoutes> {
+    Processor::new(0, StatsRegistry::new(1), Limits { max_line: MAX_LINE })
+}
+
+/// Feeds `stream` split at `cuts` (sorted offsets) and returns the output and the last flow.
+fn run(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
+    let mut p = processor();
+    let mut session = Session::new();
+    let mut out = Vec::new();
+    let mut flow = Flow::Continue;
+    let mut start = 0;
+    for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
+        let cut = cut.clamp(start, stream.len());
+        flow = p.on_recv_copy(&mut session, &stream[start..cut], &mut out);
+        start = cut;
+        if flow == Flow::Close {
+            break;
+        }
+    }
+    (out, flow)
+}
+
+const SAMPLES: &[&str] = &[
+    "{\"cmdid\": 10000, \"timestamp\": 1437300000, \"params\": {\"content\": \"Hello world!\"}}\n",
+    "{\"cmdid\":0,\"id\":1}\n",
+    "{\"cmdid\":10000,\"id\":\"x\",\"params\":{\"esc\":\"a\\\"b\\\\c\\n\\u00e9\",\"n\":[1,2.5,-3,true,null]}}\r\n",
+    "{\"cmdid\":2000}\n",
+    "{\"cmdid\":77777}\n",
+    "not json\n",
+    "[]\n",
+    "\n",
+    "\r\n",
+    "{\"cmdid\":\"1\"}\n",
+    "{\"cmdid\":10000,\"params\":{\"deep\":[[[[[[[[[[{}]]]]]]]]]]}}\n",
+];
+
+fn sample_stream() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(0..SAMPLES.len(), 1..40)
+        .prop_map(|picks| picks.iter().flat_map(|&i| SAMPLES[i].bytes()).collect())
+}
+
+#[test]
+fn one_byte_at_a_time_matches_one_read() {
+    let stream: Vec<u8> = SAMPLES.iter().flat_map(|s| s.bytes()).collect();
+    let (whole, flow) = run(&stream, &[]);
+    assert_eq!(flow, Flow::Continue);
+    let cuts: Vec<usize> = (1..stream.len()).collect();
+    assert_eq!(run(&stream, &cuts).0, whole);
+    let replies = whole.iter().filter(|&&b| b == b'\n').count();
+    // Every non-blank line gets exactly one reply.
+    assert_eq!(replies, SAMPLES.len() - 2);
+}
+
+#[test]
+fn replies_are_the_expected_bytes() {
+    let (out, _) = run(SAMPLES[2].as_bytes(), &[]);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "{\"code\":0,\"id\":\"x\",\"data\":{\"esc\":\"a\\\"b\\\\c\\né\",\"n\":[1,2.5,-3,true,null]}}\n"
+    );
+    let (out, _) = run(b"{\"cmdid\":2000,\"id\":3}\n", &[]);
+    assert_eq!(out, b"{\"code\":400,\"id\":3,\"error\":\"no\"}\n");
+}
+
+#[test]
+fn over_long_lines_close_the_stream_whatever_the_split() {
+    let mut stream = SAMPLES[1].as_bytes().to_vec();
+    stream.extend(std::iter::repeat_n(b'x', MAX_LINE * 3));
+    stream.extend_from_slice(b"\n{\"cmdid\":0}\n");
+    let (whole, flow) = run(&stream, &[]);
+    assert_eq!(flow, Flow::Close);
+    assert_eq!(
+        String::from_utf8(whole.clone()).unwrap(),
+        format!(
+            "{{\"code\":0,\"id\":1,\"data\":\"pong\"}}\n{{\"code\":413,\"error\":\"request line longer than {MAX_LINE} bytes\"}}\n"
+        )
+    );
+    let cuts: Vec<usize> = (7..stream.len()).step_by(7).collect();
+    assert_eq!(run(&stream, &cuts), (whole, Flow::Close));
+}
+
+#[test]
+fn a_deeply_nested_document_is_rejected_not_overflowed() {
+    let depth = 100_000;
+    let mut line = "{\"cmdid\":10000,\"params\":{\"a\":".to_string();
+    line.push_str(&"[".repeat(depth));
+    line.push_str(&"]".repeat(depth));
+    line.push_str("}}\n");
+    let mut p = Processor::<CoreRoutes>::new(0, StatsRegistry::new(1), Limits { max_line: 1 << 20 });
+    let mut out = Vec::new();
+    assert_eq!(
+        p.on_recv_copy(&mut Session::new(), line.as_bytes(), &mut out),
+        Flow::Continue
+    );
+    assert!(
+        out.starts_with(b"{\"code\":400,\"error\":\"invalid JSON"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
+fn an_unterminated_last_line_is_dropped_at_eof() {
+    let mut p = processor();
+    let mut session = Session::new();
+    let mut out = Vec::new();
+    p.on_recv_copy(&mut session, b"{\"cmdid\":0}\n{\"cmd", &mut out);
+    assert_eq!(out, b"{\"code\":0,\"data\":\"pong\"}\n");
+    assert_eq!(session.pending_bytes(), 5);
+    assert_eq!(session.finish(), 5);
+}
+
+#[test]
+fn stats_count_requests_and_replies_by_code() {
+    let stats = StatsRegistry::new(1);
+    let mut p = Processor::<CoreRoutes>::new(0, stats.clone(), Limits::default());
+    let mut out = Vec::new();
+    p.on_recv_copy(
+        &mut Session::new(),
+        b"{\"cmdid\":0}\nx\n{\"cmdid\":5000}\n\n",
+        &mut out,
+    );
+    let total = stats.total();
+    assert_eq!(total.requests, 3);
+    assert_eq!(
+        (
+            total.replies_with(0),
+            total.replies_with(400),
+            total.replies_with(404)
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(total.bytes_in, 30);
+}
+
+proptest! {
+    #[test]
+    fn any_split_gives_identical_output(stream in sample_stream(), mut cuts in prop::collection::vec(0usize..4000, 0..30)) {
+        cuts.sort_unstable();
+        let whole = run(&stream, &[]);
+        prop_assert_eq!(run(&stream, &cuts), whole);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_end_in_replies_or_a_clean_close(
+        chunks in prop::collection::vec(prop::collection::vec(prop_oneof![any::<u8>(), Just(b'\n'), Just(b'{'), Just(b'"')], 0..200), 0..20)
+    ) {
+        let stream: Vec<u8> = chunks.concat();
+        let mut cuts = Vec::new();
+        let mut at = 0;
+        for chunk in &chunks {
+            at += chunk.len();
+            cuts.push(at);
+        }
+        let (out, flow) = run(&stream, &cuts);
+        let text = String::from_utf8(out).expect("replies are UTF-8");
+        let lines: Vec<&str> = text.split_inclusive('\n').collect();
+        for line in &lines {
+            prop_assert!(line.ends_with('\n'));
+            prop_assert!(line.starts_with("{\"code\":"), "reply line: {}", line);
+            let mut bytes = line.as_bytes().to_vec();
+            prop_assert!(ringline::simd_json::to_tape(&mut bytes).is_ok(), "reply is valid JSON: {}", line);
+        }
+        if flow == Flow::Close {
+            prop_assert!(lines.last().is_some_and(|l| l.starts_with("{\"code\":413")), "last reply before a close is 413");
+        }
+    }
+}
