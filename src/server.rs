@@ -20,19 +20,36 @@ use crate::stats::StatsRegistry;
 /// The I/O driver that moves bytes for the protocol core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// Native io_uring: one ring per core, multishot accept and recv, provided buffers.
+    /// `uring` where io_uring works on this host, else `epoll`; the choice is logged.
     #[default]
+    Auto,
+    /// Native io_uring: one ring per core, multishot accept and recv, provided buffers.
     Uring,
+    /// tokio-uring: one runtime per core, ownership-passing reads and writes.
+    TokioUring,
+    /// tokio's current-thread runtime per core (epoll), `SO_REUSEPORT` listener per core.
+    Epoll,
+    /// tokio's work-stealing multi-thread runtime (epoll) behind one listener.
+    EpollMt,
 }
 
 impl Backend {
-    /// Every backend, in the order they are documented.
-    pub const ALL: [Backend; 1] = [Backend::Uring];
+    /// Every concrete backend (not `auto`), in the order they are documented.
+    pub const ALL: [Backend; 4] = [
+        Backend::Uring,
+        Backend::TokioUring,
+        Backend::Epoll,
+        Backend::EpollMt,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Auto => "auto",
             Backend::Uring => "uring",
+            Backend::TokioUring => "tokio-uring",
+            Backend::Epoll => "epoll",
+            Backend::EpollMt => "epoll-mt",
         }
     }
 }
@@ -47,10 +64,12 @@ impl FromStr for Backend {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Backend::ALL
-            .into_iter()
+        std::iter::once(Backend::Auto)
+            .chain(Backend::ALL)
             .find(|b| b.name() == s)
-            .ok_or_else(|| format!("unknown backend {s:?} (expected: uring)"))
+            .ok_or_else(|| {
+                format!("unknown backend {s:?} (expected auto, uring, tokio-uring, epoll or epoll-mt)")
+            })
     }
 }
 
@@ -128,6 +147,14 @@ pub enum ServerError {
         /// The likely cause and the fix.
         hint: String,
     },
+    /// The async runtime of a tokio-based backend could not be built.
+    #[error("cannot start the {backend} runtime: {source}")]
+    Runtime {
+        /// The backend.
+        backend: Backend,
+        /// Why.
+        source: io::Error,
+    },
     /// Any other start-up failure (thread spawn, eventfd, …).
     #[error("{what}: {source}")]
     Io {
@@ -160,11 +187,17 @@ impl ServerError {
 pub(crate) struct Control {
     stopping: AtomicBool,
     wakers: Vec<sys::EventFd>,
+    stop_signal: tokio::sync::watch::Sender<bool>,
 }
 
 impl Control {
     pub(crate) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    /// For async backends: resolves once a shutdown has begun.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop_signal.subscribe()
     }
 
     pub(crate) fn waker(&self, core: usize) -> &sys::EventFd {
@@ -173,6 +206,7 @@ impl Control {
 
     fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.stop_signal.send_replace(true);
         for waker in &self.wakers {
             waker.notify();
         }
@@ -259,11 +293,20 @@ impl ServerBuilder {
         if let Some(addr) = self.addr.take() {
             self.config.addr = resolve(&addr)?;
         }
-        let config = self.config;
+        let mut config = self.config;
+        config.backend = backend::resolve(config.backend);
         let threads = config.resolved_threads().max(1);
-        let (listeners, local_addr) = sys::reuseport_listeners(config.addr, threads)
+        config.threads = threads;
+        // epoll-mt is one work-stealing runtime behind one listener; every other backend
+        // runs one worker per core, each with its own SO_REUSEPORT listener.
+        let workers_wanted = if config.backend == Backend::EpollMt {
+            1
+        } else {
+            threads
+        };
+        let (listeners, local_addr) = sys::reuseport_listeners(config.addr, workers_wanted)
             .map_err(|e| ServerError::listen(config.addr, e))?;
-        let wakers = (0..threads)
+        let wakers = (0..workers_wanted)
             .map(|_| sys::EventFd::new())
             .collect::<io::Result<Vec<_>>>()
             .map_err(|source| ServerError::Io {
@@ -273,11 +316,19 @@ impl ServerBuilder {
         let control = Arc::new(Control {
             stopping: AtomicBool::new(false),
             wakers,
+            stop_signal: tokio::sync::watch::Sender::new(false),
         });
         let stats = StatsRegistry::new(threads);
         let cpus = sys::allowed_cpus();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let mut workers = Vec::with_capacity(threads);
+        let mut handle = ServerHandle {
+            local_addr,
+            backend: config.backend,
+            threads,
+            stats: stats.clone(),
+            control: control.clone(),
+            workers: Vec::with_capacity(workers_wanted),
+        };
         for (core, listener) in listeners.into_iter().enumerate() {
             let setup = WorkerSetup {
                 core,
@@ -293,9 +344,9 @@ impl ServerBuilder {
                 .name(format!("ringline-{core}"))
                 .spawn(move || backend::run::<R>(backend, setup));
             match spawned {
-                Ok(handle) => workers.push(handle),
+                Ok(worker) => handle.workers.push(worker),
                 Err(source) => {
-                    control.stop();
+                    handle.stop();
                     return Err(ServerError::Io {
                         what: "cannot spawn worker thread",
                         source,
@@ -304,15 +355,7 @@ impl ServerBuilder {
             }
         }
         drop(ready_tx);
-        let mut handle = ServerHandle {
-            local_addr,
-            backend: config.backend,
-            threads,
-            stats,
-            control,
-            workers,
-        };
-        for _ in 0..threads {
+        for _ in 0..workers_wanted {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

@@ -15,7 +15,7 @@ pub const COUNTED_CODES: [u16; 6] = [0, 400, 404, 413, 500, 503];
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct CoreStats {
-    connections_open: AtomicU64,
+    connections_closed: AtomicU64,
     connections_total: AtomicU64,
     requests: AtomicU64,
     replies: [AtomicU64; COUNTED_CODES.len() + 1],
@@ -23,7 +23,8 @@ pub struct CoreStats {
     bytes_out: AtomicU64,
 }
 
-/// Single-writer increment: the owning core is the only writer, so no read-modify-write.
+/// Single-writer increment: the owning core is the only writer, so no locked
+/// read-modify-write is needed.
 #[inline]
 fn bump(counter: &AtomicU64, by: u64) {
     counter.store(counter.load(Relaxed).wrapping_add(by), Relaxed);
@@ -33,14 +34,13 @@ impl CoreStats {
     /// A connection was accepted.
     #[inline]
     pub fn connection_opened(&self) {
-        bump(&self.connections_open, 1);
         bump(&self.connections_total, 1);
     }
 
     /// A connection was closed.
     #[inline]
     pub fn connection_closed(&self) {
-        bump(&self.connections_open, u64::MAX);
+        bump(&self.connections_closed, 1);
     }
 
     /// A request line was framed (valid or not).
@@ -77,9 +77,14 @@ impl CoreStats {
         for (dst, src) in replies.iter_mut().zip(&self.replies) {
             *dst = src.load(Relaxed);
         }
+        let connections_total = self.connections_total.load(Relaxed);
+        let connections_closed = self.connections_closed.load(Relaxed);
         StatsSnapshot {
-            connections_open: self.connections_open.load(Relaxed),
-            connections_total: self.connections_total.load(Relaxed),
+            // Under epoll-mt a connection may close on another worker than it opened on, so
+            // one core's difference can be negative; the total is exact.
+            connections_open: connections_total.saturating_sub(connections_closed),
+            connections_closed,
+            connections_total,
             requests: self.requests.load(Relaxed),
             replies,
             bytes_in: self.bytes_in.load(Relaxed),
@@ -93,6 +98,8 @@ impl CoreStats {
 pub struct StatsSnapshot {
     /// Connections open now.
     pub connections_open: u64,
+    /// Connections closed since start.
+    pub connections_closed: u64,
     /// Connections accepted since start.
     pub connections_total: u64,
     /// Request lines framed since start.
@@ -116,8 +123,9 @@ impl StatsSnapshot {
     }
 
     fn add(&mut self, other: &StatsSnapshot) {
-        self.connections_open = self.connections_open.wrapping_add(other.connections_open);
         self.connections_total += other.connections_total;
+        self.connections_closed += other.connections_closed;
+        self.connections_open = self.connections_total.saturating_sub(self.connections_closed);
         self.requests += other.requests;
         for (a, b) in self.replies.iter_mut().zip(&other.replies) {
             *a += b;

@@ -1,6 +1,7 @@
 //! Live-server tests: each body runs against every backend (see `every_backend!` at the
 //! bottom), on a real server listening on 127.0.0.1:0, asserting on the bytes that come back.
 
+#[macro_use]
 mod common;
 
 use std::io::Write;
@@ -282,14 +283,6 @@ fn graceful_stop_answers_what_was_sent(backend: Backend) {
     c.shutdown_write();
     c.expect_eof();
     server.wait().expect("clean exit");
-}
-
-macro_rules! every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod uring {
-            $(#[test] fn $test() { super::$test(ringline::Backend::Uring) })*
-        }
-    };
 }
 
 every_backend!(

@@ -138,6 +138,44 @@ pub fn reuseport_listeners(addr: SocketAddr, n: usize) -> io::Result<(Vec<OwnedF
     Ok((listeners, addr))
 }
 
+/// Accepts every connection already waiting in `listener`'s backlog, without blocking.
+///
+/// Used at shutdown: a connection the kernel has established may already carry requests, and
+/// closing the listener would reset it. Those connections are served like the others.
+pub fn accept_backlog(listener: RawFd, mut on_connection: impl FnMut(OwnedFd)) {
+    loop {
+        // SAFETY: accept4 with null address pointers; the fd is owned right away.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                Some(libc::EAGAIN) => return,
+                _ => {
+                    tracing::debug!("accepting the backlog at shutdown stopped: {err}");
+                    return;
+                }
+            }
+        }
+        // SAFETY: fd was just returned by accept4.
+        on_connection(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
+/// Puts a descriptor in non-blocking mode.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain fcntl calls on a descriptor we own.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
+}
+
 /// Disables Nagle's algorithm: replies are small and latency matters more than packet count.
 pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
     set_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)

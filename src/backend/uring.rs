@@ -10,20 +10,20 @@
 //! for another connection's.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::types::{BufRingEntry, Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
-use super::sys;
+use super::{ACCEPT_BACKOFF, sys};
 use crate::dispatch::Routes;
 use crate::protocol::{Flow, PADDING, Processor, Session};
 use crate::server::{ServerError, WorkerSetup};
 
 /// Usable bytes per pooled receive buffer (each is followed by [`PADDING`] bytes of slack).
-const BUF_SIZE: usize = 16 * 1024;
+const BUF_SIZE: usize = super::RECV_BUF_SIZE;
 /// Receive buffers per core (a power of two, at most 32768).
 const BUF_COUNT: u16 = 512;
 /// The provided-buffer group id.
@@ -34,8 +34,6 @@ const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 16 * 1024;
 /// Output buffers that grew past this are freed once drained, bounding idle memory.
 const OUT_KEEP: usize = 64 * 1024;
-/// Pause before re-arming accept after an error such as EMFILE, so it cannot spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Operation kinds, in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +116,12 @@ fn build_ring() -> io::Result<IoUring> {
         }
     }
     Err(last.unwrap_or_else(|| io::Error::other("io_uring_setup failed")))
+}
+
+/// Checks that this host can run the `uring` backend: a ring and a provided-buffer ring.
+pub(crate) fn probe() -> io::Result<()> {
+    let ring = build_ring()?;
+    BufferPool::new(&ring).map(drop)
 }
 
 /// Why io_uring setup failed, and what to do about it.
@@ -241,7 +245,7 @@ struct Conn {
     recv_armed: bool,
     send_in_flight: bool,
     queued_for_send: bool,
-    /// The peer closed its side (or the stream is desynced): no more requests will be read.
+    /// The peer closed its side: no more bytes will arrive.
     read_done: bool,
     /// We sent FIN after the last reply; waiting for the peer to close.
     write_shut: bool,
@@ -521,7 +525,7 @@ impl<R: Routes> Worker<R> {
                     .processor
                     .on_recv(&mut conn.session, buf, res as usize, &mut conn.out);
                 if flow == Flow::Close {
-                    conn.read_done = true;
+                    // The session now discards input; reply, then half-close.
                     conn.closing = true;
                 }
                 if !conn.out.is_empty() && !conn.queued_for_send {
@@ -682,6 +686,14 @@ impl<R: Routes> Worker<R> {
             };
         }
         self.draining_since = Some(Instant::now());
+        // Connections the kernel already established may carry requests: serve them too.
+        if sys::set_nonblocking(self.listener.as_raw_fd()).is_ok() {
+            let mut backlog = Vec::new();
+            sys::accept_backlog(self.listener.as_raw_fd(), |fd| backlog.push(fd));
+            for fd in backlog {
+                self.open(fd.into_raw_fd())?;
+            }
+        }
         self.accepting = false;
         if self.accept_armed {
             let entry = opcode::AsyncCancel::new(user_data(Op::Accept, 0, 0))

@@ -1,5 +1,6 @@
 //! The `ringline` command: `serve` runs the shipped server (built-ins plus echo).
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -46,7 +47,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_LINE)]
     max_line: usize,
     /// I/O backend.
-    #[arg(long, default_value = "uring")]
+    #[arg(long, default_value = "auto")]
     backend: Backend,
     /// Seconds a graceful shutdown (SIGINT/SIGTERM) waits for connections to drain.
     #[arg(long, default_value_t = 10.0)]
@@ -62,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),

@@ -1,7 +1,23 @@
 //! Shared helpers for the live-server tests: start a real server on 127.0.0.1:0 with any
 //! backend, and a small blocking line client that asserts on raw bytes.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
+
+/// Generates one `#[test]` per backend for each test body, in a module per backend
+/// (`uring::ping_echo_and_stats`, `epoll::ping_echo_and_stats`, …).
+macro_rules! every_backend {
+    ($($test:ident),* $(,)?) => {
+        every_backend!(@backend uring, Uring, $($test),*);
+        every_backend!(@backend tokio_uring, TokioUring, $($test),*);
+        every_backend!(@backend epoll, Epoll, $($test),*);
+        every_backend!(@backend epoll_mt, EpollMt, $($test),*);
+    };
+    (@backend $module:ident, $backend:ident, $($test:ident),*) => {
+        mod $module {
+            $(#[test] fn $test() { super::$test(ringline::Backend::$backend) })*
+        }
+    };
+}
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

@@ -1,0 +1,83 @@
+//! The `epoll` backend: one tokio current-thread runtime per core, each with its own
+//! `SO_REUSEPORT` listener; connections of a core share its protocol engine and receive
+//! buffer. The apples-to-apples epoll baseline for `uring`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::tokio_conn::{
+    ConnTracker, CoreAccess, CoreIo, accept_until_stopped, drain, serve_connection, tokio_listener,
+};
+use crate::dispatch::Routes;
+use crate::server::{Backend, ServerError, WorkerSetup};
+
+/// This core's engine, shared by the connection tasks of its runtime (one thread).
+struct LocalCore<R: Routes>(Rc<RefCell<CoreIo<R>>>);
+
+impl<R: Routes> Clone for LocalCore<R> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<R: Routes> CoreAccess<R> for LocalCore<R> {
+    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<R>) -> T) -> T {
+        f(&mut self.0.borrow_mut())
+    }
+}
+
+pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(source) => {
+            let _ = setup.ready.send(Err(ServerError::Runtime {
+                backend: Backend::Epoll,
+                source,
+            }));
+            return;
+        }
+    };
+    tokio::task::LocalSet::new().block_on(&runtime, serve::<R>(setup));
+}
+
+async fn serve<R: Routes>(setup: WorkerSetup) {
+    let WorkerSetup {
+        core,
+        listener,
+        config,
+        stats,
+        control,
+        ready,
+        ..
+    } = setup;
+    let listener = match tokio_listener(listener) {
+        Ok(listener) => listener,
+        Err(source) => {
+            let _ = ready.send(Err(ServerError::Io {
+                what: "cannot register the listener with tokio",
+                source,
+            }));
+            return;
+        }
+    };
+    let access = LocalCore(Rc::new(RefCell::new(CoreIo::<R>::new(
+        core,
+        stats,
+        config.limits,
+    ))));
+    let tracker = Arc::new(ConnTracker::default());
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let stop = control.subscribe();
+    accept_until_stopped(&listener, stop.clone(), |stream| {
+        let (access, stop, guard) = (access.clone(), stop.clone(), tracker.guard());
+        tokio::task::spawn_local(async move {
+            serve_connection(stream, access, stop).await;
+            drop(guard);
+        });
+    })
+    .await;
+    drop(listener);
+    drain(&tracker, config.shutdown_timeout, core).await;
+}

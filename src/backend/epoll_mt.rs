@@ -1,0 +1,129 @@
+//! The `epoll-mt` backend: tokio's work-stealing multi-thread runtime with `--threads`
+//! workers behind one listener — what most tokio servers deploy. Connection tasks may move
+//! between workers, so each worker thread keeps its own protocol engine in a thread-local
+//! and a task uses the one of the thread it is running on.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::sys;
+use super::tokio_conn::{
+    ConnTracker, CoreAccess, CoreIo, accept_until_stopped, drain, serve_connection, tokio_listener,
+};
+use crate::dispatch::Routes;
+use crate::protocol::Limits;
+use crate::server::{Backend, ServerError, WorkerSetup};
+use crate::stats::StatsRegistry;
+
+thread_local! {
+    /// This worker thread's `CoreIo<R>` (type-erased: a thread-local cannot be generic).
+    static THREAD_CORE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
+/// Finds (or creates) the engine of the worker thread a task runs on.
+struct ThreadCore<R: Routes> {
+    stats: Arc<StatsRegistry>,
+    limits: Limits,
+    next_index: Arc<AtomicUsize>,
+    _routes: PhantomData<fn() -> R>,
+}
+
+impl<R: Routes> Clone for ThreadCore<R> {
+    fn clone(&self) -> Self {
+        Self {
+            stats: self.stats.clone(),
+            limits: self.limits,
+            next_index: self.next_index.clone(),
+            _routes: PhantomData,
+        }
+    }
+}
+
+impl<R: Routes> CoreAccess<R> for ThreadCore<R> {
+    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<R>) -> T) -> T {
+        THREAD_CORE.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            let core = slot.get_or_insert_with(|| {
+                let index = self.next_index.fetch_add(1, Ordering::Relaxed) % self.stats.cores();
+                Box::new(CoreIo::<R>::new(index, self.stats.clone(), self.limits))
+            });
+            f(core
+                .downcast_mut::<CoreIo<R>>()
+                .expect("one server per runtime thread"))
+        })
+    }
+}
+
+pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
+    let threads = setup.config.threads.max(1);
+    let cpus = sys::allowed_cpus();
+    let pin = setup.config.pin_threads;
+    let started = AtomicUsize::new(0);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("ringline-mt")
+        .enable_all()
+        .on_thread_start(move || {
+            let index = started.fetch_add(1, Ordering::Relaxed);
+            if pin && index < threads {
+                let _ = sys::pin_to_cpu(cpus[index % cpus.len()]);
+            }
+        })
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(source) => {
+            let _ = setup.ready.send(Err(ServerError::Runtime {
+                backend: Backend::EpollMt,
+                source,
+            }));
+            return;
+        }
+    };
+    runtime.block_on(serve::<R>(setup));
+}
+
+async fn serve<R: Routes>(setup: WorkerSetup) {
+    let WorkerSetup {
+        core,
+        listener,
+        config,
+        stats,
+        control,
+        ready,
+        ..
+    } = setup;
+    let listener = match tokio_listener(listener) {
+        Ok(listener) => listener,
+        Err(source) => {
+            let _ = ready.send(Err(ServerError::Io {
+                what: "cannot register the listener with tokio",
+                source,
+            }));
+            return;
+        }
+    };
+    let access = ThreadCore::<R> {
+        stats,
+        limits: config.limits,
+        next_index: Arc::new(AtomicUsize::new(0)),
+        _routes: PhantomData,
+    };
+    let tracker = Arc::new(ConnTracker::default());
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let stop = control.subscribe();
+    accept_until_stopped(&listener, stop.clone(), |stream| {
+        let (access, stop, guard) = (access.clone(), stop.clone(), tracker.guard());
+        tokio::spawn(async move {
+            serve_connection(stream, access, stop).await;
+            drop(guard);
+        });
+    })
+    .await;
+    drop(listener);
+    drain(&tracker, config.shutdown_timeout, core).await;
+}

@@ -1,0 +1,254 @@
+//! The connection loop of the readiness-based (epoll) backends, `epoll` and `epoll-mt`:
+//! wait until the socket is readable, read everything it holds into the core's receive
+//! buffer, feed it to the protocol core, write the replies of that batch with one send.
+//!
+//! The receive buffer belongs to the core, not the connection (read with `try_read` right
+//! after readiness), so an idle connection holds no buffer, as with the uring pool.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+use super::{ACCEPT_BACKOFF, RECV_BUF_SIZE, sys};
+use crate::dispatch::Routes;
+use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
+use crate::stats::StatsRegistry;
+
+/// Replies are written once this much output is pending, even if more input is readable,
+/// so a peer that floods requests cannot grow the output buffer without bound.
+const FLUSH_AT: usize = 256 * 1024;
+/// Output buffers that grew past this are freed once written, bounding idle memory.
+const OUT_KEEP: usize = 64 * 1024;
+
+/// One core's protocol engine and its receive buffer.
+pub(crate) struct CoreIo<R: Routes> {
+    pub processor: Processor<R>,
+    pub buf: Box<[u8]>,
+}
+
+impl<R: Routes> CoreIo<R> {
+    pub fn new(core: usize, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
+        Self {
+            processor: Processor::new(core, stats, limits),
+            buf: vec![0; RECV_BUF_SIZE + PADDING].into(),
+        }
+    }
+}
+
+/// How a connection task reaches the [`CoreIo`] of the thread it runs on.
+pub(crate) trait CoreAccess<R: Routes>: Clone + 'static {
+    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<R>) -> T) -> T;
+}
+
+/// Counts a worker's open connections so shutdown can wait for them to drain.
+#[derive(Debug, Default)]
+pub(crate) struct ConnTracker {
+    open: AtomicUsize,
+    all_closed: Notify,
+}
+
+/// Held by a connection task; dropping it counts the connection as closed.
+pub(crate) struct ConnGuard(Arc<ConnTracker>);
+
+impl ConnTracker {
+    pub fn guard(self: &Arc<Self>) -> ConnGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(self.clone())
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Turns a listener made by [`sys::reuseport_listeners`] into a tokio listener.
+pub(crate) fn tokio_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// Accepts until the stop signal, then takes in the connections already in the backlog
+/// (they may carry requests owed a reply); backs off after errors such as EMFILE instead of
+/// spinning.
+pub(crate) async fn accept_until_stopped(
+    listener: &TcpListener,
+    mut stop: watch::Receiver<bool>,
+    mut on_connection: impl FnMut(TcpStream),
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopping| *stopping) => {
+                sys::accept_backlog(listener.as_raw_fd(), |fd| {
+                    match TcpStream::from_std(std::net::TcpStream::from(fd)) {
+                        Ok(stream) => on_connection(stream),
+                        Err(e) => tracing::debug!("cannot register a connection at shutdown: {e}"),
+                    }
+                });
+                return;
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => on_connection(stream),
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+}
+
+/// Waits for every connection to finish, at most `timeout`; logs what was left.
+pub(crate) async fn drain(tracker: &ConnTracker, timeout: Duration, core: usize) {
+    tracing::info!(
+        core,
+        connections = tracker.open(),
+        ?timeout,
+        "shutting down: draining connections"
+    );
+    if tokio::time::timeout(timeout, tracker.all_closed()).await.is_err() {
+        tracing::warn!(
+            core,
+            connections = tracker.open(),
+            "shutdown deadline passed: closing undrained connections"
+        );
+    }
+}
+
+enum Step {
+    Data(Flow),
+    Eof,
+    WouldBlock,
+}
+
+/// Serves one connection until it closes.
+pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
+    stream: TcpStream,
+    access: A,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    access.with(|core| core.processor.stats().connection_opened());
+    if let Err(e) = drive(&stream, &access, &mut stop).await {
+        tracing::debug!("connection error: {e}");
+    }
+    access.with(|core| core.processor.stats().connection_closed());
+}
+
+async fn drive<R: Routes, A: CoreAccess<R>>(
+    stream: &TcpStream,
+    access: &A,
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut session = Session::new();
+    let mut out = Vec::new();
+    let mut draining = *stop.borrow();
+    loop {
+        if draining {
+            stream.readable().await?;
+        } else {
+            tokio::select! {
+                ready = stream.readable() => ready?,
+                _ = stop.wait_for(|stopping| *stopping) => draining = true,
+            }
+        }
+        let mut end = None;
+        while out.len() < FLUSH_AT {
+            let step = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
+                Ok(0) => Ok(Step::Eof),
+                Ok(n) => Ok(Step::Data(core.processor.on_recv(
+                    &mut session,
+                    &mut core.buf,
+                    n,
+                    &mut out,
+                ))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::WouldBlock),
+                Err(e) => Err(e),
+            })?;
+            match step {
+                Step::Data(Flow::Continue) => {}
+                Step::Data(Flow::Close) => {
+                    end = Some(Flow::Close);
+                    break;
+                }
+                Step::Eof => {
+                    session.finish();
+                    end = Some(Flow::Continue);
+                    break;
+                }
+                Step::WouldBlock => break,
+            }
+        }
+        if !out.is_empty() {
+            write_all(stream, &out).await?;
+            access.with(|core| core.processor.stats().bytes_out(out.len()));
+            out.clear();
+            if out.capacity() > OUT_KEEP {
+                out = Vec::new();
+            }
+        }
+        match end {
+            // The peer half-closed and every reply is out.
+            Some(Flow::Continue) => return Ok(()),
+            Some(Flow::Close) => return linger(stream, access).await,
+            // Draining for shutdown: close once the kernel holds no unread request bytes.
+            None if draining && sys::unread_bytes(stream.as_raw_fd()) == 0 => {
+                return linger(stream, access).await;
+            }
+            None => {}
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Sends FIN after the last reply, then discards input until the peer closes, so unread
+/// input cannot turn the close into a reset that destroys replies still in flight.
+async fn linger<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, access: &A) -> io::Result<()> {
+    sys::shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+    loop {
+        stream.readable().await?;
+        match access.with(|core| stream.try_read(&mut core.buf[..RECV_BUF_SIZE])) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The shipped binary under signals: SIGTERM while a client has requests in flight answers
+//! every request sent before the signal, then exits 0. Runs against every backend.
+
+#[macro_use]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Client;
+use ringline::Backend;
+
+/// Starts `ringline serve` on a free port and returns it with its address.
+fn spawn_server(backend: Backend) -> (Child, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringline"))
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--no-pin",
+            "--backend",
+            backend.name(),
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringline");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before serving"
+        );
+        if let Some(rest) = line.split(" addr=").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .expect("address in the start-up line");
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, addr)
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    // Failsafe only: the shutdown itself is bounded by the server's 10 s drain deadline.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < give_up, "server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm_answers_requests_in_flight_then_exits_0(backend: Backend) {
+    let (mut child, addr) = spawn_server(backend);
+    let mut idle = Client::connect(addr);
+    assert_eq!(idle.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
+    let mut busy = Client::connect(addr);
+    let mut batch = String::new();
+    for i in 0..300 {
+        batch.push_str(&format!(
+            "{{\"cmdid\":10000,\"id\":{i},\"params\":{{\"i\":{i}}}}}\n"
+        ));
+    }
+    busy.send(batch.as_bytes());
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    for i in 0..300 {
+        assert_eq!(
+            busy.line(),
+            format!("{{\"code\":0,\"id\":{i},\"data\":{{\"i\":{i}}}}}\n")
+        );
+    }
+    busy.expect_eof();
+    idle.expect_eof();
+    // Closing our side lets the server finish without waiting for its drain deadline.
+    drop((busy, idle));
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "exit status {status}");
+}
+
+every_backend!(sigterm_answers_requests_in_flight_then_exits_0);
