@@ -14,9 +14,8 @@ thread_local! {
 
 /// 2000: `{"name": "..."}` → `{"greeting": "hello, ..."}`.
 fn greet(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
-    let name = request
-        .param_str("name")
-        .ok_or_else(|| HandlerError::bad_request("params.name must be a string"))?;
+    let name =
+        request.param_str("name").ok_or_else(|| HandlerError::bad_request("params.name must be a string"))?;
     let mut object = reply.object();
     object.str("greeting", &format!("hello, {name}"));
     Ok(())
@@ -29,10 +28,7 @@ fn add(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
         c.set(c.get().wrapping_add(by));
         c.get()
     });
-    reply
-        .object()
-        .u64("core", request.context().core() as u64)
-        .u64("value", value);
+    reply.object().u64("core", request.context().core() as u64).u64("value", value);
     Ok(())
 }
 

@@ -32,26 +32,17 @@ pub struct HandlerError {
 impl HandlerError {
     /// A 500 reply: the handler could not do its work.
     pub fn internal(message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            code: 500,
-            message: message.into(),
-        }
+        Self { code: 500, message: message.into() }
     }
 
     /// A 400 reply: the request's params were not what the handler needs.
     pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            code: 400,
-            message: message.into(),
-        }
+        Self { code: 400, message: message.into() }
     }
 
     /// A reply with any code (use the protocol's codes: 400, 404, 500, 503).
     pub fn with_code(code: u16, message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 
     /// The reply code.

@@ -35,12 +35,7 @@ pub enum Backend {
 
 impl Backend {
     /// Every concrete backend (not `auto`), in the order they are documented.
-    pub const ALL: [Backend; 4] = [
-        Backend::Uring,
-        Backend::TokioUring,
-        Backend::Epoll,
-        Backend::EpollMt,
-    ];
+    pub const ALL: [Backend; 4] = [Backend::Uring, Backend::TokioUring, Backend::Epoll, Backend::EpollMt];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -64,12 +59,9 @@ impl FromStr for Backend {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        std::iter::once(Backend::Auto)
-            .chain(Backend::ALL)
-            .find(|b| b.name() == s)
-            .ok_or_else(|| {
-                format!("unknown backend {s:?} (expected auto, uring, tokio-uring, epoll or epoll-mt)")
-            })
+        std::iter::once(Backend::Auto).chain(Backend::ALL).find(|b| b.name() == s).ok_or_else(|| {
+            format!("unknown backend {s:?} (expected auto, uring, tokio-uring, epoll or epoll-mt)")
+        })
     }
 }
 
@@ -109,11 +101,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// The worker count after resolving 0 to the number of usable CPUs.
     pub fn resolved_threads(&self) -> usize {
-        if self.threads == 0 {
-            sys::allowed_cpus().len()
-        } else {
-            self.threads
-        }
+        if self.threads == 0 { sys::allowed_cpus().len() } else { self.threads }
     }
 }
 
@@ -299,20 +287,13 @@ impl ServerBuilder {
         config.threads = threads;
         // epoll-mt is one work-stealing runtime behind one listener; every other backend
         // runs one worker per core, each with its own SO_REUSEPORT listener.
-        let workers_wanted = if config.backend == Backend::EpollMt {
-            1
-        } else {
-            threads
-        };
+        let workers_wanted = if config.backend == Backend::EpollMt { 1 } else { threads };
         let (listeners, local_addr) = sys::reuseport_listeners(config.addr, workers_wanted)
             .map_err(|e| ServerError::listen(config.addr, e))?;
         let wakers = (0..workers_wanted)
             .map(|_| sys::EventFd::new())
             .collect::<io::Result<Vec<_>>>()
-            .map_err(|source| ServerError::Io {
-                what: "cannot create eventfd",
-                source,
-            })?;
+            .map_err(|source| ServerError::Io { what: "cannot create eventfd", source })?;
         let control = Arc::new(Control {
             stopping: AtomicBool::new(false),
             wakers,
@@ -347,10 +328,7 @@ impl ServerBuilder {
                 Ok(worker) => handle.workers.push(worker),
                 Err(source) => {
                     handle.stop();
-                    return Err(ServerError::Io {
-                        what: "cannot spawn worker thread",
-                        source,
-                    });
+                    return Err(ServerError::Io { what: "cannot spawn worker thread", source });
                 }
             }
         }
@@ -374,10 +352,7 @@ impl ServerBuilder {
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, ServerError> {
-    let resolve_err = |source| ServerError::Resolve {
-        addr: addr.to_owned(),
-        source,
-    };
+    let resolve_err = |source| ServerError::Resolve { addr: addr.to_owned(), source };
     addr.to_socket_addrs()
         .map_err(resolve_err)?
         .next()

@@ -52,10 +52,7 @@ impl CoreStats {
     /// A reply with `code` was encoded.
     #[inline]
     pub fn reply(&self, code: u16) {
-        let slot = COUNTED_CODES
-            .iter()
-            .position(|&c| c == code)
-            .unwrap_or(COUNTED_CODES.len());
+        let slot = COUNTED_CODES.iter().position(|&c| c == code).unwrap_or(COUNTED_CODES.len());
         bump(&self.replies[slot], 1);
     }
 
@@ -115,10 +112,7 @@ pub struct StatsSnapshot {
 impl StatsSnapshot {
     /// Replies sent with `code` (codes outside [`COUNTED_CODES`] are summed under any of them).
     pub fn replies_with(&self, code: u16) -> u64 {
-        let slot = COUNTED_CODES
-            .iter()
-            .position(|&c| c == code)
-            .unwrap_or(COUNTED_CODES.len());
+        let slot = COUNTED_CODES.iter().position(|&c| c == code).unwrap_or(COUNTED_CODES.len());
         self.replies[slot]
     }
 
@@ -144,9 +138,7 @@ pub struct StatsRegistry {
 impl StatsRegistry {
     /// Counters for `cores` cores.
     pub fn new(cores: usize) -> Arc<Self> {
-        Arc::new(Self {
-            cores: (0..cores).map(|_| CoreStats::default()).collect(),
-        })
+        Arc::new(Self { cores: (0..cores).map(|_| CoreStats::default()).collect() })
     }
 
     /// The counters of core `index`.

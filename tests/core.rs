@@ -110,15 +110,8 @@ fn a_deeply_nested_document_is_rejected_not_overflowed() {
     line.push_str("}}\n");
     let mut p = Processor::<CoreRoutes>::new(0, StatsRegistry::new(1), Limits { max_line: 1 << 20 });
     let mut out = Vec::new();
-    assert_eq!(
-        p.on_recv_copy(&mut Session::new(), line.as_bytes(), &mut out),
-        Flow::Continue
-    );
-    assert!(
-        out.starts_with(b"{\"code\":400,\"error\":\"invalid JSON"),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
+    assert_eq!(p.on_recv_copy(&mut Session::new(), line.as_bytes(), &mut out), Flow::Continue);
+    assert!(out.starts_with(b"{\"code\":400,\"error\":\"invalid JSON"), "{}", String::from_utf8_lossy(&out));
 }
 
 #[test]
@@ -137,21 +130,10 @@ fn stats_count_requests_and_replies_by_code() {
     let stats = StatsRegistry::new(1);
     let mut p = Processor::<CoreRoutes>::new(0, stats.clone(), Limits::default());
     let mut out = Vec::new();
-    p.on_recv_copy(
-        &mut Session::new(),
-        b"{\"cmdid\":0}\nx\n{\"cmdid\":5000}\n\n",
-        &mut out,
-    );
+    p.on_recv_copy(&mut Session::new(), b"{\"cmdid\":0}\nx\n{\"cmdid\":5000}\n\n", &mut out);
     let total = stats.total();
     assert_eq!(total.requests, 3);
-    assert_eq!(
-        (
-            total.replies_with(0),
-            total.replies_with(400),
-            total.replies_with(404)
-        ),
-        (1, 1, 1)
-    );
+    assert_eq!((total.replies_with(0), total.replies_with(400), total.replies_with(404)), (1, 1, 1));
     assert_eq!(total.bytes_in, 30);
 }
 

@@ -29,27 +29,18 @@ fn tornado_client_request_bytes(backend: Backend) {
     let mut c = Client::connect(server.local_addr());
     let request =
         "{\"cmdid\": 10000, \"timestamp\": 1437300000, \"params\": {\"content\": \"Hello world!\"}}\n";
-    assert_eq!(
-        c.call(request),
-        "{\"code\":0,\"data\":{\"content\":\"Hello world!\"}}\n"
-    );
+    assert_eq!(c.call(request), "{\"code\":0,\"data\":{\"content\":\"Hello world!\"}}\n");
 }
 
 fn ids_are_echoed(backend: Backend) {
     let Some(server) = start(backend) else { return };
     let mut c = Client::connect(server.local_addr());
-    assert_eq!(
-        c.call("{\"cmdid\":0,\"id\":42}\n"),
-        "{\"code\":0,\"id\":42,\"data\":\"pong\"}\n"
-    );
+    assert_eq!(c.call("{\"cmdid\":0,\"id\":42}\n"), "{\"code\":0,\"id\":42,\"data\":\"pong\"}\n");
     assert_eq!(
         c.call("{\"id\":\"a\\\"b\",\"cmdid\":0}\n"),
         "{\"code\":0,\"id\":\"a\\\"b\",\"data\":\"pong\"}\n"
     );
-    assert_eq!(
-        c.call("{\"cmdid\":0,\"id\":-1.5}\n"),
-        "{\"code\":0,\"id\":-1.5,\"data\":\"pong\"}\n"
-    );
+    assert_eq!(c.call("{\"cmdid\":0,\"id\":-1.5}\n"), "{\"code\":0,\"id\":-1.5,\"data\":\"pong\"}\n");
     assert_eq!(
         c.call("{\"cmdid\":4242,\"id\":7}\n"),
         "{\"code\":404,\"id\":7,\"error\":\"unknown cmdid 4242\"}\n"
@@ -61,16 +52,11 @@ fn pipelined_requests_in_one_write_come_back_in_order(backend: Backend) {
     let mut c = Client::connect(server.local_addr());
     let mut batch = String::new();
     for i in 0..500 {
-        batch.push_str(&format!(
-            "{{\"cmdid\":10000,\"id\":{i},\"params\":{{\"n\":{i}}}}}\n"
-        ));
+        batch.push_str(&format!("{{\"cmdid\":10000,\"id\":{i},\"params\":{{\"n\":{i}}}}}\n"));
     }
     c.send(batch.as_bytes());
     for i in 0..500 {
-        assert_eq!(
-            c.line(),
-            format!("{{\"code\":0,\"id\":{i},\"data\":{{\"n\":{i}}}}}\n")
-        );
+        assert_eq!(c.line(), format!("{{\"code\":0,\"id\":{i},\"data\":{{\"n\":{i}}}}}\n"));
     }
 }
 
@@ -78,14 +64,8 @@ fn bad_requests_get_errors_and_the_connection_survives(backend: Backend) {
     let Some(server) = start(backend) else { return };
     let mut c = Client::connect(server.local_addr());
     let cases: &[(&str, &str)] = &[
-        (
-            "[1,2,3]\n",
-            "{\"code\":400,\"error\":\"request must be a JSON object\"}\n",
-        ),
-        (
-            "{\"params\":{}}\n",
-            "{\"code\":400,\"error\":\"missing cmdid\"}\n",
-        ),
+        ("[1,2,3]\n", "{\"code\":400,\"error\":\"request must be a JSON object\"}\n"),
+        ("{\"params\":{}}\n", "{\"code\":400,\"error\":\"missing cmdid\"}\n"),
         (
             "{\"cmdid\":\"10000\"}\n",
             "{\"code\":400,\"error\":\"cmdid must be an integer from 0 to 4294967295\"}\n",
@@ -94,34 +74,19 @@ fn bad_requests_get_errors_and_the_connection_survives(backend: Backend) {
             "{\"cmdid\":4294967296}\n",
             "{\"code\":400,\"error\":\"cmdid must be an integer from 0 to 4294967295\"}\n",
         ),
-        (
-            "{\"cmdid\":-1}\n",
-            "{\"code\":400,\"error\":\"cmdid must be an integer from 0 to 4294967295\"}\n",
-        ),
-        (
-            "{\"cmdid\":10000,\"params\":[1]}\n",
-            "{\"code\":400,\"error\":\"params must be a JSON object\"}\n",
-        ),
+        ("{\"cmdid\":-1}\n", "{\"code\":400,\"error\":\"cmdid must be an integer from 0 to 4294967295\"}\n"),
+        ("{\"cmdid\":10000,\"params\":[1]}\n", "{\"code\":400,\"error\":\"params must be a JSON object\"}\n"),
         (
             "{\"cmdid\":0,\"timestamp\":\"now\"}\n",
             "{\"code\":400,\"error\":\"timestamp must be an integer\"}\n",
         ),
-        (
-            "{\"cmdid\":0,\"id\":[1]}\n",
-            "{\"code\":400,\"error\":\"id must be a number or a string\"}\n",
-        ),
+        ("{\"cmdid\":0,\"id\":[1]}\n", "{\"code\":400,\"error\":\"id must be a number or a string\"}\n"),
         (
             "{\"cmdid\":\"x\",\"id\":9}\n",
             "{\"code\":400,\"id\":9,\"error\":\"cmdid must be an integer from 0 to 4294967295\"}\n",
         ),
-        (
-            "{\"cmdid\":31337}\n",
-            "{\"code\":404,\"error\":\"unknown cmdid 31337\"}\n",
-        ),
-        (
-            "{\"cmdid\":9001}\n",
-            "{\"code\":500,\"error\":\"disk on fire\"}\n",
-        ),
+        ("{\"cmdid\":31337}\n", "{\"code\":404,\"error\":\"unknown cmdid 31337\"}\n"),
+        ("{\"cmdid\":9001}\n", "{\"code\":500,\"error\":\"disk on fire\"}\n"),
         (
             "{\"cmdid\":9002,\"id\":1}\n",
             "{\"code\":500,\"id\":1,\"error\":\"handler for cmdid 9002 panicked\"}\n",
@@ -129,11 +94,7 @@ fn bad_requests_get_errors_and_the_connection_survives(backend: Backend) {
     ];
     for (request, expected) in cases {
         assert_eq!(&c.call(request), expected, "reply to {request:?}");
-        assert_eq!(
-            c.call("{\"cmdid\":0}\n"),
-            "{\"code\":0,\"data\":\"pong\"}\n",
-            "after {request:?}"
-        );
+        assert_eq!(c.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n", "after {request:?}");
     }
     for garbage in [
         "{\"cmdid\":0\n",
@@ -168,37 +129,22 @@ fn over_long_line_gets_413_then_close(backend: Backend) {
     let mut c = Client::connect(server.local_addr());
     assert_eq!(c.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
     c.send(&vec![b'x'; 256 * 1024]);
-    assert_eq!(
-        c.line(),
-        "{\"code\":413,\"error\":\"request line longer than 1024 bytes\"}\n"
-    );
+    assert_eq!(c.line(), "{\"code\":413,\"error\":\"request line longer than 1024 bytes\"}\n");
     c.shutdown_write();
     c.expect_eof();
     // With a newline, in one read.
     let mut c = Client::connect(server.local_addr());
-    let mut line = format!(
-        "{{\"cmdid\":10000,\"params\":{{\"s\":\"{}\"}}}}\n",
-        "y".repeat(2000)
-    );
+    let mut line = format!("{{\"cmdid\":10000,\"params\":{{\"s\":\"{}\"}}}}\n", "y".repeat(2000));
     line.push_str("{\"cmdid\":0}\n");
     c.send(line.as_bytes());
-    assert_eq!(
-        c.line(),
-        "{\"code\":413,\"error\":\"request line longer than 1024 bytes\"}\n"
-    );
+    assert_eq!(c.line(), "{\"code\":413,\"error\":\"request line longer than 1024 bytes\"}\n");
     c.expect_eof();
     // Exactly at the limit is fine.
     let mut c = Client::connect(server.local_addr());
     let padding = 1024 - "{\"cmdid\":10000,\"params\":{\"s\":\"\"}}".len();
-    let line = format!(
-        "{{\"cmdid\":10000,\"params\":{{\"s\":\"{}\"}}}}\n",
-        "z".repeat(padding)
-    );
+    let line = format!("{{\"cmdid\":10000,\"params\":{{\"s\":\"{}\"}}}}\n", "z".repeat(padding));
     assert_eq!(line.len(), 1025);
-    assert_eq!(
-        c.call(&line),
-        format!("{{\"code\":0,\"data\":{{\"s\":\"{}\"}}}}\n", "z".repeat(padding))
-    );
+    assert_eq!(c.call(&line), format!("{{\"code\":0,\"data\":{{\"s\":\"{}\"}}}}\n", "z".repeat(padding)));
 }
 
 fn line_split_across_many_writes(backend: Backend) {
@@ -209,10 +155,7 @@ fn line_split_across_many_writes(backend: Backend) {
     for byte in request {
         c.stream().write_all(std::slice::from_ref(byte)).unwrap();
     }
-    assert_eq!(
-        c.line(),
-        "{\"code\":0,\"id\":5,\"data\":{\"content\":\"one byte at a time\"}}\n"
-    );
+    assert_eq!(c.line(), "{\"code\":0,\"id\":5,\"data\":{\"content\":\"one byte at a time\"}}\n");
     assert_eq!(c.line(), "{\"code\":0,\"data\":\"pong\"}\n");
     // A line bigger than one receive buffer, straddling many of them.
     let big = "b".repeat(100_000);
@@ -230,22 +173,15 @@ fn hundred_concurrent_connections(backend: Backend) {
         .map(|(i, mut c)| {
             thread::spawn(move || {
                 for j in 0..20 {
-                    let reply = c.call(&format!(
-                        "{{\"cmdid\":10000,\"id\":{j},\"params\":{{\"client\":{i}}}}}\n"
-                    ));
-                    assert_eq!(
-                        reply,
-                        format!("{{\"code\":0,\"id\":{j},\"data\":{{\"client\":{i}}}}}\n")
-                    );
+                    let reply =
+                        c.call(&format!("{{\"cmdid\":10000,\"id\":{j},\"params\":{{\"client\":{i}}}}}\n"));
+                    assert_eq!(reply, format!("{{\"code\":0,\"id\":{j},\"data\":{{\"client\":{i}}}}}\n"));
                 }
                 c
             })
         })
         .collect();
-    let mut clients: Vec<Client> = workers
-        .into_iter()
-        .map(|w| w.join().expect("client thread"))
-        .collect();
+    let mut clients: Vec<Client> = workers.into_iter().map(|w| w.join().expect("client thread")).collect();
     assert_eq!(total_stat(&mut clients[0], "connections_open"), 100);
     assert_eq!(total_stat(&mut clients[0], "requests"), 100 * 20 + 2);
 }

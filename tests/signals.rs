@@ -14,16 +14,7 @@ use ringline::Backend;
 /// Starts `ringline serve` on a free port and returns it with its address.
 fn spawn_server(backend: Backend) -> (Child, std::net::SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringline"))
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--threads",
-            "2",
-            "--no-pin",
-            "--backend",
-            backend.name(),
-        ])
+        .args(["serve", "--addr", "127.0.0.1:0", "--threads", "2", "--no-pin", "--backend", backend.name()])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -32,17 +23,9 @@ fn spawn_server(backend: Backend) -> (Child, std::net::SocketAddr) {
     let mut line = String::new();
     let addr = loop {
         line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "server exited before serving"
-        );
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before serving");
         if let Some(rest) = line.split(" addr=").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .expect("address in the start-up line");
+            break rest.split_whitespace().next().unwrap().parse().expect("address in the start-up line");
         }
     };
     // Keep draining the log so the server never blocks on a full pipe.
@@ -69,18 +52,13 @@ fn sigterm_answers_requests_in_flight_then_exits_0(backend: Backend) {
     let mut busy = Client::connect(addr);
     let mut batch = String::new();
     for i in 0..300 {
-        batch.push_str(&format!(
-            "{{\"cmdid\":10000,\"id\":{i},\"params\":{{\"i\":{i}}}}}\n"
-        ));
+        batch.push_str(&format!("{{\"cmdid\":10000,\"id\":{i},\"params\":{{\"i\":{i}}}}}\n"));
     }
     busy.send(batch.as_bytes());
     // SAFETY: plain kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     for i in 0..300 {
-        assert_eq!(
-            busy.line(),
-            format!("{{\"code\":0,\"id\":{i},\"data\":{{\"i\":{i}}}}}\n")
-        );
+        assert_eq!(busy.line(), format!("{{\"code\":0,\"id\":{i},\"data\":{{\"i\":{i}}}}}\n"));
     }
     busy.expect_eof();
     idle.expect_eof();

@@ -2,15 +2,11 @@
 //! `SO_REUSEPORT` listener; connections of a core share its protocol engine and receive
 //! buffer. The apples-to-apples epoll baseline for `uring`.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::sync::Arc;
-
-use super::tokio_conn::{
-    ConnTracker, CoreAccess, CoreIo, accept_until_stopped, drain, serve_connection, tokio_listener,
-};
+use super::tokio_conn::{CoreAccess, CoreIo, serve_connection, serve_worker};
 use crate::dispatch::Routes;
 use crate::server::{Backend, ServerError, WorkerSetup};
+use std::cell::RefCell;
+use std::rc::Rc;
 
 /// This core's engine, shared by the connection tasks of its runtime (one thread).
 struct LocalCore<R: Routes>(Rc<RefCell<CoreIo<R>>>);
@@ -31,10 +27,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(source) => {
-            let _ = setup.ready.send(Err(ServerError::Runtime {
-                backend: Backend::Epoll,
-                source,
-            }));
+            let _ = setup.ready.send(Err(ServerError::Runtime { backend: Backend::Epoll, source }));
             return;
         }
     };
@@ -42,42 +35,15 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
 }
 
 async fn serve<R: Routes>(setup: WorkerSetup) {
-    let WorkerSetup {
-        core,
-        listener,
-        config,
-        stats,
-        control,
-        ready,
-        ..
-    } = setup;
-    let listener = match tokio_listener(listener) {
-        Ok(listener) => listener,
-        Err(source) => {
-            let _ = ready.send(Err(ServerError::Io {
-                what: "cannot register the listener with tokio",
-                source,
-            }));
-            return;
-        }
-    };
-    let access = LocalCore(Rc::new(RefCell::new(CoreIo::<R>::new(
-        core,
-        stats,
-        config.limits,
-    ))));
-    let tracker = Arc::new(ConnTracker::default());
-    let _ = ready.send(Ok(()));
-    drop(ready);
-    let stop = control.subscribe();
-    accept_until_stopped(&listener, stop.clone(), |stream| {
-        let (access, stop, guard) = (access.clone(), stop.clone(), tracker.guard());
-        tokio::task::spawn_local(async move {
-            serve_connection(stream, access, stop).await;
-            drop(guard);
-        });
-    })
+    serve_worker::<R, _>(
+        setup,
+        |core, stats, limits| LocalCore(Rc::new(RefCell::new(CoreIo::new(core, stats, limits)))),
+        |stream, access, stop, guard| {
+            tokio::task::spawn_local(async move {
+                serve_connection(stream, access, stop).await;
+                drop(guard);
+            });
+        },
+    )
     .await;
-    drop(listener);
-    drain(&tracker, config.shutdown_timeout, core).await;
 }

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::sys;
-use super::tokio_conn::{
-    ConnTracker, CoreAccess, CoreIo, accept_until_stopped, drain, serve_connection, tokio_listener,
-};
+use super::tokio_conn::{CoreAccess, CoreIo, serve_connection, serve_worker};
 use crate::dispatch::Routes;
 use crate::protocol::Limits;
 use crate::server::{Backend, ServerError, WorkerSetup};
@@ -50,9 +48,7 @@ impl<R: Routes> CoreAccess<R> for ThreadCore<R> {
                 let index = self.next_index.fetch_add(1, Ordering::Relaxed) % self.stats.cores();
                 Box::new(CoreIo::<R>::new(index, self.stats.clone(), self.limits))
             });
-            f(core
-                .downcast_mut::<CoreIo<R>>()
-                .expect("one server per runtime thread"))
+            f(core.downcast_mut::<CoreIo<R>>().expect("one server per runtime thread"))
         })
     }
 }
@@ -76,10 +72,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(source) => {
-            let _ = setup.ready.send(Err(ServerError::Runtime {
-                backend: Backend::EpollMt,
-                source,
-            }));
+            let _ = setup.ready.send(Err(ServerError::Runtime { backend: Backend::EpollMt, source }));
             return;
         }
     };
@@ -87,43 +80,20 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
 }
 
 async fn serve<R: Routes>(setup: WorkerSetup) {
-    let WorkerSetup {
-        core,
-        listener,
-        config,
-        stats,
-        control,
-        ready,
-        ..
-    } = setup;
-    let listener = match tokio_listener(listener) {
-        Ok(listener) => listener,
-        Err(source) => {
-            let _ = ready.send(Err(ServerError::Io {
-                what: "cannot register the listener with tokio",
-                source,
-            }));
-            return;
-        }
-    };
-    let access = ThreadCore::<R> {
-        stats,
-        limits: config.limits,
-        next_index: Arc::new(AtomicUsize::new(0)),
-        _routes: PhantomData,
-    };
-    let tracker = Arc::new(ConnTracker::default());
-    let _ = ready.send(Ok(()));
-    drop(ready);
-    let stop = control.subscribe();
-    accept_until_stopped(&listener, stop.clone(), |stream| {
-        let (access, stop, guard) = (access.clone(), stop.clone(), tracker.guard());
-        tokio::spawn(async move {
-            serve_connection(stream, access, stop).await;
-            drop(guard);
-        });
-    })
+    serve_worker::<R, _>(
+        setup,
+        |_, stats, limits| ThreadCore::<R> {
+            stats,
+            limits,
+            next_index: Arc::new(AtomicUsize::new(0)),
+            _routes: PhantomData,
+        },
+        |stream, access, stop, guard| {
+            tokio::spawn(async move {
+                serve_connection(stream, access, stop).await;
+                drop(guard);
+            });
+        },
+    )
     .await;
-    drop(listener);
-    drain(&tracker, config.shutdown_timeout, core).await;
 }

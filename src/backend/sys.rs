@@ -10,11 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 const BACKLOG: i32 = 4096;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -25,9 +21,7 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
@@ -39,9 +33,7 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
@@ -69,11 +61,7 @@ fn set_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int)
 /// A listening TCP socket on `addr`; with `reuse_port`, several may share the address and
 /// the kernel spreads incoming connections over them.
 pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let fd = cvt(unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
@@ -114,10 +102,7 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
                 sin6.sin6_scope_id,
             )))
         }
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "unknown address family",
-        )),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unknown address family")),
     }
 }
 
@@ -132,9 +117,7 @@ pub fn reuseport_listeners(addr: SocketAddr, n: usize) -> io::Result<(Vec<OwnedF
         let probe = listen(addr, false)?;
         addr = local_addr(probe.as_raw_fd())?;
     }
-    let listeners = (0..n)
-        .map(|_| listen(addr, true))
-        .collect::<io::Result<Vec<_>>>()?;
+    let listeners = (0..n).map(|_| listen(addr, true)).collect::<io::Result<Vec<_>>>()?;
     Ok((listeners, addr))
 }
 
@@ -191,11 +174,7 @@ pub fn shutdown(fd: RawFd, how: libc::c_int) {
 pub fn unread_bytes(fd: RawFd) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one c_int.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
-        0
-    } else {
-        n.max(0) as usize
-    }
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 { 0 } else { n.max(0) as usize }
 }
 
 /// The CPUs this process may run on (honours `taskset`), in ascending order.
@@ -204,9 +183,7 @@ pub fn allowed_cpus() -> Vec<usize> {
     let mut set: libc::cpu_set_t = unsafe { zeroed() };
     let ok = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } == 0;
     let cpus: Vec<usize> = if ok {
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
     } else {
         Vec::new()
     };

@@ -17,6 +17,7 @@ use tokio::sync::{Notify, watch};
 use super::{ACCEPT_BACKOFF, RECV_BUF_SIZE, sys};
 use crate::dispatch::Routes;
 use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
+use crate::server::{ServerError, WorkerSetup};
 use crate::stats::StatsRegistry;
 
 /// Replies are written once this much output is pending, even if more input is readable,
@@ -33,10 +34,7 @@ pub(crate) struct CoreIo<R: Routes> {
 
 impl<R: Routes> CoreIo<R> {
     pub fn new(core: usize, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
-        Self {
-            processor: Processor::new(core, stats, limits),
-            buf: vec![0; RECV_BUF_SIZE + PADDING].into(),
-        }
+        Self { processor: Processor::new(core, stats, limits), buf: vec![0; RECV_BUF_SIZE + PADDING].into() }
     }
 }
 
@@ -87,16 +85,46 @@ impl Drop for ConnGuard {
 }
 
 /// Turns a listener made by [`sys::reuseport_listeners`] into a tokio listener.
-pub(crate) fn tokio_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
+fn tokio_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
     let listener = std::net::TcpListener::from(fd);
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
 }
 
+/// The body of an epoll worker: registers its listener, reports readiness, accepts until
+/// the stop signal, then drains. `make_access` builds how tasks reach their core's engine;
+/// `spawn` starts a connection task on the backend's runtime.
+pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
+    setup: WorkerSetup,
+    make_access: impl FnOnce(usize, Arc<StatsRegistry>, Limits) -> A,
+    spawn: impl Fn(TcpStream, A, watch::Receiver<bool>, ConnGuard),
+) {
+    let WorkerSetup { core, listener, config, stats, control, ready, .. } = setup;
+    let listener = match tokio_listener(listener) {
+        Ok(listener) => listener,
+        Err(source) => {
+            let _ =
+                ready.send(Err(ServerError::Io { what: "cannot register the listener with tokio", source }));
+            return;
+        }
+    };
+    let access = make_access(core, stats, config.limits);
+    let tracker = Arc::new(ConnTracker::default());
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let stop = control.subscribe();
+    accept_until_stopped(&listener, stop.clone(), |stream| {
+        spawn(stream, access.clone(), stop.clone(), tracker.guard())
+    })
+    .await;
+    drop(listener);
+    drain(&tracker, config.shutdown_timeout, core).await;
+}
+
 /// Accepts until the stop signal, then takes in the connections already in the backlog
 /// (they may carry requests owed a reply); backs off after errors such as EMFILE instead of
 /// spinning.
-pub(crate) async fn accept_until_stopped(
+async fn accept_until_stopped(
     listener: &TcpListener,
     mut stop: watch::Receiver<bool>,
     mut on_connection: impl FnMut(TcpStream),
@@ -126,12 +154,7 @@ pub(crate) async fn accept_until_stopped(
 
 /// Waits for every connection to finish, at most `timeout`; logs what was left.
 pub(crate) async fn drain(tracker: &ConnTracker, timeout: Duration, core: usize) {
-    tracing::info!(
-        core,
-        connections = tracker.open(),
-        ?timeout,
-        "shutting down: draining connections"
-    );
+    tracing::info!(core, connections = tracker.open(), ?timeout, "shutting down: draining connections");
     if tokio::time::timeout(timeout, tracker.all_closed()).await.is_err() {
         tracing::warn!(
             core,
@@ -182,12 +205,7 @@ async fn drive<R: Routes, A: CoreAccess<R>>(
         while out.len() < FLUSH_AT {
             let step = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
                 Ok(0) => Ok(Step::Eof),
-                Ok(n) => Ok(Step::Data(core.processor.on_recv(
-                    &mut session,
-                    &mut core.buf,
-                    n,
-                    &mut out,
-                ))),
+                Ok(n) => Ok(Step::Data(core.processor.on_recv(&mut session, &mut core.buf, n, &mut out))),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::WouldBlock),
                 Err(e) => Err(e),
             })?;

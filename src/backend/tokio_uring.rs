@@ -34,9 +34,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
         Ok(runtime) => runtime,
         Err(source) => {
             let hint = uring::diagnose(&source);
-            let _ = setup
-                .ready
-                .send(Err(ServerError::IoUringUnavailable { source, hint }));
+            let _ = setup.ready.send(Err(ServerError::IoUringUnavailable { source, hint }));
             return;
         }
     };
@@ -46,15 +44,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
 type Shared<T> = Rc<RefCell<T>>;
 
 async fn serve<R: Routes>(setup: WorkerSetup) {
-    let WorkerSetup {
-        core,
-        listener,
-        config,
-        stats,
-        control,
-        ready,
-        ..
-    } = setup;
+    let WorkerSetup { core, listener, config, stats, control, ready, .. } = setup;
     let listener = std::net::TcpListener::from(listener);
     let listener_fd = listener.as_raw_fd();
     let listener = TcpListener::from_std(listener);
@@ -144,9 +134,7 @@ async fn drive<R: Routes>(stream: &TcpStream, processor: &Shared<Processor<R>>) 
             session.finish();
             return Ok(());
         }
-        let flow = processor
-            .borrow_mut()
-            .on_recv(&mut session, &mut buf, n, &mut out);
+        let flow = processor.borrow_mut().on_recv(&mut session, &mut buf, n, &mut out);
         if !out.is_empty() {
             let (written, returned) = stream.write_all(out).await;
             out = returned;

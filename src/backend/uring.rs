@@ -68,11 +68,7 @@ fn user_data(op: Op, slot: u32, generation: u32) -> u64 {
 }
 
 fn split_user_data(ud: u64) -> (Option<Op>, u32, u32) {
-    (
-        Op::from_u8((ud >> 56) as u8),
-        ((ud >> 32) & 0x00ff_ffff) as u32,
-        ud as u32,
-    )
+    (Op::from_u8((ud >> 56) as u8), ((ud >> 32) & 0x00ff_ffff) as u32, ud as u32)
 }
 
 /// Starts a worker: sets up its ring, reports readiness, serves until shut down.
@@ -191,10 +187,7 @@ impl BufferPool {
         };
         // SAFETY: the mapping lives as long as the pool, which outlives the ring's use of it
         // (the worker drops the ring first).
-        unsafe {
-            ring.submitter()
-                .register_buf_ring_with_flags(addr as u64, BUF_COUNT, BGID, 0)?
-        };
+        unsafe { ring.submitter().register_buf_ring_with_flags(addr as u64, BUF_COUNT, BGID, 0)? };
         for bid in 0..BUF_COUNT {
             pool.give_back(bid);
         }
@@ -302,10 +295,8 @@ struct Worker<R: Routes> {
 
 impl<R: Routes> Worker<R> {
     fn new(setup: WorkerSetup) -> Result<Self, ServerError> {
-        let unavailable = |source: io::Error| ServerError::IoUringUnavailable {
-            hint: diagnose(&source),
-            source,
-        };
+        let unavailable =
+            |source: io::Error| ServerError::IoUringUnavailable { hint: diagnose(&source), source };
         let ring = build_ring().map_err(unavailable)?;
         let pool = BufferPool::new(&ring).map_err(unavailable)?;
         let processor = Processor::new(setup.core, setup.stats, setup.config.limits);
@@ -371,9 +362,11 @@ impl<R: Routes> Worker<R> {
     fn arm_recv(&mut self, slot: u32) -> io::Result<()> {
         let conn = self.conns[slot as usize].as_mut().expect("live slot");
         conn.recv_armed = true;
-        let entry = opcode::RecvMulti::new(Fd(conn.fd), BGID)
-            .build()
-            .user_data(user_data(Op::Recv, slot, conn.generation));
+        let entry = opcode::RecvMulti::new(Fd(conn.fd), BGID).build().user_data(user_data(
+            Op::Recv,
+            slot,
+            conn.generation,
+        ));
         self.push(entry)
     }
 
@@ -448,14 +441,13 @@ impl<R: Routes> Worker<R> {
             }
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
-            tracing::warn!(
-                core = self.core,
-                "accept failed: {err}; retrying in {ACCEPT_BACKOFF:?}"
-            );
+            tracing::warn!(core = self.core, "accept failed: {err}; retrying in {ACCEPT_BACKOFF:?}");
             if !more && self.accepting {
-                let entry = opcode::Timeout::new(&*self.accept_backoff)
-                    .build()
-                    .user_data(user_data(Op::AcceptRetry, 0, 0));
+                let entry = opcode::Timeout::new(&*self.accept_backoff).build().user_data(user_data(
+                    Op::AcceptRetry,
+                    0,
+                    0,
+                ));
                 self.push(entry)?;
             }
             return Ok(());
@@ -489,21 +481,15 @@ impl<R: Routes> Worker<R> {
 
     /// The live connection in `slot` if `generation` is its generation.
     fn conn(&mut self, slot: u32, generation: u32) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(slot as usize)?
-            .as_mut()
-            .filter(|c| c.generation == generation)
+        self.conns.get_mut(slot as usize)?.as_mut().filter(|c| c.generation == generation)
     }
 
     fn on_recv(&mut self, slot: u32, generation: u32, cqe: &cqueue::Entry) -> io::Result<()> {
         let res = cqe.result();
         let more = cqueue::more(cqe.flags());
         let bid = cqueue::buffer_select(cqe.flags());
-        let Some(conn) = self
-            .conns
-            .get_mut(slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|c| c.generation == generation)
+        let Some(conn) =
+            self.conns.get_mut(slot as usize).and_then(Option::as_mut).filter(|c| c.generation == generation)
         else {
             if let Some(bid) = bid {
                 self.pool.give_back(bid);
@@ -521,9 +507,7 @@ impl<R: Routes> Worker<R> {
                     let start = usize::from(bid) * STRIDE;
                     &mut self.pool.storage[start..start + STRIDE]
                 };
-                let flow = self
-                    .processor
-                    .on_recv(&mut conn.session, buf, res as usize, &mut conn.out);
+                let flow = self.processor.on_recv(&mut conn.session, buf, res as usize, &mut conn.out);
                 if flow == Flow::Close {
                     // The session now discards input; reply, then half-close.
                     conn.closing = true;
@@ -679,11 +663,7 @@ impl<R: Routes> Worker<R> {
     fn begin_shutdown(&mut self) -> io::Result<()> {
         if self.draining_since.is_some() || !self.control.stopping() {
             // A spurious wake-up: keep listening for the real one.
-            return if self.draining_since.is_none() {
-                self.arm_wake()
-            } else {
-                Ok(())
-            };
+            return if self.draining_since.is_none() { self.arm_wake() } else { Ok(()) };
         }
         self.draining_since = Some(Instant::now());
         // Connections the kernel already established may carry requests: serve them too.
@@ -696,9 +676,11 @@ impl<R: Routes> Worker<R> {
         }
         self.accepting = false;
         if self.accept_armed {
-            let entry = opcode::AsyncCancel::new(user_data(Op::Accept, 0, 0))
-                .build()
-                .user_data(user_data(Op::Cancel, 0, 0));
+            let entry = opcode::AsyncCancel::new(user_data(Op::Accept, 0, 0)).build().user_data(user_data(
+                Op::Cancel,
+                0,
+                0,
+            ));
             self.push(entry)?;
         }
         tracing::info!(
@@ -707,9 +689,8 @@ impl<R: Routes> Worker<R> {
             timeout = ?self.shutdown_timeout,
             "shutting down: draining connections"
         );
-        let deadline = opcode::Timeout::new(&*self.drain_timeout)
-            .build()
-            .user_data(user_data(Op::DrainDeadline, 0, 0));
+        let deadline =
+            opcode::Timeout::new(&*self.drain_timeout).build().user_data(user_data(Op::DrainDeadline, 0, 0));
         self.push(deadline)?;
         self.settle_all_pending = true;
         Ok(())

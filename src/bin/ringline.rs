@@ -79,9 +79,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         addr: args.addr,
         threads: args.threads,
-        limits: ringline::protocol::Limits {
-            max_line: args.max_line,
-        },
+        limits: ringline::protocol::Limits { max_line: args.max_line },
         backend: args.backend,
         pin_threads: !args.no_pin,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
@@ -132,10 +130,7 @@ fn wait_for_signals(set: libc::sigset_t, stopper: ringline::Stopper) {
         }
         received += 1;
         if received == 1 {
-            tracing::info!(
-                signal,
-                "shutdown requested; send the signal again to exit at once"
-            );
+            tracing::info!(signal, "shutdown requested; send the signal again to exit at once");
             stopper.stop();
         } else {
             tracing::warn!(signal, "second signal: exiting without draining");

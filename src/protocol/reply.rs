@@ -28,14 +28,7 @@ pub(crate) fn escape_into(out: &mut Vec<u8>, s: &str) {
         };
         out.extend_from_slice(&bytes[start..i]);
         if escape.is_empty() {
-            out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 15) as usize],
-            ]);
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
         } else {
             out.extend_from_slice(escape);
         }
@@ -123,14 +116,12 @@ impl<'o> Reply<'o> {
 
     /// Writes an unsigned integer.
     pub fn u64(self, n: u64) {
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self.out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     }
 
     /// Writes a signed integer.
     pub fn i64(self, n: i64) {
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self.out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     }
 
     /// Writes a float; non-finite values become `null`, as JSON has no NaN or infinity.

@@ -148,10 +148,7 @@ pub(crate) fn decode<'t, 'i>(
     for (key, value) in object.iter() {
         let outcome = match key {
             "cmdid" => read_cmdid(value).map(|c| cmdid = Some(c)),
-            "timestamp" => value
-                .as_i64()
-                .map(|t| timestamp = Some(t))
-                .ok_or(EnvelopeError::BadTimestamp),
+            "timestamp" => value.as_i64().map(|t| timestamp = Some(t)).ok_or(EnvelopeError::BadTimestamp),
             "params" => match value.as_object() {
                 Some(_) => {
                     params = Some(value);
@@ -179,18 +176,9 @@ pub(crate) fn decode<'t, 'i>(
     let Some(cmdid) = cmdid else {
         return reject(EnvelopeError::MissingCmdid, id);
     };
-    Ok(Request {
-        cmdid,
-        timestamp,
-        params: params.unwrap_or_else(|| empty_params.as_value()),
-        id,
-        context,
-    })
+    Ok(Request { cmdid, timestamp, params: params.unwrap_or_else(|| empty_params.as_value()), id, context })
 }
 
 fn read_cmdid(value: Value<'_, '_>) -> Result<u32, EnvelopeError> {
-    value
-        .as_u64()
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or(EnvelopeError::BadCmdid)
+    value.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or(EnvelopeError::BadCmdid)
 }

@@ -38,9 +38,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_line: DEFAULT_MAX_LINE,
-        }
+        Self { max_line: DEFAULT_MAX_LINE }
     }
 }
 
@@ -123,10 +121,7 @@ impl<R: Routes> Processor<R> {
     /// kept) by the parser. Lines inside `buf` are parsed in place, which rewrites escaped
     /// strings inside them.
     pub fn on_recv(&mut self, session: &mut Session, buf: &mut [u8], len: usize, out: &mut Vec<u8>) -> Flow {
-        assert!(
-            buf.len() >= len + PADDING,
-            "receive buffers need PADDING bytes of slack"
-        );
+        assert!(buf.len() >= len + PADDING, "receive buffers need PADDING bytes of slack");
         self.stats().bytes_in(len);
         if session.desynced {
             return Flow::Close;
@@ -191,12 +186,7 @@ impl<R: Routes> Processor<R> {
         self.stats().request();
         self.stats().reply(413);
         let max_line = self.limits.max_line;
-        write_error(
-            out,
-            413,
-            None,
-            format_args!("request line longer than {max_line} bytes"),
-        );
+        write_error(out, 413, None, format_args!("request line longer than {max_line} bytes"));
         Flow::Close
     }
 
@@ -263,12 +253,7 @@ impl<R: Routes> Processor<R> {
                     .unwrap_or("non-string panic payload");
                 tracing::error!(cmdid, core = self.context.core(), "handler panicked: {what}");
                 out.truncate(start);
-                write_error(
-                    out,
-                    500,
-                    request.id(),
-                    format_args!("handler for cmdid {cmdid} panicked"),
-                );
+                write_error(out, 500, request.id(), format_args!("handler for cmdid {cmdid} panicked"));
                 500
             }
         }

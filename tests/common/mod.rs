@@ -52,11 +52,8 @@ pub fn start_with(
     backend: Backend,
     configure: impl FnOnce(ringline::ServerBuilder) -> ringline::ServerBuilder,
 ) -> Option<ServerHandle> {
-    let builder = ringline::Server::builder()
-        .addr("127.0.0.1:0")
-        .backend(backend)
-        .threads(2)
-        .pin_threads(false);
+    let builder =
+        ringline::Server::builder().addr("127.0.0.1:0").backend(backend).threads(2).pin_threads(false);
     match configure(builder).start::<TestRoutes>() {
         Ok(server) => Some(server),
         Err(e @ ServerError::IoUringUnavailable { .. }) => {
@@ -86,9 +83,7 @@ impl Client {
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
-        Self {
-            reader: BufReader::new(stream),
-        }
+        Self { reader: BufReader::new(stream) }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -138,10 +133,5 @@ pub fn total_stat(client: &mut Client, field: &str) -> u64 {
     let total = reply.split("\"total\":").nth(1).expect("stats reply has a total");
     let needle = format!("\"{field}\":");
     let start = total.find(&needle).expect("field present") + needle.len();
-    total[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap()
+    total[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
 }
