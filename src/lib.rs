@@ -41,6 +41,8 @@
 //! Design notes live in `docs/architecture.md`; the wire format in `docs/protocol.md`.
 
 pub mod backend;
+pub mod bench;
+pub mod client;
 pub mod dispatch;
 pub mod handlers;
 pub mod protocol;

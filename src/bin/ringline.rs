@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ringline::client::{Call, Client};
+use ringline::simd_json::prelude::Writable;
 use ringline::{Backend, ServerConfig, backend::sys, handlers, protocol::DEFAULT_MAX_LINE};
 
 #[global_allocator]
@@ -33,6 +35,101 @@ struct Cli {
 enum Command {
     /// Run the server: ping (0), stats (1) and echo (10000).
     Serve(ServeArgs),
+    /// Send one request and print the reply; with `-` as CMDID, send each NDJSON request line
+    /// read from stdin and print one reply line per request.
+    Call(CallArgs),
+    /// Load-test any ringline-protocol server.
+    Bench(BenchArgs),
+    /// Start the server once per backend and run the same workloads against each.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CallArgs {
+    /// Server address.
+    #[arg(long, default_value = ringline::server::DEFAULT_ADDR)]
+    addr: String,
+    /// Seconds to wait for the connection and each reply.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// The command id, or `-` to read request lines from stdin.
+    cmdid: String,
+    /// The params, as a JSON object.
+    params: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Server address.
+    #[arg(long, default_value = ringline::server::DEFAULT_ADDR)]
+    addr: SocketAddr,
+    /// Connections.
+    #[arg(short = 'c', long, default_value_t = 16)]
+    connections: usize,
+    /// Requests in flight per connection (closed loop).
+    #[arg(short = 'P', long, default_value_t = 1)]
+    pipeline: usize,
+    /// Seconds to measure (default 10 unless -n is given).
+    #[arg(short = 'd', long, conflicts_with = "count")]
+    duration: Option<f64>,
+    /// Requests to measure, instead of a duration.
+    #[arg(short = 'n', long)]
+    count: Option<u64>,
+    /// Seconds of unmeasured warm-up.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Target total rate in requests/s: open loop, latency corrected for coordinated omission.
+    #[arg(short = 'R', long)]
+    rate: Option<f64>,
+    /// Command id of the request (ignored with --requests).
+    #[arg(long, default_value_t = 10000)]
+    cmdid: u32,
+    /// Params of the request, a JSON object (default: the tornado-TCP seed's echo params).
+    #[arg(long)]
+    params: Option<String>,
+    /// A file of NDJSON request lines, sent in turn.
+    #[arg(long, conflicts_with_all = ["cmdid", "params"])]
+    requests: Option<std::path::PathBuf>,
+    /// Load threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// CPUs to pin the load threads to, e.g. `1` or `2,3`.
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// Output format.
+    #[arg(long, default_value = "text")]
+    output: ringline::bench::OutputFormat,
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    /// Backends to compare.
+    #[arg(long, value_delimiter = ',', default_value = "uring,tokio-uring,epoll,epoll-mt")]
+    backends: Vec<Backend>,
+    /// Workloads, CONNECTIONSxINFLIGHT.
+    #[arg(long, value_delimiter = ',', default_value = ringline::bench::compare::DEFAULT_WORKLOADS)]
+    workloads: Vec<ringline::bench::compare::Workload>,
+    /// Interleaved rounds; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds measured per run.
+    #[arg(short = 'd', long, default_value_t = 3.0)]
+    duration: f64,
+    /// Seconds of warm-up per run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// CPUs for the servers (one worker each).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    server_cpus: Vec<usize>,
+    /// CPUs for the load (one load thread each).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    client_cpus: Vec<usize>,
+    /// Write every run and the medians as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Write an SVG bar chart of the medians here.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +164,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Call(args) => call(args),
+        Command::Bench(args) => bench(args),
+        Command::Compare(args) => compare(args),
     }
 }
 
@@ -102,6 +202,142 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot spawn the signal thread")?;
     server.wait()?;
     tracing::info!("ringline stopped");
+    Ok(())
+}
+
+fn call(args: CallArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
+    if args.cmdid == "-" {
+        anyhow::ensure!(
+            args.params.is_none(),
+            "with `-`, each stdin line is a whole request; give no params"
+        );
+        return call_stdin(&args.addr, timeout);
+    }
+    let cmdid: u32 = args.cmdid.parse().context("CMDID must be an integer from 0 to 4294967295, or -")?;
+    let call = match &args.params {
+        Some(params) => Call::with_json(cmdid, params)?,
+        None => Call::new(cmdid),
+    };
+    let mut client = Client::connect_timeout(&args.addr, timeout)?;
+    let response = client.send(&call)?;
+    anyhow::ensure!(
+        response.code == 0,
+        "server replied {}: {}",
+        response.code,
+        response.error.unwrap_or_default()
+    );
+    writeln!(std::io::stdout().lock(), "{}", response.data.encode())?;
+    Ok(())
+}
+
+/// Sends stdin's request lines as they are and prints the reply lines, in order.
+fn call_stdin(addr: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut writer = stream.try_clone()?;
+    // Send from a thread so a long input is pipelined while replies stream back.
+    let sender = std::thread::spawn(move || -> std::io::Result<usize> {
+        let mut sent = 0;
+        for line in std::io::stdin().lock().lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            writer.write_all(line.as_bytes())?;
+            writer.write_all(b"\n")?;
+            sent += 1;
+        }
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(sent)
+    });
+    let mut replies = 0usize;
+    let mut out = std::io::stdout().lock();
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).context("reading replies")?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&line)?;
+        replies += 1;
+    }
+    let sent = sender.join().map_err(|_| anyhow::anyhow!("stdin thread panicked"))??;
+    anyhow::ensure!(replies == sent, "sent {sent} requests but the server closed after {replies} replies");
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use ringline::bench::{BenchConfig, StopAfter};
+    let requests = match &args.requests {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let lines: Vec<Vec<u8>> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| format!("{}\n", l.trim_end_matches('\r')).into_bytes())
+                .collect();
+            anyhow::ensure!(!lines.is_empty(), "{} holds no request lines", path.display());
+            lines
+        }
+        None => match &args.params {
+            Some(params) => {
+                let mut line = Vec::new();
+                ringline::client::encode_call(&mut line, &Call::with_json(args.cmdid, params)?, 0);
+                vec![line]
+            }
+            None if args.cmdid == ringline::handlers::ECHO => vec![BenchConfig::echo_request()],
+            None => vec![format!("{{\"cmdid\":{}}}\n", args.cmdid).into_bytes()],
+        },
+    };
+    let stop = match (args.count, args.duration) {
+        (Some(n), _) => StopAfter::Count(n),
+        (None, d) => StopAfter::Duration(Duration::from_secs_f64(d.unwrap_or(10.0).max(0.001))),
+    };
+    let config = BenchConfig {
+        addr: args.addr,
+        connections: args.connections,
+        pipeline: args.pipeline,
+        stop,
+        warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+        rate: args.rate,
+        requests,
+        threads: args.threads,
+        cpus: args.cpus,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let report = ringline::bench::run(&config)?;
+    print!("{}", report.render(args.output));
+    Ok(())
+}
+
+fn compare(args: CompareArgs) -> anyhow::Result<()> {
+    use ringline::bench::compare::{self, CompareConfig};
+    let config = CompareConfig {
+        server_binary: std::env::current_exe().context("cannot find the ringline executable")?,
+        backends: args.backends,
+        workloads: args.workloads,
+        rounds: args.rounds.max(1),
+        duration: Duration::from_secs_f64(args.duration.max(0.01)),
+        warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+        server_cpus: args.server_cpus,
+        client_cpus: args.client_cpus,
+    };
+    let comparison = compare::run(&config)?;
+    println!("{}", comparison.machine);
+    print!("{}", comparison.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, comparison.json(&config))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, comparison.svg()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,505 @@
+//! `ringline compare`: the same workloads against every backend of the same server, in
+//! interleaved rounds (so drift on a noisy host hits every backend alike), summarised by
+//! medians, with the ratio of each backend to `epoll`, as a table, JSON and an SVG chart.
+//!
+//! Each backend runs as its own `ringline serve` child process pinned to the server CPUs; the
+//! load runs in this process pinned to the client CPUs. Server CPU time per request comes
+//! from the kernel's per-thread accounting (`/proc/PID/task/*/schedstat`).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::{BenchConfig, BenchError, StopAfter};
+use crate::protocol::Reply;
+use crate::server::Backend;
+
+/// A load shape: connections x requests in flight per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    /// Connections.
+    pub connections: usize,
+    /// In flight per connection.
+    pub pipeline: usize,
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.connections, self.pipeline)
+    }
+}
+
+impl FromStr for Workload {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (c, p) =
+            s.split_once('x').ok_or_else(|| format!("workload {s:?} is not CONNECTIONSxINFLIGHT"))?;
+        let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|n| *n > 0);
+        match (parse(c), parse(p)) {
+            (Some(connections), Some(pipeline)) => Ok(Self { connections, pipeline }),
+            _ => Err(format!("workload {s:?} needs two positive numbers, e.g. 16x16")),
+        }
+    }
+}
+
+/// The default workloads: 1 conn x 1 in flight, 64 x 1, 16 x 16, 1000 x 1.
+pub const DEFAULT_WORKLOADS: &str = "1x1,64x1,16x16,1000x1";
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// The `ringline` executable to start servers from.
+    pub server_binary: PathBuf,
+    /// Backends to compare.
+    pub backends: Vec<Backend>,
+    /// Workloads.
+    pub workloads: Vec<Workload>,
+    /// Interleaved rounds (medians are taken over them).
+    pub rounds: usize,
+    /// Measured time per run.
+    pub duration: Duration,
+    /// Warm-up per run.
+    pub warmup: Duration,
+    /// CPUs the servers run on (one worker per CPU).
+    pub server_cpus: Vec<usize>,
+    /// CPUs the load runs on (one load thread per CPU).
+    pub client_cpus: Vec<usize>,
+}
+
+/// One run of one workload against one backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measurement {
+    /// Backend.
+    pub backend: Backend,
+    /// Workload.
+    pub workload: Workload,
+    /// Round.
+    pub round: usize,
+    /// Requests/s.
+    pub requests_per_sec: f64,
+    /// 99th percentile latency, µs.
+    pub p99_us: f64,
+    /// Server CPU time per request, µs.
+    pub server_cpu_us_per_request: f64,
+    /// Failed connections.
+    pub errors: u64,
+}
+
+/// Medians of one backend on one workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Backend.
+    pub backend: Backend,
+    /// Workload.
+    pub workload: Workload,
+    /// Median requests/s.
+    pub requests_per_sec: f64,
+    /// Median p99, µs.
+    pub p99_us: f64,
+    /// Median server CPU per request, µs.
+    pub server_cpu_us_per_request: f64,
+    /// Median requests/s over epoll's, if epoll was measured.
+    pub vs_epoll: Option<f64>,
+}
+
+/// Everything a comparison produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// The host, as the kernel describes it.
+    pub machine: String,
+    /// Every run.
+    pub measurements: Vec<Measurement>,
+    /// Medians per backend and workload.
+    pub summary: Vec<Summary>,
+}
+
+/// Why a comparison failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// A server could not be started.
+    #[error("cannot start the {backend} server: {reason}")]
+    Server {
+        /// Backend.
+        backend: Backend,
+        /// What happened.
+        reason: String,
+    },
+    /// A run failed.
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+}
+
+struct ServerProcess {
+    backend: Backend,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ServerProcess {
+    fn start(binary: &PathBuf, backend: Backend, cpus: &[usize]) -> Result<Self, CompareError> {
+        let fail = |reason: String| CompareError::Server { backend, reason };
+        let mut command = Command::new(binary);
+        command
+            .args(["serve", "--addr", "127.0.0.1:0", "--backend", backend.name()])
+            .args(["--threads", &cpus.len().to_string(), "--shutdown-timeout", "2"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let cpus = cpus.to_vec();
+        // SAFETY: only async-signal-safe calls (sched_setaffinity) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &cpu in &cpus {
+                    libc::CPU_SET(cpu, &mut set);
+                }
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| fail(format!("cannot run {}: {e}", binary.display())))?;
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.wait();
+                return Err(fail("it exited before serving (see its log above)".into()));
+            }
+            if let Some(addr) = line.split(" addr=").nth(1).and_then(|r| r.split_whitespace().next()) {
+                break addr.parse().map_err(|_| fail(format!("unreadable start-up line: {line}")))?;
+            }
+            if line.contains("ERROR") || line.contains("Error") {
+                eprint!("{line}");
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Ok(Self { backend, child, addr })
+    }
+
+    /// CPU time used by every thread of the server so far.
+    fn cpu_time(&self) -> Duration {
+        let mut total = 0u64;
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) {
+            for task in tasks.flatten() {
+                if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) {
+                    total +=
+                        stat.split_whitespace().next().and_then(|ns| ns.parse::<u64>().ok()).unwrap_or(0);
+                }
+            }
+        }
+        Duration::from_nanos(total)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The host: CPU model, CPU count and kernel.
+pub fn describe_machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{model}, {cpus} CPUs, Linux {}", kernel.trim())
+}
+
+/// Runs the comparison, printing a line per run to stderr as it goes.
+///
+/// # Errors
+/// A server cannot start, or a run fails.
+pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
+    let servers = config
+        .backends
+        .iter()
+        .map(|&backend| ServerProcess::start(&config.server_binary, backend, &config.server_cpus))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut measurements = Vec::new();
+    for round in 0..config.rounds {
+        for &workload in &config.workloads {
+            // Rotate the order each round so no backend always runs first.
+            for i in 0..servers.len() {
+                let server = &servers[(i + round) % servers.len()];
+                let bench = BenchConfig {
+                    addr: server.addr,
+                    connections: workload.connections,
+                    pipeline: workload.pipeline,
+                    stop: StopAfter::Duration(config.duration),
+                    warmup: config.warmup,
+                    rate: None,
+                    requests: vec![BenchConfig::echo_request()],
+                    threads: config.client_cpus.len().max(1),
+                    cpus: config.client_cpus.clone(),
+                    progress: false,
+                };
+                let cpu_before = server.cpu_time();
+                let report = super::run(&bench)?;
+                let cpu = server.cpu_time().saturating_sub(cpu_before);
+                // The CPU window includes the warm-up, so divide by everything served in it.
+                let served =
+                    (report.requests_per_sec * (config.duration + config.warmup).as_secs_f64()).max(1.0);
+                let m = Measurement {
+                    backend: server.backend,
+                    workload,
+                    round,
+                    requests_per_sec: report.requests_per_sec,
+                    p99_us: report.latency.p99,
+                    server_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / served,
+                    errors: report.errors,
+                };
+                eprintln!(
+                    "round {} {:>7} {:<11} {:>12.0} req/s  p99 {:>9.1} µs  server CPU {:.2} µs/req",
+                    round + 1,
+                    workload.to_string(),
+                    server.backend.name(),
+                    m.requests_per_sec,
+                    m.p99_us,
+                    m.server_cpu_us_per_request
+                );
+                measurements.push(m);
+            }
+        }
+    }
+    drop(servers);
+    let mut summary = Vec::new();
+    for &workload in &config.workloads {
+        let of = |backend: Backend, field: fn(&Measurement) -> f64| {
+            median(
+                measurements
+                    .iter()
+                    .filter(|m| m.backend == backend && m.workload == workload)
+                    .map(field)
+                    .collect(),
+            )
+        };
+        let epoll =
+            config.backends.contains(&Backend::Epoll).then(|| of(Backend::Epoll, |m| m.requests_per_sec));
+        for &backend in &config.backends {
+            let rps = of(backend, |m| m.requests_per_sec);
+            summary.push(Summary {
+                backend,
+                workload,
+                requests_per_sec: rps,
+                p99_us: of(backend, |m| m.p99_us),
+                server_cpu_us_per_request: of(backend, |m| m.server_cpu_us_per_request),
+                vs_epoll: epoll.filter(|e| *e > 0.0).map(|e| rps / e),
+            });
+        }
+    }
+    Ok(Comparison { machine: describe_machine(), measurements, summary })
+}
+
+impl Comparison {
+    /// The side-by-side table (markdown, so it pastes into docs as is).
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ =
+            writeln!(s, "| workload | backend | requests/s | p99 µs | server CPU µs/request | vs epoll |");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|");
+        for row in &self.summary {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.1} | {:.2} | {} |",
+                row.workload,
+                row.backend,
+                row.requests_per_sec,
+                row.p99_us,
+                row.server_cpu_us_per_request,
+                row.vs_epoll.map_or("–".into(), |r| format!("{r:.2}x"))
+            );
+        }
+        s
+    }
+
+    /// Every run and the medians as one JSON document.
+    pub fn json(&self, config: &CompareConfig) -> String {
+        let mut out = Vec::new();
+        {
+            let mut o = Reply::new(&mut out).object();
+            o.str("machine", &self.machine);
+            {
+                let mut c = o.object("config");
+                c.u64("rounds", config.rounds as u64)
+                    .f64("duration_secs", config.duration.as_secs_f64())
+                    .f64("warmup_secs", config.warmup.as_secs_f64());
+                let cpus = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+                c.str("server_cpus", &cpus(&config.server_cpus))
+                    .str("client_cpus", &cpus(&config.client_cpus));
+            }
+            {
+                let mut rows = o.array("summary");
+                for r in &self.summary {
+                    let mut row = rows.object();
+                    row.str("workload", &r.workload.to_string())
+                        .str("backend", r.backend.name())
+                        .f64("requests_per_sec", r.requests_per_sec)
+                        .f64("p99_us", r.p99_us)
+                        .f64("server_cpu_us_per_request", r.server_cpu_us_per_request);
+                    match r.vs_epoll {
+                        Some(v) => row.f64("vs_epoll", v),
+                        None => row.raw("vs_epoll", b"null"),
+                    };
+                }
+            }
+            let mut runs = o.array("measurements");
+            for m in &self.measurements {
+                let mut row = runs.object();
+                row.str("workload", &m.workload.to_string())
+                    .str("backend", m.backend.name())
+                    .u64("round", m.round as u64 + 1)
+                    .f64("requests_per_sec", m.requests_per_sec)
+                    .f64("p99_us", m.p99_us)
+                    .f64("server_cpu_us_per_request", m.server_cpu_us_per_request)
+                    .u64("errors", m.errors);
+            }
+        }
+        out.push(b'\n');
+        String::from_utf8(out).expect("JSON is UTF-8")
+    }
+
+    /// A bar chart of median requests/s: one panel per workload (each with its own scale),
+    /// one bar per backend.
+    pub fn svg(&self) -> String {
+        const COLORS: [&str; 5] = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd"];
+        let workloads: Vec<Workload> = self.summary.iter().fold(Vec::new(), |mut v, r| {
+            if !v.contains(&r.workload) {
+                v.push(r.workload);
+            }
+            v
+        });
+        let backends: Vec<Backend> = self.summary.iter().fold(Vec::new(), |mut v, r| {
+            if !v.contains(&r.backend) {
+                v.push(r.backend);
+            }
+            v
+        });
+        let (panel_w, panel_h, top, bottom) = (230.0, 260.0, 60.0, 40.0);
+        let width = panel_w * workloads.len() as f64 + 20.0;
+        let height = top + panel_h + bottom + 30.0;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">"
+        );
+        let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+        let _ = writeln!(
+            s,
+            "<text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">ringline compare: median requests/s (higher is better)</text>"
+        );
+        let _ = writeln!(s, "<text x=\"10\" y=\"38\" fill=\"#555\">{}</text>", xml_escape(&self.machine));
+        for (i, backend) in backends.iter().enumerate() {
+            let x = 10.0 + 120.0 * i as f64;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>",
+                height - 22.0,
+                COLORS[i % COLORS.len()],
+                x + 16.0,
+                height - 12.0,
+                backend
+            );
+        }
+        for (p, workload) in workloads.iter().enumerate() {
+            let x0 = 10.0 + panel_w * p as f64;
+            let rows: Vec<&Summary> = self.summary.iter().filter(|r| r.workload == *workload).collect();
+            let max = rows.iter().map(|r| r.requests_per_sec).fold(0.0, f64::max).max(1.0);
+            let bar_w = (panel_w - 40.0) / rows.len().max(1) as f64;
+            let base = top + panel_h;
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-weight=\"bold\">{} conns x {} in flight</text>",
+                x0 + panel_w / 2.0,
+                base + 18.0,
+                workload.connections,
+                workload.pipeline
+            );
+            let _ = writeln!(
+                s,
+                "<line x1=\"{}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#333\"/>",
+                x0 + 10.0,
+                x0 + panel_w - 20.0
+            );
+            for (i, row) in rows.iter().enumerate() {
+                let color =
+                    COLORS[backends.iter().position(|b| *b == row.backend).unwrap_or(0) % COLORS.len()];
+                let h = (panel_h - 30.0) * row.requests_per_sec / max;
+                let x = x0 + 15.0 + bar_w * i as f64;
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"/>",
+                    base - h,
+                    bar_w - 6.0
+                );
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>",
+                    x + (bar_w - 6.0) / 2.0,
+                    base - h - 4.0,
+                    human(row.requests_per_sec)
+                );
+            }
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn human(n: f64) -> String {
+    if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.0}k", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_workloads() {
+        assert_eq!("16x16".parse(), Ok(Workload { connections: 16, pipeline: 16 }));
+        assert!("16".parse::<Workload>().is_err());
+        assert!("0x1".parse::<Workload>().is_err());
+    }
+
+    #[test]
+    fn median_of_even_and_odd_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

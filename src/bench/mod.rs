@@ -1,0 +1,424 @@
+//! The load generator behind `ringline bench`, for any server speaking the ringline protocol.
+//!
+//! Each load thread runs a tokio current-thread runtime driving its share of the
+//! connections. A connection keeps `pipeline` requests in flight (closed loop), or, with a
+//! target rate, sends on a fixed schedule whatever the replies do (open loop) and measures
+//! latency from each request's *intended* send time, so a stalled server is not hidden by
+//! the client waiting for it (coordinated omission, as wrk2 corrects it).
+//!
+//! Replies are not parsed as JSON: the generator finds line ends with memchr and reads the
+//! code off the `{"code":N` prefix every ringline reply starts with, so it costs far less
+//! per request than the server it measures.
+
+pub mod compare;
+mod report;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use report::{BenchReport, Latency, OutputFormat};
+
+use crate::backend::sys;
+
+/// When a run stops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StopAfter {
+    /// Measure for this long (after the warm-up).
+    Duration(Duration),
+    /// Measure exactly this many requests (after the warm-up).
+    Count(u64),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The server.
+    pub addr: SocketAddr,
+    /// Connections.
+    pub connections: usize,
+    /// Requests in flight per connection (closed loop).
+    pub pipeline: usize,
+    /// When to stop.
+    pub stop: StopAfter,
+    /// Unmeasured run before measuring.
+    pub warmup: Duration,
+    /// Target total rate in requests/s (open loop); `None` for closed loop.
+    pub rate: Option<f64>,
+    /// Request lines, each ending in `\n`, sent in turn.
+    pub requests: Vec<Vec<u8>>,
+    /// Load threads.
+    pub threads: usize,
+    /// CPUs to pin the load threads to (in turn), if any.
+    pub cpus: Vec<usize>,
+    /// Print a one-line live progress display (only done on a terminal).
+    pub progress: bool,
+}
+
+impl BenchConfig {
+    /// The seed's echo request, the default load.
+    pub fn echo_request() -> Vec<u8> {
+        b"{\"cmdid\":10000,\"timestamp\":1437300000,\"params\":{\"content\":\"Hello world!\"}}\n".to_vec()
+    }
+}
+
+/// Why a run could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Not a single connection could be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The server.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration cannot work.
+    #[error("invalid bench configuration: {0}")]
+    Config(String),
+    /// A load thread could not start.
+    #[error("cannot start a load thread: {0}")]
+    Thread(std::io::Error),
+}
+
+const WARMUP: u8 = 0;
+const MEASURE: u8 = 1;
+const STOP: u8 = 2;
+
+/// Codes below this are counted in an array; others under "other".
+const CODE_SLOTS: usize = 1000;
+/// Open loop: requests allowed in flight on one connection before sending pauses.
+const OPEN_LOOP_MAX_IN_FLIGHT: usize = 100_000;
+/// How long to wait for replies still in flight when a timed run ends.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// State shared by every load thread.
+struct Shared {
+    phase: AtomicU8,
+    /// Count mode: measured requests handed out so far.
+    tickets: AtomicU64,
+    /// Measured replies so far (for progress and count mode).
+    completed: AtomicU64,
+}
+
+/// One load thread's results.
+struct ThreadResult {
+    latency: Histogram<u64>,
+    codes: Vec<u64>,
+    other_codes: u64,
+    invalid_replies: u64,
+    errors: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+impl ThreadResult {
+    fn new() -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds"),
+            codes: vec![0; CODE_SLOTS],
+            other_codes: 0,
+            invalid_replies: 0,
+            errors: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+
+    fn merge(&mut self, other: &ThreadResult) {
+        let _ = self.latency.add(&other.latency);
+        for (a, b) in self.codes.iter_mut().zip(&other.codes) {
+            *a += b;
+        }
+        self.other_codes += other.other_codes;
+        self.invalid_replies += other.invalid_replies;
+        self.errors += other.errors;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+    }
+}
+
+/// Runs the load and reports.
+///
+/// # Errors
+/// Bad configuration, or no connection could be made.
+pub fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
+    if config.connections == 0 || config.pipeline == 0 || config.requests.is_empty() {
+        return Err(BenchError::Config(
+            "need at least one connection, one request in flight and one request".into(),
+        ));
+    }
+    if config.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(BenchError::Config("the rate must be a positive number of requests/s".into()));
+    }
+    let _ = sys::raise_nofile_limit();
+    // Fail fast with a clear error when the server is not there at all.
+    std::net::TcpStream::connect(config.addr)
+        .map_err(|source| BenchError::Connect { addr: config.addr, source })?;
+
+    let threads = config.threads.clamp(1, config.connections);
+    let shared = Arc::new(Shared {
+        phase: AtomicU8::new(if config.warmup.is_zero() { MEASURE } else { WARMUP }),
+        tickets: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+    });
+    let connected = Arc::new(std::sync::Barrier::new(threads + 1));
+    let mut workers = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let connections = (t..config.connections).step_by(threads).collect::<Vec<_>>();
+        let (config, shared, connected) = (config.clone(), shared.clone(), connected.clone());
+        let cpu = (!config.cpus.is_empty()).then(|| config.cpus[t % config.cpus.len()]);
+        let worker = std::thread::Builder::new()
+            .name(format!("ringline-bench-{t}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    let _ = sys::pin_to_cpu(cpu);
+                }
+                load_thread(&config, &shared, &connected, &connections)
+            })
+            .map_err(BenchError::Thread)?;
+        workers.push(worker);
+    }
+    connected.wait();
+
+    let progress = config.progress.then(|| report::Progress::start(shared.clone()));
+    if !config.warmup.is_zero() {
+        std::thread::sleep(config.warmup);
+        shared.phase.store(MEASURE, Ordering::Release);
+    }
+    let started = Instant::now();
+    match config.stop {
+        StopAfter::Duration(d) => {
+            std::thread::sleep(d);
+            shared.phase.store(STOP, Ordering::Release);
+        }
+        StopAfter::Count(_) => {}
+    }
+    let mut total = ThreadResult::new();
+    let mut measured_end = None;
+    for worker in workers {
+        let result = worker.join().expect("load thread panicked");
+        total.merge(&result.0);
+        measured_end = measured_end.max(Some(result.1));
+    }
+    let elapsed = match config.stop {
+        StopAfter::Duration(d) => d,
+        StopAfter::Count(_) => {
+            measured_end.map_or(Duration::ZERO, |end| end.saturating_duration_since(started))
+        }
+    };
+    drop(progress);
+    Ok(BenchReport::new(config, total, elapsed))
+}
+
+/// Runs this thread's connections; returns its results and when its last measured reply came.
+fn load_thread(
+    config: &BenchConfig,
+    shared: &Arc<Shared>,
+    connected: &std::sync::Barrier,
+    connections: &[usize],
+) -> (ThreadResult, Instant) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime for the load");
+    runtime.block_on(async {
+        let mut streams = Vec::with_capacity(connections.len());
+        let mut result = ThreadResult::new();
+        for _ in connections {
+            match TcpStream::connect(config.addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    streams.push(stream);
+                }
+                Err(_) => result.errors += 1,
+            }
+        }
+        connected.wait();
+        let local = tokio::task::LocalSet::new();
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .zip(connections)
+            .map(|(stream, &index)| {
+                local.spawn_local(connection(stream, index, config.clone(), shared.clone()))
+            })
+            .collect();
+        local.await;
+        let mut last = Instant::now();
+        for task in tasks {
+            if let Ok((conn_result, conn_last)) = task.await {
+                result.merge(&conn_result);
+                last = conn_last.unwrap_or(last).max(last);
+            }
+        }
+        (result, last)
+    })
+}
+
+/// Drives one connection; returns its results and when its last measured reply arrived.
+async fn connection(
+    mut stream: TcpStream,
+    index: usize,
+    config: BenchConfig,
+    shared: Arc<Shared>,
+) -> (ThreadResult, Option<Instant>) {
+    let mut result = ThreadResult::new();
+    let mut last_measured = None;
+    // (send time — or intended send time in open loop —, measured?) per request in flight.
+    let mut in_flight: VecDeque<(Instant, bool)> = VecDeque::new();
+    let mut next_request = index % config.requests.len();
+    let mut out = Vec::with_capacity(4096);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut filled = 0;
+    let interval = config.rate.map(|r| Duration::from_secs_f64(config.connections as f64 / r));
+    // Spread the connections' schedules over one interval.
+    let mut next_due = Instant::now()
+        + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / config.connections as f64));
+    let mut stop_at: Option<Instant> = None;
+
+    let issue = |out: &mut Vec<u8>,
+                 in_flight: &mut VecDeque<(Instant, bool)>,
+                 next_request: &mut usize,
+                 at: Instant|
+     -> bool {
+        let phase = shared.phase.load(Ordering::Acquire);
+        if phase == STOP {
+            return false;
+        }
+        let measured = phase == MEASURE;
+        if measured
+            && let StopAfter::Count(n) = config.stop
+            && shared.tickets.fetch_add(1, Ordering::Relaxed) >= n
+        {
+            return false;
+        }
+        out.extend_from_slice(&config.requests[*next_request]);
+        *next_request = (*next_request + 1) % config.requests.len();
+        in_flight.push_back((at, measured));
+        true
+    };
+
+    if interval.is_none() {
+        let now = Instant::now();
+        for _ in 0..config.pipeline {
+            if !issue(&mut out, &mut in_flight, &mut next_request, now) {
+                break;
+            }
+        }
+    }
+    loop {
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                result.errors += 1;
+                break;
+            }
+            result.bytes_sent += out.len() as u64;
+            out.clear();
+        }
+        let stopped = shared.phase.load(Ordering::Acquire) == STOP
+            || matches!(config.stop, StopAfter::Count(n) if shared.tickets.load(Ordering::Relaxed) >= n);
+        if stopped && in_flight.is_empty() {
+            break;
+        }
+        if stopped && stop_at.is_none() {
+            stop_at = Some(Instant::now() + DRAIN_WAIT);
+        }
+        let read = if let (Some(interval), false) = (interval, stopped) {
+            tokio::select! {
+                read = stream.read(&mut buf[filled..]) => Some(read),
+                _ = tokio::time::sleep_until(next_due.into()), if in_flight.len() < OPEN_LOOP_MAX_IN_FLIGHT => {
+                    let now = Instant::now();
+                    while next_due <= now {
+                        if !issue(&mut out, &mut in_flight, &mut next_request, next_due) {
+                            break;
+                        }
+                        next_due += interval;
+                    }
+                    None
+                }
+            }
+        } else if let Some(deadline) = stop_at {
+            match tokio::time::timeout_at(deadline.into(), stream.read(&mut buf[filled..])).await {
+                Ok(read) => Some(read),
+                Err(_) => break,
+            }
+        } else {
+            Some(stream.read(&mut buf[filled..]).await)
+        };
+        let Some(read) = read else { continue };
+        let n = match read {
+            Ok(0) | Err(_) => {
+                result.errors += 1;
+                break;
+            }
+            Ok(n) => n,
+        };
+        result.bytes_received += n as u64;
+        filled += n;
+        let now = Instant::now();
+        let mut start = 0;
+        let mut replies = 0u64;
+        let mut measured = 0u64;
+        while let Some(nl) = memchr::memchr(b'\n', &buf[start..filled]) {
+            let line = &buf[start..start + nl];
+            start += nl + 1;
+            let Some((sent, was_measured)) = in_flight.pop_front() else {
+                result.invalid_replies += 1;
+                continue;
+            };
+            replies += 1;
+            if was_measured {
+                measured += 1;
+                let _ = result.latency.record(now.saturating_duration_since(sent).as_nanos().max(1) as u64);
+                match reply_code(line) {
+                    Some(code) if (code as usize) < CODE_SLOTS => result.codes[code as usize] += 1,
+                    Some(_) => result.other_codes += 1,
+                    None => result.invalid_replies += 1,
+                }
+            }
+        }
+        if measured > 0 {
+            shared.completed.fetch_add(measured, Ordering::Relaxed);
+            last_measured = Some(now);
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        if filled == buf.len() {
+            // A reply longer than the buffer: grow it.
+            buf.resize(buf.len() * 2, 0);
+        }
+        if interval.is_none() {
+            for _ in 0..replies {
+                if !issue(&mut out, &mut in_flight, &mut next_request, now) {
+                    break;
+                }
+            }
+        }
+    }
+    (result, last_measured)
+}
+
+/// The code of a reply line (`{"code":N,…`), if it has that shape.
+fn reply_code(line: &[u8]) -> Option<u16> {
+    let digits = line.strip_prefix(b"{\"code\":")?;
+    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reply_code;
+
+    #[test]
+    fn reads_the_code_prefix() {
+        assert_eq!(reply_code(b"{\"code\":0,\"data\":1}"), Some(0));
+        assert_eq!(reply_code(b"{\"code\":404,\"error\":\"x\"}"), Some(404));
+        assert_eq!(reply_code(b"garbage"), None);
+    }
+}

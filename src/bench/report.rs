@@ -1,0 +1,294 @@
+//! What `ringline bench` reports: totals, replies by code, HdrHistogram percentiles, in text,
+//! JSON or CSV; and the one-line live progress display.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{BenchConfig, Shared, ThreadResult};
+use crate::protocol::Reply;
+
+/// How to print a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// For people.
+    #[default]
+    Text,
+    /// One JSON object.
+    Json,
+    /// A header line and one row.
+    Csv,
+}
+
+impl FromStr for OutputFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            "csv" => Ok(Self::Csv),
+            _ => Err(format!("unknown output format {s:?} (expected text, json or csv)")),
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchReport {
+    /// The server.
+    pub addr: String,
+    /// Connections.
+    pub connections: usize,
+    /// Requests in flight per connection (closed loop).
+    pub pipeline: usize,
+    /// Target rate, in open-loop mode.
+    pub rate: Option<f64>,
+    /// Seconds measured.
+    pub duration_secs: f64,
+    /// Replies to measured requests.
+    pub requests: u64,
+    /// `requests / duration`.
+    pub requests_per_sec: f64,
+    /// Replies by code, ascending, codes that occurred only.
+    pub codes: Vec<(u16, u64)>,
+    /// Replies with a code of 1000 or more.
+    pub other_codes: u64,
+    /// Reply lines that were not replies (no `{"code":N` prefix, or nothing was in flight).
+    pub invalid_replies: u64,
+    /// Connections that failed (could not connect, reset, closed by the server).
+    pub errors: u64,
+    /// Bytes written.
+    pub bytes_sent: u64,
+    /// Bytes read.
+    pub bytes_received: u64,
+    /// Latency of measured requests.
+    pub latency: Latency,
+}
+
+impl BenchReport {
+    pub(super) fn new(config: &BenchConfig, result: ThreadResult, elapsed: Duration) -> Self {
+        let h = &result.latency;
+        let us = |ns: u64| ns as f64 / 1000.0;
+        let latency = if h.is_empty() {
+            Latency::default()
+        } else {
+            Latency {
+                p50: us(h.value_at_quantile(0.50)),
+                p90: us(h.value_at_quantile(0.90)),
+                p99: us(h.value_at_quantile(0.99)),
+                p999: us(h.value_at_quantile(0.999)),
+                max: us(h.max()),
+                mean: h.mean() / 1000.0,
+            }
+        };
+        let codes: Vec<(u16, u64)> =
+            result.codes.iter().enumerate().filter(|(_, n)| **n > 0).map(|(c, n)| (c as u16, *n)).collect();
+        let requests =
+            codes.iter().map(|(_, n)| n).sum::<u64>() + result.other_codes + result.invalid_replies;
+        let secs = elapsed.as_secs_f64();
+        Self {
+            addr: config.addr.to_string(),
+            connections: config.connections,
+            pipeline: config.pipeline,
+            rate: config.rate,
+            duration_secs: secs,
+            requests,
+            requests_per_sec: if secs > 0.0 { requests as f64 / secs } else { 0.0 },
+            codes,
+            other_codes: result.other_codes,
+            invalid_replies: result.invalid_replies,
+            errors: result.errors,
+            bytes_sent: result.bytes_sent,
+            bytes_received: result.bytes_received,
+            latency,
+        }
+    }
+
+    /// Replies with `code`.
+    pub fn replies_with(&self, code: u16) -> u64 {
+        self.codes.iter().find(|(c, _)| *c == code).map_or(0, |(_, n)| *n)
+    }
+
+    fn latency_note(&self) -> &'static str {
+        if self.rate.is_some() {
+            "open loop: latency from each request's intended send time (corrected for coordinated omission)"
+        } else {
+            "closed loop: latency from each request's actual send time"
+        }
+    }
+
+    /// The report in `format`.
+    pub fn render(&self, format: OutputFormat) -> String {
+        match format {
+            OutputFormat::Text => self.text(),
+            OutputFormat::Json => self.json(),
+            OutputFormat::Csv => format!("{}\n{}\n", Self::CSV_HEADER, self.csv_row()),
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::new();
+        let load = match self.rate {
+            Some(rate) => format!("{} connections at {rate:.0} requests/s", self.connections),
+            None => format!("{} connections x {} in flight", self.connections, self.pipeline),
+        };
+        let _ = writeln!(s, "ringline bench {}: {load}, {:.2} s measured", self.addr, self.duration_secs);
+        let _ = writeln!(s, "  requests/s  {:.1}", self.requests_per_sec);
+        let codes: Vec<String> = self.codes.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+        let _ = writeln!(s, "  requests    {} (by code: {})", self.requests, codes.join(", "));
+        if self.other_codes > 0 || self.invalid_replies > 0 {
+            let _ = writeln!(
+                s,
+                "  odd replies {} other codes, {} invalid",
+                self.other_codes, self.invalid_replies
+            );
+        }
+        let _ = writeln!(s, "  errors      {}", self.errors);
+        let _ = writeln!(s, "  bytes       {} sent, {} received", self.bytes_sent, self.bytes_received);
+        let l = &self.latency;
+        let _ = writeln!(
+            s,
+            "  latency µs  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+        );
+        let _ = writeln!(s, "  ({})", self.latency_note());
+        s
+    }
+
+    fn json(&self) -> String {
+        let mut out = Vec::new();
+        {
+            let mut o = Reply::new(&mut out).object();
+            o.str("addr", &self.addr)
+                .u64("connections", self.connections as u64)
+                .u64("pipeline", self.pipeline as u64);
+            match self.rate {
+                Some(rate) => o.f64("rate", rate),
+                None => o.raw("rate", b"null"),
+            };
+            o.f64("duration_secs", self.duration_secs)
+                .u64("requests", self.requests)
+                .f64("requests_per_sec", self.requests_per_sec);
+            {
+                let mut codes = o.object("codes");
+                for (code, n) in &self.codes {
+                    codes.u64(&code.to_string(), *n);
+                }
+            }
+            o.u64("other_codes", self.other_codes)
+                .u64("invalid_replies", self.invalid_replies)
+                .u64("errors", self.errors)
+                .u64("bytes_sent", self.bytes_sent)
+                .u64("bytes_received", self.bytes_received);
+            {
+                let l = &self.latency;
+                let mut lat = o.object("latency_us");
+                lat.f64("p50", l.p50)
+                    .f64("p90", l.p90)
+                    .f64("p99", l.p99)
+                    .f64("p99_9", l.p999)
+                    .f64("max", l.max);
+                lat.f64("mean", l.mean);
+            }
+            o.bool("coordinated_omission_corrected", self.rate.is_some());
+        }
+        out.push(b'\n');
+        String::from_utf8(out).expect("JSON output is UTF-8")
+    }
+
+    /// The CSV header matching [`csv_row`](Self::csv_row).
+    pub const CSV_HEADER: &'static str = "addr,connections,pipeline,rate,duration_secs,requests,requests_per_sec,\
+        ok,errors,bytes_sent,bytes_received,p50_us,p90_us,p99_us,p99_9_us,max_us,mean_us";
+
+    /// One CSV row.
+    pub fn csv_row(&self) -> String {
+        let l = &self.latency;
+        format!(
+            "{},{},{},{},{:.3},{},{:.1},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1}",
+            self.addr,
+            self.connections,
+            self.pipeline,
+            self.rate.map_or(String::new(), |r| format!("{r}")),
+            self.duration_secs,
+            self.requests,
+            self.requests_per_sec,
+            self.replies_with(0),
+            self.errors,
+            self.bytes_sent,
+            self.bytes_received,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            l.mean
+        )
+    }
+}
+
+/// The live one-line display: requests/s over the last second, on stderr.
+pub(super) struct Progress {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Progress {
+    pub(super) fn start(shared: Arc<Shared>) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut last = (started, shared.completed.load(Ordering::Relaxed));
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = Instant::now();
+                if now.duration_since(last.0) < Duration::from_secs(1) {
+                    continue;
+                }
+                let completed = shared.completed.load(Ordering::Relaxed);
+                let rate = (completed - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                eprint!(
+                    "\r\x1b[2K{:>5.1} s  {:>12.0} requests/s  {:>12} replies",
+                    started.elapsed().as_secs_f64(),
+                    rate,
+                    completed
+                );
+                let _ = std::io::stderr().flush();
+                last = (now, completed);
+            }
+            eprint!("\r\x1b[2K");
+        });
+        Self { done, thread: Some(thread) }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The command-line tools end to end: `ringline call` and a short `ringline compare`.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use ringline::{Backend, NoRoutes};
+
+const RINGLINE: &str = env!("CARGO_BIN_EXE_ringline");
+
+#[test]
+fn call_prints_replies_and_reads_ndjson_from_stdin() {
+    let server = ringline::Server::builder().addr("127.0.0.1:0").threads(1).pin_threads(false);
+    let server = server.backend(Backend::Epoll).start::<NoRoutes>().unwrap();
+    let addr = server.local_addr().to_string();
+    let out = Command::new(RINGLINE).args(["call", "--addr", &addr, "0"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "\"pong\"\n");
+    let out = Command::new(RINGLINE).args(["call", "--addr", &addr, "12345", "{}"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server replied 404: unknown cmdid 12345"));
+    let mut child = Command::new(RINGLINE)
+        .args(["call", "--addr", &addr, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"cmdid\":0,\"id\":1}\n\nnot json\n{\"cmdid\":0,\"id\":2}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0], "{\"code\":0,\"id\":1,\"data\":\"pong\"}");
+    assert!(lines[1].starts_with("{\"code\":400,"));
+    assert_eq!(lines[2], "{\"code\":0,\"id\":2,\"data\":\"pong\"}");
+}
+
+#[test]
+fn compare_runs_every_backend_and_writes_json_and_svg() {
+    let dir = std::env::temp_dir().join(format!("ringline-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("compare.json"), dir.join("compare.svg"));
+    let cpus = ringline::backend::sys::allowed_cpus();
+    let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
+    let out = Command::new(RINGLINE)
+        .args(["compare", "--rounds", "1", "-d", "0.3", "--warmup", "0", "--workloads", "1x1,4x4"])
+        .args(["--server-cpus", &server_cpu, "--client-cpus", &client_cpu])
+        .args(["--json", json.to_str().unwrap(), "--svg", svg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    for backend in Backend::ALL {
+        assert_eq!(table.matches(&format!("| {} |", backend.name())).count(), 2, "{table}");
+    }
+    assert!(table.contains("| 1.00x |"), "epoll is its own baseline: {table}");
+    let mut bytes = std::fs::read(&json).unwrap();
+    let parsed = ringline::simd_json::to_owned_value(&mut bytes).unwrap();
+    use ringline::simd_json::prelude::*;
+    assert_eq!(parsed.get("summary").and_then(|s| s.as_array()).map(Vec::len), Some(8));
+    let measurements = parsed.get("measurements").and_then(|s| s.as_array()).unwrap();
+    assert!(measurements.iter().all(|m| m.get("requests_per_sec").and_then(|v| v.cast_f64()).unwrap() > 0.0));
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
