@@ -176,6 +176,43 @@ pub fn decode_reply(line: &mut [u8], expected_id: Option<u64>) -> Result<Respons
     Ok(Response { code, data, error })
 }
 
+/// The connection-independent half of both clients: ids, the encoded batch, the reply line.
+#[derive(Debug)]
+struct Wire {
+    next_id: u64,
+    broken: bool,
+    line: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Wire {
+    fn new() -> Self {
+        Self { next_id: 1, broken: false, line: Vec::new(), out: Vec::new() }
+    }
+
+    /// Encodes `calls` into `out` with fresh ids; returns the first id.
+    fn encode(&mut self, calls: &[Call]) -> u64 {
+        let first_id = self.next_id;
+        self.next_id += calls.len() as u64;
+        self.out.clear();
+        for (i, call) in calls.iter().enumerate() {
+            encode_call(&mut self.out, call, first_id + i as u64);
+        }
+        first_id
+    }
+
+    /// Decodes the line just read (`n` bytes) as the reply to `id`.
+    fn decode(&mut self, n: usize, id: u64) -> Result<Response, ClientError> {
+        if n == 0 {
+            return Err(ClientError::Closed("before the reply"));
+        }
+        if self.line.last() != Some(&b'\n') {
+            return Err(ClientError::Closed("in the middle of a reply"));
+        }
+        decode_reply(&mut self.line, Some(id))
+    }
+}
+
 fn map_read_error(e: io::Error, timeout: Duration) -> ClientError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(timeout),
@@ -189,10 +226,7 @@ pub struct Client {
     addr: SocketAddr,
     timeout: Duration,
     reader: BufReader<TcpStream>,
-    next_id: u64,
-    broken: bool,
-    line: Vec<u8>,
-    out: Vec<u8>,
+    wire: Wire,
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
@@ -219,15 +253,7 @@ impl Client {
     pub fn connect_timeout(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
         let addr = resolve(addr)?;
         let stream = Self::open(addr, timeout)?;
-        Ok(Self {
-            addr,
-            timeout,
-            reader: BufReader::new(stream),
-            next_id: 1,
-            broken: false,
-            line: Vec::new(),
-            out: Vec::new(),
-        })
+        Ok(Self { addr, timeout, reader: BufReader::new(stream), wire: Wire::new() })
     }
 
     fn open(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ClientError> {
@@ -245,7 +271,7 @@ impl Client {
     /// The new connection fails.
     pub fn reconnect(&mut self) -> Result<(), ClientError> {
         self.reader = BufReader::new(Self::open(self.addr, self.timeout)?);
-        self.broken = false;
+        self.wire.broken = false;
         Ok(())
     }
 
@@ -276,36 +302,27 @@ impl Client {
     /// The connection failed or a reply is invalid; replies read before that are lost with
     /// the connection, which must be reconnected.
     pub fn pipeline(&mut self, calls: &[Call]) -> Result<Vec<Response>, ClientError> {
-        if self.broken {
+        if self.wire.broken {
             return Err(ClientError::Broken);
         }
         let result = self.pipeline_inner(calls);
         if result.is_err() {
-            self.broken = true;
+            self.wire.broken = true;
         }
         result
     }
 
     fn pipeline_inner(&mut self, calls: &[Call]) -> Result<Vec<Response>, ClientError> {
-        let first_id = self.next_id;
-        self.next_id += calls.len() as u64;
-        self.out.clear();
-        for (i, call) in calls.iter().enumerate() {
-            encode_call(&mut self.out, call, first_id + i as u64);
-        }
-        self.reader.get_mut().write_all(&self.out).map_err(|e| map_read_error(e, self.timeout))?;
+        let first_id = self.wire.encode(calls);
+        self.reader.get_mut().write_all(&self.wire.out).map_err(|e| map_read_error(e, self.timeout))?;
         let mut replies = Vec::with_capacity(calls.len());
-        for i in 0..calls.len() {
-            self.line.clear();
-            let n =
-                self.reader.read_until(b'\n', &mut self.line).map_err(|e| map_read_error(e, self.timeout))?;
-            if n == 0 {
-                return Err(ClientError::Closed("before the reply"));
-            }
-            if self.line.last() != Some(&b'\n') {
-                return Err(ClientError::Closed("in the middle of a reply"));
-            }
-            replies.push(decode_reply(&mut self.line, Some(first_id + i as u64))?);
+        for id in first_id..first_id + calls.len() as u64 {
+            self.wire.line.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.wire.line)
+                .map_err(|e| map_read_error(e, self.timeout))?;
+            replies.push(self.wire.decode(n, id)?);
         }
         Ok(replies)
     }
@@ -317,10 +334,7 @@ pub struct AsyncClient {
     addr: SocketAddr,
     timeout: Duration,
     stream: tokio::io::BufStream<tokio::net::TcpStream>,
-    next_id: u64,
-    broken: bool,
-    line: Vec<u8>,
-    out: Vec<u8>,
+    wire: Wire,
 }
 
 impl AsyncClient {
@@ -339,7 +353,7 @@ impl AsyncClient {
     pub async fn connect_timeout(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
         let addr = resolve(addr)?;
         let stream = Self::open(addr, timeout).await?;
-        Ok(Self { addr, timeout, stream, next_id: 1, broken: false, line: Vec::new(), out: Vec::new() })
+        Ok(Self { addr, timeout, stream, wire: Wire::new() })
     }
 
     async fn open(
@@ -361,7 +375,7 @@ impl AsyncClient {
     /// The new connection fails.
     pub async fn reconnect(&mut self) -> Result<(), ClientError> {
         self.stream = Self::open(self.addr, self.timeout).await?;
-        self.broken = false;
+        self.wire.broken = false;
         Ok(())
     }
 
@@ -391,7 +405,7 @@ impl AsyncClient {
     /// # Errors
     /// As [`Client::pipeline`].
     pub async fn pipeline(&mut self, calls: &[Call]) -> Result<Vec<Response>, ClientError> {
-        if self.broken {
+        if self.wire.broken {
             return Err(ClientError::Broken);
         }
         let timeout = self.timeout;
@@ -400,32 +414,21 @@ impl AsyncClient {
             Err(_) => Err(ClientError::Timeout(timeout)),
         };
         if result.is_err() {
-            self.broken = true;
+            self.wire.broken = true;
         }
         result
     }
 
     async fn pipeline_inner(&mut self, calls: &[Call]) -> Result<Vec<Response>, ClientError> {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let first_id = self.next_id;
-        self.next_id += calls.len() as u64;
-        self.out.clear();
-        for (i, call) in calls.iter().enumerate() {
-            encode_call(&mut self.out, call, first_id + i as u64);
-        }
-        self.stream.write_all(&self.out).await?;
+        let first_id = self.wire.encode(calls);
+        self.stream.write_all(&self.wire.out).await?;
         self.stream.flush().await?;
         let mut replies = Vec::with_capacity(calls.len());
-        for i in 0..calls.len() {
-            self.line.clear();
-            let n = self.stream.read_until(b'\n', &mut self.line).await?;
-            if n == 0 {
-                return Err(ClientError::Closed("before the reply"));
-            }
-            if self.line.last() != Some(&b'\n') {
-                return Err(ClientError::Closed("in the middle of a reply"));
-            }
-            replies.push(decode_reply(&mut self.line, Some(first_id + i as u64))?);
+        for id in first_id..first_id + calls.len() as u64 {
+            self.wire.line.clear();
+            let n = self.stream.read_until(b'\n', &mut self.wire.line).await?;
+            replies.push(self.wire.decode(n, id)?);
         }
         Ok(replies)
     }
