@@ -51,7 +51,11 @@ fn write_snapshot(object: &mut ObjectWriter<'_>, s: &StatsSnapshot) {
         .u64("connections_total", s.connections_total)
         .u64("requests", s.requests)
         .u64("bytes_in", s.bytes_in)
-        .u64("bytes_out", s.bytes_out);
+        .u64("bytes_out", s.bytes_out)
+        .u64("rejected_connections", s.rejected_connections)
+        .u64("backpressure_pauses", s.backpressure_pauses)
+        .u64("idle_timeouts", s.idle_timeouts)
+        .u64("line_timeouts", s.line_timeouts);
     let mut replies = object.object("replies");
     let mut digits = itoa::Buffer::new();
     for (code, count) in COUNTED_CODES.iter().zip(s.replies) {

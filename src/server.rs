@@ -255,6 +255,30 @@ impl ServerBuilder {
         self
     }
 
+    /// Connections one core serves at once (beyond: a 503 reply line, then close).
+    pub fn max_connections_per_core(mut self, connections: usize) -> Self {
+        self.config.limits.max_connections_per_core = connections;
+        self
+    }
+
+    /// Unsent reply bytes per connection before reading from it pauses.
+    pub fn max_pending_output(mut self, bytes: usize) -> Self {
+        self.config.limits.max_pending_output = bytes;
+        self
+    }
+
+    /// Close connections silent for this long.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.limits.idle_timeout = timeout;
+        self
+    }
+
+    /// Close connections that do not finish a started line within this long.
+    pub fn line_timeout(mut self, timeout: Duration) -> Self {
+        self.config.limits.line_timeout = timeout;
+        self
+    }
+
     /// The I/O driver.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
@@ -400,6 +424,11 @@ impl ServerHandle {
     /// The server's counters.
     pub fn stats(&self) -> &StatsRegistry {
         &self.stats
+    }
+
+    /// A shared handle to the counters, for a thread that outlives this borrow.
+    pub fn stats_registry(&self) -> Arc<StatsRegistry> {
+        self.stats.clone()
     }
 
     /// Begins a graceful shutdown: stop accepting, answer what was received, close.

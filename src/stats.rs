@@ -21,6 +21,10 @@ pub struct CoreStats {
     replies: [AtomicU64; COUNTED_CODES.len() + 1],
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    rejected_connections: AtomicU64,
+    backpressure_pauses: AtomicU64,
+    idle_timeouts: AtomicU64,
+    line_timeouts: AtomicU64,
 }
 
 /// Single-writer increment: the owning core is the only writer, so no locked
@@ -68,6 +72,31 @@ impl CoreStats {
         bump(&self.bytes_out, n as u64);
     }
 
+    /// A connection was refused with a 503 because the core was full.
+    #[inline]
+    pub fn connection_rejected(&self) {
+        bump(&self.rejected_connections, 1);
+        self.reply(503);
+    }
+
+    /// Reading from a peer paused because it does not read its replies.
+    #[inline]
+    pub fn backpressure_pause(&self) {
+        bump(&self.backpressure_pauses, 1);
+    }
+
+    /// A connection was closed for sending nothing for `--idle-timeout`.
+    #[inline]
+    pub fn idle_timeout(&self) {
+        bump(&self.idle_timeouts, 1);
+    }
+
+    /// A connection was closed for not finishing a line within `--line-timeout`.
+    #[inline]
+    pub fn line_timeout(&self) {
+        bump(&self.line_timeouts, 1);
+    }
+
     /// A copy of the counters.
     pub fn snapshot(&self) -> StatsSnapshot {
         let mut replies = [0; COUNTED_CODES.len() + 1];
@@ -86,6 +115,10 @@ impl CoreStats {
             replies,
             bytes_in: self.bytes_in.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
+            rejected_connections: self.rejected_connections.load(Relaxed),
+            backpressure_pauses: self.backpressure_pauses.load(Relaxed),
+            idle_timeouts: self.idle_timeouts.load(Relaxed),
+            line_timeouts: self.line_timeouts.load(Relaxed),
         }
     }
 }
@@ -107,6 +140,14 @@ pub struct StatsSnapshot {
     pub bytes_in: u64,
     /// Bytes sent.
     pub bytes_out: u64,
+    /// Connections refused with a 503 because their core was full.
+    pub rejected_connections: u64,
+    /// Times reading from a peer paused because it did not read its replies.
+    pub backpressure_pauses: u64,
+    /// Connections closed by `--idle-timeout`.
+    pub idle_timeouts: u64,
+    /// Connections closed by `--line-timeout`.
+    pub line_timeouts: u64,
 }
 
 impl StatsSnapshot {
@@ -126,6 +167,10 @@ impl StatsSnapshot {
         }
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
+        self.rejected_connections += other.rejected_connections;
+        self.backpressure_pauses += other.backpressure_pauses;
+        self.idle_timeouts += other.idle_timeouts;
+        self.line_timeouts += other.line_timeouts;
     }
 }
 

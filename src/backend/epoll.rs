@@ -37,6 +37,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
 async fn serve<R: Routes>(setup: WorkerSetup) {
     serve_worker::<R, _>(
         setup,
+        1,
         |core, stats, limits| LocalCore(Rc::new(RefCell::new(CoreIo::new(core, stats, limits)))),
         |stream, access, stop, guard| {
             tokio::task::spawn_local(async move {

@@ -80,8 +80,10 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
 }
 
 async fn serve<R: Routes>(setup: WorkerSetup) {
+    let threads = setup.config.threads.max(1);
     serve_worker::<R, _>(
         setup,
+        threads,
         |_, stats, limits| ThreadCore::<R> {
             stats,
             limits,

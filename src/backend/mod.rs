@@ -27,6 +27,20 @@ pub(crate) const RECV_BUF_SIZE: usize = 16 * 1024;
 /// Pause before accepting again after an accept error such as EMFILE, so it cannot spin.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The deadline of the wait that comes next: the rest of a started line must arrive within
+/// the line timeout; otherwise the connection may stay silent for the idle timeout.
+/// Returns the deadline and whether it is the idle one.
+pub(crate) fn next_deadline(
+    limits: &crate::protocol::Limits,
+    waiting_since: Option<std::time::Instant>,
+    last_activity: std::time::Instant,
+) -> Option<(std::time::Instant, bool)> {
+    match waiting_since {
+        Some(since) => Some((since + limits.line_timeout, false)),
+        None => limits.idle_timeout.map(|idle| (last_activity + idle, true)),
+    }
+}
+
 /// Resolves `auto` to the backend this host supports, logging the choice and why.
 pub(crate) fn resolve(backend: Backend) -> Backend {
     if backend != Backend::Auto {

@@ -9,20 +9,18 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
-use super::{ACCEPT_BACKOFF, RECV_BUF_SIZE, sys};
+use super::{ACCEPT_BACKOFF, RECV_BUF_SIZE, next_deadline, sys};
 use crate::dispatch::Routes;
+use crate::protocol::reply::TOO_MANY_CONNECTIONS;
 use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
 use crate::server::{ServerError, WorkerSetup};
 use crate::stats::StatsRegistry;
 
-/// Replies are written once this much output is pending, even if more input is readable,
-/// so a peer that floods requests cannot grow the output buffer without bound.
-const FLUSH_AT: usize = 256 * 1024;
 /// Output buffers that grew past this are freed once written, bounding idle memory.
 const OUT_KEEP: usize = 64 * 1024;
 
@@ -92,10 +90,12 @@ fn tokio_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
 }
 
 /// The body of an epoll worker: registers its listener, reports readiness, accepts until
-/// the stop signal, then drains. `make_access` builds how tasks reach their core's engine;
+/// the stop signal, then drains. `workers_per_listener` cores share this listener (the
+/// connection limit is per core). `make_access` builds how tasks reach their core's engine;
 /// `spawn` starts a connection task on the backend's runtime.
 pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
     setup: WorkerSetup,
+    workers_per_listener: usize,
     make_access: impl FnOnce(usize, Arc<StatsRegistry>, Limits) -> A,
     spawn: impl Fn(TcpStream, A, watch::Receiver<bool>, ConnGuard),
 ) {
@@ -113,8 +113,13 @@ pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
     let _ = ready.send(Ok(()));
     drop(ready);
     let stop = control.subscribe();
+    let max_connections = config.limits.max_connections_per_core.saturating_mul(workers_per_listener);
     accept_until_stopped(&listener, stop.clone(), |stream| {
-        spawn(stream, access.clone(), stop.clone(), tracker.guard())
+        if tracker.open() >= max_connections {
+            reject(stream, &access);
+        } else {
+            spawn(stream, access.clone(), stop.clone(), tracker.guard());
+        }
     })
     .await;
     drop(listener);
@@ -170,6 +175,38 @@ enum Step {
     WouldBlock,
 }
 
+/// A connection closed by one of its deadlines; counted, then reported as its end.
+fn timed_out<R: Routes, A: CoreAccess<R>>(access: &A, idle: bool) -> io::Error {
+    access.with(|core| {
+        let stats = core.processor.stats();
+        if idle { stats.idle_timeout() } else { stats.line_timeout() }
+    });
+    let what = if idle { "idle timeout" } else { "line timeout" };
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+/// Awaits `wait`, or fails with the timeout error if `deadline` passes first.
+async fn within<R: Routes, A: CoreAccess<R>, T>(
+    access: &A,
+    deadline: Option<(Instant, bool)>,
+    wait: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match deadline {
+        Some((at, idle)) => match tokio::time::timeout_at(at.into(), wait).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out(access, idle)),
+        },
+        None => wait.await,
+    }
+}
+
+/// Refuses a connection beyond the connection limit: a 503 line, then close.
+pub(crate) fn reject<R: Routes, A: CoreAccess<R>>(stream: TcpStream, access: &A) {
+    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+    access.with(|core| core.processor.stats().connection_rejected());
+    tracing::debug!("connection refused: at the connection limit");
+}
+
 /// Serves one connection until it closes.
 pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
     stream: TcpStream,
@@ -189,20 +226,27 @@ async fn drive<R: Routes, A: CoreAccess<R>>(
     access: &A,
     stop: &mut watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let limits = access.with(|core| core.processor.limits());
     let mut session = Session::new();
     let mut out = Vec::new();
     let mut draining = *stop.borrow();
+    let mut last_activity = Instant::now();
+    let mut waiting_since: Option<Instant> = None;
     loop {
+        let deadline = next_deadline(&limits, waiting_since, last_activity);
         if draining {
-            stream.readable().await?;
+            within(access, deadline, stream.readable()).await?;
         } else {
-            tokio::select! {
-                ready = stream.readable() => ready?,
-                _ = stop.wait_for(|stopping| *stopping) => draining = true,
-            }
+            let readable = async {
+                tokio::select! {
+                    ready = stream.readable() => ready.map(|()| false),
+                    _ = stop.wait_for(|stopping| *stopping) => Ok(true),
+                }
+            };
+            draining = within(access, deadline, readable).await?;
         }
         let mut end = None;
-        while out.len() < FLUSH_AT {
+        while out.len() < limits.max_pending_output {
             let step = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
                 Ok(0) => Ok(Step::Eof),
                 Ok(n) => Ok(Step::Data(core.processor.on_recv(&mut session, &mut core.buf, n, &mut out))),
@@ -210,7 +254,7 @@ async fn drive<R: Routes, A: CoreAccess<R>>(
                 Err(e) => Err(e),
             })?;
             match step {
-                Step::Data(Flow::Continue) => {}
+                Step::Data(Flow::Continue) => last_activity = Instant::now(),
                 Step::Data(Flow::Close) => {
                     end = Some(Flow::Close);
                     break;
@@ -223,45 +267,64 @@ async fn drive<R: Routes, A: CoreAccess<R>>(
                 Step::WouldBlock => break,
             }
         }
+        waiting_since =
+            if session.pending_bytes() > 0 { waiting_since.or(Some(last_activity)) } else { None };
         if !out.is_empty() {
-            write_all(stream, &out).await?;
+            // While the peer does not read, nothing more is read from it: the socket buffers
+            // fill and TCP's flow control stops the peer (backpressure).
+            write_all(stream, &out, || access.with(|core| core.processor.stats().backpressure_pause()))
+                .await?;
             access.with(|core| core.processor.stats().bytes_out(out.len()));
             out.clear();
             if out.capacity() > OUT_KEEP {
                 out = Vec::new();
             }
+            last_activity = Instant::now();
         }
         match end {
             // The peer half-closed and every reply is out.
             Some(Flow::Continue) => return Ok(()),
-            Some(Flow::Close) => return linger(stream, access).await,
+            Some(Flow::Close) => return linger(stream, access, &limits).await,
             // Draining for shutdown: close once the kernel holds no unread request bytes.
             None if draining && sys::unread_bytes(stream.as_raw_fd()) == 0 => {
-                return linger(stream, access).await;
+                return linger(stream, access, &limits).await;
             }
             None => {}
         }
     }
 }
 
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+/// Writes everything; calls `on_full` once if it has to wait for the peer to read (the
+/// socket buffer is full: backpressure).
+async fn write_all(stream: &TcpStream, mut bytes: &[u8], on_full: impl FnOnce()) -> io::Result<()> {
+    let mut on_full = Some(on_full);
     while !bytes.is_empty() {
-        stream.writable().await?;
         match stream.try_write(bytes) {
             Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(on_full) = on_full.take() {
+                    on_full();
+                }
+                stream.writable().await?;
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-/// Sends FIN after the last reply, then discards input until the peer closes, so unread
-/// input cannot turn the close into a reset that destroys replies still in flight.
-async fn linger<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, access: &A) -> io::Result<()> {
+/// Sends FIN after the last reply, then discards input until the peer closes (at most the
+/// line timeout), so unread input cannot turn the close into a reset that destroys replies
+/// still in flight.
+async fn linger<R: Routes, A: CoreAccess<R>>(
+    stream: &TcpStream,
+    access: &A,
+    limits: &Limits,
+) -> io::Result<()> {
     sys::shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+    let deadline = Some((Instant::now() + limits.line_timeout, false));
     loop {
-        stream.readable().await?;
+        within(access, deadline, stream.readable()).await?;
         match access.with(|core| stream.try_read(&mut core.buf[..RECV_BUF_SIZE])) {
             Ok(0) => return Ok(()),
             Ok(_) => {}

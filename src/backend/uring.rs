@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
-use super::{ACCEPT_BACKOFF, sys};
+use super::{ACCEPT_BACKOFF, next_deadline, sys};
 use crate::dispatch::Routes;
-use crate::protocol::{Flow, PADDING, Processor, Session};
+use crate::protocol::reply::TOO_MANY_CONNECTIONS;
+use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
 use crate::server::{ServerError, WorkerSetup};
 
 /// Usable bytes per pooled receive buffer (each is followed by [`PADDING`] bytes of slack).
@@ -32,6 +33,8 @@ const BGID: u16 = 0;
 /// completions do not overflow it.
 const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 16 * 1024;
+/// How often connections are checked against their idle and line deadlines.
+const TICK: Duration = Duration::from_secs(1);
 /// Output buffers that grew past this are freed once drained, bounding idle memory.
 const OUT_KEEP: usize = 64 * 1024;
 
@@ -46,6 +49,7 @@ enum Op {
     AcceptRetry = 5,
     DrainDeadline = 6,
     Cancel = 7,
+    Tick = 8,
 }
 
 impl Op {
@@ -58,6 +62,7 @@ impl Op {
             5 => Op::AcceptRetry,
             6 => Op::DrainDeadline,
             7 => Op::Cancel,
+            8 => Op::Tick,
             _ => return None,
         })
     }
@@ -246,10 +251,18 @@ struct Conn {
     dead: bool,
     /// Finish what is owed, then close (413, or server shutdown).
     closing: bool,
+    /// Reading is paused: the peer is not reading its replies (backpressure).
+    paused: bool,
+    /// A cancel of the multishot recv was issued to pause reading.
+    recv_cancelled: bool,
+    /// Last time bytes moved in either direction.
+    last_activity: Instant,
+    /// Since when the peer owes us the rest of a line, or its close after our FIN.
+    waiting_since: Option<Instant>,
 }
 
 impl Conn {
-    fn new(fd: RawFd, generation: u32) -> Self {
+    fn new(fd: RawFd, generation: u32, now: Instant) -> Self {
         Self {
             fd,
             generation,
@@ -264,7 +277,16 @@ impl Conn {
             write_shut: false,
             dead: false,
             closing: false,
+            paused: false,
+            recv_cancelled: false,
+            last_activity: now,
+            waiting_since: None,
         }
+    }
+
+    /// Reply bytes produced and not yet sent.
+    fn unsent(&self) -> usize {
+        self.out.len() + self.sending.len() - self.sent
     }
 }
 
@@ -291,6 +313,10 @@ struct Worker<R: Routes> {
     draining_since: Option<Instant>,
     deadline_passed: bool,
     settle_all_pending: bool,
+    limits: Limits,
+    /// The time at the start of this loop turn (one clock read per turn).
+    now: Instant,
+    tick: Box<Timespec>,
 }
 
 impl<R: Routes> Worker<R> {
@@ -322,9 +348,13 @@ impl<R: Routes> Worker<R> {
             draining_since: None,
             deadline_passed: false,
             settle_all_pending: false,
+            limits: setup.config.limits,
+            now: Instant::now(),
+            tick: Box::new(Timespec::from(TICK)),
         };
         worker.arm_accept().map_err(unavailable)?;
         worker.arm_wake().map_err(unavailable)?;
+        worker.arm_tick().map_err(unavailable)?;
         worker.ring.submit().map_err(unavailable)?;
         Ok(worker)
     }
@@ -359,6 +389,11 @@ impl<R: Routes> Worker<R> {
         self.push(entry)
     }
 
+    fn arm_tick(&mut self) -> io::Result<()> {
+        let entry = opcode::Timeout::new(&*self.tick).build().user_data(user_data(Op::Tick, 0, 0));
+        self.push(entry)
+    }
+
     fn arm_recv(&mut self, slot: u32) -> io::Result<()> {
         let conn = self.conns[slot as usize].as_mut().expect("live slot");
         conn.recv_armed = true;
@@ -384,6 +419,7 @@ impl<R: Routes> Worker<R> {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => return Err(e),
             }
+            self.now = Instant::now();
             let mut completions = std::mem::take(&mut self.completions);
             completions.extend(self.ring.completion());
             for cqe in completions.drain(..) {
@@ -421,6 +457,7 @@ impl<R: Routes> Worker<R> {
                 self.force_close_all();
                 Ok(())
             }
+            Some(Op::Tick) => self.on_tick(),
             Some(Op::Cancel) | None => Ok(()),
         }
     }
@@ -436,6 +473,8 @@ impl<R: Routes> Worker<R> {
             if !self.accepting {
                 // SAFETY: fd was just accepted and is owned by nobody else.
                 unsafe { libc::close(fd) };
+            } else if self.open_conns >= self.limits.max_connections_per_core {
+                self.reject(fd);
             } else {
                 self.open(fd)?;
             }
@@ -458,12 +497,32 @@ impl<R: Routes> Worker<R> {
         Ok(())
     }
 
+    /// Refuses a connection beyond `max_connections_per_core`: a 503 line, then close.
+    fn reject(&mut self, fd: RawFd) {
+        // SAFETY: fd was just accepted; a short non-blocking send into an empty socket buffer.
+        unsafe {
+            libc::send(
+                fd,
+                TOO_MANY_CONNECTIONS.as_ptr().cast(),
+                TOO_MANY_CONNECTIONS.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            libc::close(fd);
+        }
+        self.processor.stats().connection_rejected();
+        tracing::debug!(
+            core = self.core,
+            open = self.open_conns,
+            "connection refused: core at its connection limit"
+        );
+    }
+
     fn open(&mut self, fd: RawFd) -> io::Result<()> {
         if let Err(e) = sys::set_nodelay(fd) {
             tracing::debug!(core = self.core, "TCP_NODELAY failed: {e}");
         }
         self.next_generation = self.next_generation.wrapping_add(1) & 0x00ff_ffff;
-        let conn = Conn::new(fd, self.next_generation);
+        let conn = Conn::new(fd, self.next_generation, self.now);
         let slot = match self.free_slots.pop() {
             Some(slot) => {
                 self.conns[slot as usize] = Some(conn);
@@ -496,11 +555,15 @@ impl<R: Routes> Worker<R> {
             }
             return Ok(());
         };
+        let mut rearm = !more;
+        // Cancelled to pause reading (backpressure): not an error.
+        let mut paused_on_purpose = false;
         if !more {
             conn.recv_armed = false;
+            paused_on_purpose = std::mem::take(&mut conn.recv_cancelled) && res == -libc::ECANCELED;
         }
-        let mut rearm = !more;
         if res > 0 {
+            conn.last_activity = self.now;
             let bid = bid.expect("recv completion with data carries a buffer id");
             if !(conn.dead || conn.write_shut || conn.read_done) {
                 let buf = {
@@ -511,6 +574,32 @@ impl<R: Routes> Worker<R> {
                 if flow == Flow::Close {
                     // The session now discards input; reply, then half-close.
                     conn.closing = true;
+                }
+                conn.waiting_since = if conn.session.pending_bytes() > 0 {
+                    conn.waiting_since.or(Some(self.now))
+                } else {
+                    None
+                };
+                if conn.unsent() > self.limits.max_pending_output && !conn.paused {
+                    // The peer does not read its replies: stop reading its requests until
+                    // it has read half of them.
+                    conn.paused = true;
+                    self.processor.stats().backpressure_pause();
+                    if conn.recv_armed && more {
+                        conn.recv_cancelled = true;
+                        let target = user_data(Op::Recv, slot, conn.generation);
+                        let cancel = opcode::AsyncCancel::new(target).build().user_data(user_data(
+                            Op::Cancel,
+                            slot,
+                            conn.generation,
+                        ));
+                        if !conn.out.is_empty() && !conn.queued_for_send {
+                            conn.queued_for_send = true;
+                            self.send_queue.push(slot);
+                        }
+                        self.push(cancel)?;
+                        return self.settle(slot);
+                    }
                 }
                 if !conn.out.is_empty() && !conn.queued_for_send {
                     conn.queued_for_send = true;
@@ -526,6 +615,8 @@ impl<R: Routes> Worker<R> {
             }
             conn.read_done = true;
             rearm = false;
+        } else if paused_on_purpose {
+            // Re-armed below unless still paused (resuming re-arms it otherwise).
         } else if res == -libc::ENOBUFS {
             // The pool ran dry this turn; buffers come back before the re-armed recv runs.
             tracing::trace!(core = self.core, "receive buffer pool empty");
@@ -537,14 +628,43 @@ impl<R: Routes> Worker<R> {
             conn.dead = true;
             rearm = false;
         }
-        if rearm && !conn.dead && !conn.read_done {
+        if rearm && !conn.dead && !conn.read_done && !conn.paused {
             self.arm_recv(slot)?;
         }
         self.settle(slot)
     }
 
+    /// Once a second: close connections past their idle or line deadline.
+    fn on_tick(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        for slot in 0..self.conns.len() {
+            let Some(conn) = self.conns[slot].as_mut() else { continue };
+            if conn.dead {
+                continue;
+            }
+            match next_deadline(&self.limits, conn.waiting_since, conn.last_activity) {
+                Some((at, idle)) if at <= now => {
+                    conn.dead = true;
+                    if idle {
+                        self.processor.stats().idle_timeout();
+                        tracing::debug!(core = self.core, "closing an idle connection");
+                    } else {
+                        self.processor.stats().line_timeout();
+                        tracing::debug!(core = self.core, "closing a connection that did not finish in time");
+                    }
+                }
+                _ => continue,
+            }
+            self.settle(slot as u32)?;
+        }
+        if self.draining_since.is_none() || self.open_conns > 0 {
+            self.arm_tick()?;
+        }
+        Ok(())
+    }
+
     fn on_send(&mut self, slot: u32, generation: u32, res: i32) -> io::Result<()> {
-        let core = self.core;
+        let (core, now, max_pending_output) = (self.core, self.now, self.limits.max_pending_output);
         let Some(conn) = self.conn(slot, generation) else {
             return Ok(());
         };
@@ -555,6 +675,7 @@ impl<R: Routes> Worker<R> {
             conn.dead = true;
         } else {
             conn.sent += res as usize;
+            conn.last_activity = now;
             let total = conn.sent;
             if total < conn.sending.len() {
                 // Partial send: the rest goes out before anything queued after it.
@@ -571,9 +692,17 @@ impl<R: Routes> Worker<R> {
             if queue {
                 conn.queued_for_send = true;
             }
+            let resume = conn.paused && conn.unsent() <= max_pending_output / 2;
+            if resume {
+                conn.paused = false;
+            }
+            let arm = resume && !conn.recv_armed && !conn.read_done && !conn.dead;
             self.processor.stats().bytes_out(res as usize);
             if queue {
                 self.send_queue.push(slot);
+            }
+            if arm {
+                self.arm_recv(slot)?;
             }
         }
         self.settle(slot)
@@ -634,6 +763,7 @@ impl<R: Routes> Worker<R> {
                 // kernel already holds are requests still owed a reply: wait for them.
                 sys::shutdown(conn.fd, libc::SHUT_WR);
                 conn.write_shut = true;
+                conn.waiting_since = Some(self.now);
             }
             if conn.write_shut && conn.read_done {
                 conn.dead = true;

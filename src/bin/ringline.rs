@@ -143,6 +143,25 @@ struct ServeArgs {
     /// Longest request line in bytes; longer lines get a 413 reply and the connection closes.
     #[arg(long, default_value_t = DEFAULT_MAX_LINE)]
     max_line: usize,
+    /// Connections one core serves at once; beyond it a new connection gets a 503 reply line
+    /// and is closed.
+    #[arg(long, default_value_t = ringline::protocol::DEFAULT_MAX_CONNECTIONS_PER_CORE)]
+    max_connections_per_core: usize,
+    /// Unsent reply bytes per connection before the server stops reading from that peer
+    /// (backpressure); reading resumes when half has drained.
+    #[arg(long, default_value_t = ringline::protocol::DEFAULT_MAX_PENDING_OUTPUT)]
+    max_pending_output: usize,
+    /// Seconds a connection may stay silent before it is closed (default: never).
+    #[arg(long)]
+    idle_timeout: Option<f64>,
+    /// Seconds a peer may take to finish a line it started (slowloris defence), or to close
+    /// after the server half-closed.
+    #[arg(long, default_value_t = ringline::protocol::DEFAULT_LINE_TIMEOUT.as_secs_f64())]
+    line_timeout: f64,
+    /// Print a one-line stats summary every this many seconds (it is logged at debug level
+    /// every 10 s otherwise).
+    #[arg(long)]
+    stats_interval: Option<f64>,
     /// I/O backend.
     #[arg(long, default_value = "auto")]
     backend: Backend,
@@ -179,7 +198,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         addr: args.addr,
         threads: args.threads,
-        limits: ringline::protocol::Limits { max_line: args.max_line },
+        limits: ringline::protocol::Limits {
+            max_line: args.max_line,
+            max_connections_per_core: args.max_connections_per_core.max(1),
+            max_pending_output: args.max_pending_output.max(1),
+            idle_timeout: args.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.001))),
+            line_timeout: Duration::from_secs_f64(args.line_timeout.max(0.001)),
+        },
         backend: args.backend,
         pin_threads: !args.no_pin,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
@@ -195,6 +220,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         open_files,
         "ringline serving"
     );
+    let (interval, level) = match args.stats_interval {
+        Some(secs) => (Duration::from_secs_f64(secs.max(0.1)), tracing::Level::INFO),
+        None => (Duration::from_secs(10), tracing::Level::DEBUG),
+    };
+    let stats = server.stats_registry();
+    std::thread::Builder::new()
+        .name("ringline-stats".into())
+        .spawn(move || log_stats(&stats, interval, level))
+        .context("cannot spawn the stats thread")?;
     let stopper = server.stopper();
     std::thread::Builder::new()
         .name("ringline-signals".into())
@@ -339,6 +373,38 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         std::fs::write(path, comparison.svg()).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Logs a one-line summary of the counters every `interval`, with rates since the last line.
+fn log_stats(stats: &ringline::stats::StatsRegistry, interval: Duration, level: tracing::Level) {
+    let mut last = stats.total();
+    loop {
+        std::thread::sleep(interval);
+        let now = stats.total();
+        let per_sec = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / interval.as_secs_f64();
+        let errors = now.replies.iter().skip(1).sum::<u64>();
+        let line = format!(
+            "stats: {} connections open ({} total), {:.0} requests/s, {} requests, {} error replies, \
+             {:.0} KiB/s in, {:.0} KiB/s out, {} rejected, {} backpressure pauses, {} idle + {} line timeouts",
+            now.connections_open,
+            now.connections_total,
+            per_sec(now.requests, last.requests),
+            now.requests,
+            errors,
+            per_sec(now.bytes_in, last.bytes_in) / 1024.0,
+            per_sec(now.bytes_out, last.bytes_out) / 1024.0,
+            now.rejected_connections,
+            now.backpressure_pauses,
+            now.idle_timeouts,
+            now.line_timeouts,
+        );
+        if level == tracing::Level::INFO {
+            tracing::info!("{line}");
+        } else {
+            tracing::debug!("{line}");
+        }
+        last = now;
+    }
 }
 
 /// Blocks SIGINT and SIGTERM in every thread (workers inherit the mask) so that only the

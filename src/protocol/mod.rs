@@ -10,4 +10,7 @@ pub mod session;
 
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
-pub use session::{DEFAULT_MAX_LINE, Flow, Limits, PADDING, Processor, Session};
+pub use session::{
+    DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT,
+    Flow, Limits, PADDING, Processor, Session,
+};

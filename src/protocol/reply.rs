@@ -11,6 +11,11 @@ use simd_json::tape::Value;
 
 use crate::dispatch::HandlerError;
 
+/// The reply line a connection gets when its core is at `max_connections_per_core`, just
+/// before it is closed.
+pub const TOO_MANY_CONNECTIONS: &[u8] =
+    b"{\"code\":503,\"error\":\"too many connections on this core; retry later\"}\n";
+
 /// Writes `s` as the contents of a JSON string (without the surrounding quotes).
 pub(crate) fn escape_into(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
