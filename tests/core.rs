@@ -108,7 +108,11 @@ fn a_deeply_nested_document_is_rejected_not_overflowed() {
     line.push_str(&"[".repeat(depth));
     line.push_str(&"]".repeat(depth));
     line.push_str("}}\n");
-    let mut p = Processor::<CoreRoutes>::new(0, StatsRegistry::new(1), Limits { max_line: 1 << 20, ..Limits::default() });
+    let mut p = Processor::<CoreRoutes>::new(
+        0,
+        StatsRegistry::new(1),
+        Limits { max_line: 1 << 20, ..Limits::default() },
+    );
     let mut out = Vec::new();
     assert_eq!(p.on_recv_copy(&mut Session::new(), line.as_bytes(), &mut out), Flow::Continue);
     assert!(out.starts_with(b"{\"code\":400,\"error\":\"invalid JSON"), "{}", String::from_utf8_lossy(&out));

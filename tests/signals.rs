@@ -4,34 +4,11 @@
 #[macro_use]
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::Client;
+use common::{Client, spawn_server};
 use ringline::Backend;
-
-/// Starts `ringline serve` on a free port and returns it with its address.
-fn spawn_server(backend: Backend) -> (Child, std::net::SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringline"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--threads", "2", "--no-pin", "--backend", backend.name()])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringline");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before serving");
-        if let Some(rest) = line.split(" addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().expect("address in the start-up line");
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (child, addr)
-}
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     // Failsafe only: the shutdown itself is bounded by the server's 10 s drain deadline.
@@ -46,7 +23,7 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 }
 
 fn sigterm_answers_requests_in_flight_then_exits_0(backend: Backend) {
-    let (mut child, addr) = spawn_server(backend);
+    let (mut child, addr) = spawn_server(backend, &[], None);
     let mut idle = Client::connect(addr);
     assert_eq!(idle.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
     let mut busy = Client::connect(addr);
