@@ -42,6 +42,8 @@
 
 pub mod backend;
 pub mod bench;
+#[doc(hidden)]
+pub mod bench_support;
 pub mod client;
 pub mod dispatch;
 pub mod handlers;

@@ -63,3 +63,41 @@ fn accept_recovers_from_emfile(backend: Backend) {
 }
 
 every_backend!(ten_thousand_connections, accept_recovers_from_emfile);
+
+/// Server RSS per idle connection, per backend: 10,000 connections that each made one request
+/// and then went quiet. Prints the figures for docs/benchmarks.md; run it with
+/// `cargo test --release --test c10k idle_connection_memory -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check; run explicitly"]
+fn idle_connection_memory() {
+    fn rss_kib(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let limit = raise_nofile();
+    let n = 10_000usize.min(limit.saturating_sub(200) as usize);
+    for backend in Backend::ALL {
+        let (mut child, addr) = spawn_server(backend, &["--threads", "1"], None);
+        // Warm the server up so one-time allocations are not counted per connection.
+        let mut warm: Vec<Client> = (0..100).map(|_| Client::connect(addr)).collect();
+        for c in warm.iter_mut() {
+            assert_eq!(c.call("{\"cmdid\":0}\n"), PONG);
+        }
+        drop(warm);
+        let before = rss_kib(child.id());
+        let mut clients: Vec<Client> = (0..n).map(|_| Client::connect(addr)).collect();
+        for c in clients.iter_mut() {
+            assert_eq!(c.call("{\"cmdid\":0}\n"), PONG);
+        }
+        let after = rss_kib(child.id());
+        let per_connection = (after.saturating_sub(before) as f64 * 1024.0) / n as f64;
+        eprintln!(
+            "idle memory {backend}: RSS {before} KiB -> {after} KiB with {n} idle connections: {per_connection:.0} bytes each"
+        );
+        drop(clients);
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+}

@@ -105,10 +105,16 @@ fn soak_mixed_traffic_over_reconnecting_clients() {
     std::thread::sleep(warmup);
     let rss_after_warmup = rss_kib(child.id());
     let mut peak = rss_after_warmup;
+    let mut samples = vec![rss_after_warmup];
     while started.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_secs(1));
-        peak = peak.max(rss_kib(child.id()));
+        let rss = rss_kib(child.id());
+        peak = peak.max(rss);
+        samples.push(rss);
     }
+    let step = (samples.len() / 10).max(1);
+    let trace: Vec<String> = samples.iter().step_by(step).map(u64::to_string).collect();
+    eprintln!("server RSS KiB every {step} s after warm-up: {}", trace.join(" "));
     let rss_end = rss_kib(child.id());
     stop.store(true, Ordering::Relaxed);
     for w in workers {

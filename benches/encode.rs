@@ -1,0 +1,44 @@
+//! Reply encoding: the echo reply for the seed's request (`{"code":0,"data":{…}}\n`), with and
+//! without an `id` to echo, written into a reused output buffer.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ringline::bench_support::{encode_ok, with_request};
+use ringline::protocol::PADDING;
+
+fn bench(c: &mut Criterion, name: &str, request: &str) {
+    let mut line = request.as_bytes().to_vec();
+    let len = line.len();
+    line.resize(len + PADDING, 0);
+    let mut out = Vec::with_capacity(256);
+    with_request(&mut line, len, |request| {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                encode_ok(&mut out, request, |reply| reply.value(request.params()));
+                black_box(out.len())
+            })
+        });
+    });
+}
+
+fn encode(c: &mut Criterion) {
+    bench(
+        c,
+        "encode/echo_seed",
+        "{\"cmdid\": 10000, \"timestamp\": 1437300000, \"params\": {\"content\": \"Hello world!\"}}",
+    );
+    bench(
+        c,
+        "encode/echo_seed_with_id",
+        "{\"cmdid\": 10000, \"id\": 123456, \"params\": {\"content\": \"Hello world!\"}}",
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
+    targets = encode
+}
+criterion_main!(benches);
