@@ -35,8 +35,12 @@
 //! - [`handlers`]: the built-in commands (ping, stats, echo).
 //! - [`stats`]: per-core counters, merged on read.
 //! - [`server`]: configuration, the builder, start-up and shutdown fan-out.
-//! - [`backend`]: the I/O drivers that move bytes for the core (`uring`, and its shared
-//!   socket, affinity and limit helpers).
+//! - [`backend`]: the I/O drivers that move bytes for the core: `uring` (native io_uring),
+//!   `tokio_uring`, `epoll`, `epoll_mt`, the connection loop the epoll drivers share, and the
+//!   socket, affinity and limit helpers (`sys`).
+//! - [`client`]: blocking and async clients with pipelining and id correlation.
+//! - [`bench`](mod@bench): the load generator behind `ringline bench`, and `ringline compare`.
+//! - `bench_support`: hooks the criterion benches use to time one stage alone (hidden).
 //!
 //! Design notes live in `docs/architecture.md`; the wire format in `docs/protocol.md`.
 

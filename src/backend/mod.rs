@@ -6,7 +6,7 @@
 //! - [`tokio_uring`]: the tokio-uring runtime, one per core.
 //! - [`epoll`]: tokio's current-thread runtime, one per core.
 //! - [`epoll_mt`]: tokio's multi-thread runtime behind one listener.
-//! - [`tokio_conn`]: the connection loop the two epoll backends share.
+//! - `tokio_conn`: the connection loop the two epoll backends share.
 //! - [`sys`]: sockets, affinity, limits and wake-ups shared by every driver.
 
 pub mod epoll;
