@@ -1,7 +1,6 @@
 //! Hooks for the criterion benches in `benches/` (not a stable API): build a [`Request`] and a
 //! [`Reply`] exactly the way the protocol core does, so one stage can be timed alone.
 
-use std::sync::Arc;
 
 use simd_json::{Buffers, Tape};
 
@@ -19,7 +18,7 @@ pub fn with_request<T>(line: &mut [u8], len: usize, f: impl FnOnce(&Request<'_, 
     let mut tape = Tape::null();
     simd_json::fill_tape_padded(line, len, &mut buffers, &mut tape).expect("valid JSON");
     let empty = Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]);
-    let context = CoreContext::new(0, Arc::<StatsRegistry>::from(StatsRegistry::new(1)));
+    let context = CoreContext::new(0, StatsRegistry::new(1));
     let request = decode(&tape, &empty, &context).map_err(|r| r.error.to_string()).expect("valid request");
     f(&request)
 }

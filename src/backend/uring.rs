@@ -28,7 +28,7 @@ const BUF_SIZE: usize = super::RECV_BUF_SIZE;
 /// Receive buffers per core (a power of two, at most 32768).
 const BUF_COUNT: u16 = 512;
 /// The provided-buffer group id.
-const BGID: u16 = 0;
+pub(crate) const BGID: u16 = 0;
 /// Submission queue entries; the completion queue is sized larger so bursts of multishot
 /// completions do not overflow it.
 const SQ_ENTRIES: u32 = 1024;
@@ -94,7 +94,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
 }
 
 /// Creates a ring with the fastest flags this kernel accepts.
-fn build_ring() -> io::Result<IoUring> {
+pub(crate) fn build_ring() -> io::Result<IoUring> {
     let attempts: [fn(&mut io_uring::Builder); 3] = [
         |b| {
             b.setup_single_issuer().setup_defer_taskrun();
@@ -158,7 +158,7 @@ pub(crate) fn diagnose(err: &io::Error) -> String {
 
 /// The per-core pool of receive buffers, shared with the kernel as a provided-buffer ring.
 /// Each buffer is `BUF_SIZE` usable bytes plus `PADDING` bytes of slack for the parser.
-struct BufferPool {
+pub(crate) struct BufferPool {
     ring: *mut BufRingEntry,
     ring_bytes: usize,
     storage: Box<[u8]>,
@@ -168,7 +168,7 @@ struct BufferPool {
 const STRIDE: usize = BUF_SIZE + PADDING;
 
 impl BufferPool {
-    fn new(ring: &IoUring) -> io::Result<Self> {
+    pub(crate) fn new(ring: &IoUring) -> io::Result<Self> {
         let ring_bytes = usize::from(BUF_COUNT) * size_of::<BufRingEntry>();
         // SAFETY: anonymous private mapping; the kernel requires page alignment, which mmap gives.
         let addr = unsafe {
@@ -200,8 +200,14 @@ impl BufferPool {
         Ok(pool)
     }
 
+    /// The received bytes of buffer `bid`, followed by its padding.
+    pub(crate) fn buffer(&mut self, bid: u16) -> &mut [u8] {
+        let start = usize::from(bid) * STRIDE;
+        &mut self.storage[start..start + STRIDE]
+    }
+
     /// Queues buffer `bid` for the kernel again; visible after [`publish`](Self::publish).
-    fn give_back(&mut self, bid: u16) {
+    pub(crate) fn give_back(&mut self, bid: u16) {
         let addr = self.storage.as_ptr() as u64 + (usize::from(bid) * STRIDE) as u64;
         let index = usize::from(self.tail & (BUF_COUNT - 1));
         // SAFETY: index < BUF_COUNT, inside the mapping.
@@ -213,7 +219,7 @@ impl BufferPool {
     }
 
     /// Makes every buffer given back so far visible to the kernel.
-    fn publish(&self) {
+    pub(crate) fn publish(&self) {
         // SAFETY: the tail field lives in the first entry of the mapping; the kernel reads it
         // with acquire semantics, so a release store orders the entries written before it.
         unsafe {
@@ -566,10 +572,7 @@ impl<R: Routes> Worker<R> {
             conn.last_activity = self.now;
             let bid = bid.expect("recv completion with data carries a buffer id");
             if !(conn.dead || conn.write_shut || conn.read_done) {
-                let buf = {
-                    let start = usize::from(bid) * STRIDE;
-                    &mut self.pool.storage[start..start + STRIDE]
-                };
+                let buf = self.pool.buffer(bid);
                 let flow = self.processor.on_recv(&mut conn.session, buf, res as usize, &mut conn.out);
                 if flow == Flow::Close {
                     // The session now discards input; reply, then half-close.

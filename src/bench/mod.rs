@@ -12,6 +12,7 @@
 
 pub mod compare;
 mod report;
+mod uring_load;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -218,34 +219,53 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
 }
 
 /// Runs this thread's connections; returns its results and when its last measured reply came.
+/// The closed loop runs on io_uring where it works, else (and for the open loop) on tokio.
 fn load_thread(
     config: &BenchConfig,
     shared: &Arc<Shared>,
     connected: &std::sync::Barrier,
     connections: &[usize],
 ) -> (ThreadResult, Instant) {
+    let mut result = ThreadResult::new();
+    let mut streams = Vec::with_capacity(connections.len());
+    for &index in connections {
+        match std::net::TcpStream::connect(config.addr) {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                streams.push((index, stream));
+            }
+            Err(_) => result.errors += 1,
+        }
+    }
+    if config.rate.is_none()
+        && let Ok(ring) = uring_load::UringLoad::setup()
+    {
+        let load = uring_load::UringLoad::new(ring, streams, config.requests.len());
+        connected.wait();
+        let last = load.run(config, shared, &mut result).unwrap_or_else(|e| {
+            tracing::warn!("load thread stopped: {e}");
+            None
+        });
+        return (result, last.unwrap_or_else(Instant::now));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime for the load");
     runtime.block_on(async {
-        let mut streams = Vec::with_capacity(connections.len());
-        let mut result = ThreadResult::new();
-        for _ in connections {
-            match TcpStream::connect(config.addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    streams.push(stream);
-                }
+        let mut tokio_streams = Vec::with_capacity(streams.len());
+        for (index, stream) in streams {
+            let registered = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
+            match registered {
+                Ok(stream) => tokio_streams.push((index, stream)),
                 Err(_) => result.errors += 1,
             }
         }
         connected.wait();
         let local = tokio::task::LocalSet::new();
-        let tasks: Vec<_> = streams
+        let tasks: Vec<_> = tokio_streams
             .into_iter()
-            .zip(connections)
-            .map(|(stream, &index)| {
+            .map(|(index, stream)| {
                 local.spawn_local(connection(stream, index, config.clone(), shared.clone()))
             })
             .collect();
@@ -271,8 +291,7 @@ async fn connection(
     let mut result = ThreadResult::new();
     let mut last_measured = None;
     // (send time — or intended send time in open loop —, measured?) per request in flight.
-    let mut in_flight: VecDeque<(Instant, bool)> = VecDeque::new();
-    let mut next_request = index % config.requests.len();
+    let mut flight = Flight::new(index, config.requests.len());
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; 64 * 1024];
     let mut filled = 0;
@@ -282,32 +301,10 @@ async fn connection(
         + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / config.connections as f64));
     let mut stop_at: Option<Instant> = None;
 
-    let issue = |out: &mut Vec<u8>,
-                 in_flight: &mut VecDeque<(Instant, bool)>,
-                 next_request: &mut usize,
-                 at: Instant|
-     -> bool {
-        let phase = shared.phase.load(Ordering::Acquire);
-        if phase == STOP {
-            return false;
-        }
-        let measured = phase == MEASURE;
-        if measured
-            && let StopAfter::Count(n) = config.stop
-            && shared.tickets.fetch_add(1, Ordering::Relaxed) >= n
-        {
-            return false;
-        }
-        out.extend_from_slice(&config.requests[*next_request]);
-        *next_request = (*next_request + 1) % config.requests.len();
-        in_flight.push_back((at, measured));
-        true
-    };
-
     if interval.is_none() {
         let now = Instant::now();
         for _ in 0..config.pipeline {
-            if !issue(&mut out, &mut in_flight, &mut next_request, now) {
+            if !flight.issue(&config, &shared, &mut out, now) {
                 break;
             }
         }
@@ -321,9 +318,8 @@ async fn connection(
             result.bytes_sent += out.len() as u64;
             out.clear();
         }
-        let stopped = shared.phase.load(Ordering::Acquire) == STOP
-            || matches!(config.stop, StopAfter::Count(n) if shared.tickets.load(Ordering::Relaxed) >= n);
-        if stopped && in_flight.is_empty() {
+        let stopped = Flight::stopping(&config, &shared);
+        if stopped && flight.is_empty() {
             break;
         }
         if stopped && stop_at.is_none() {
@@ -332,10 +328,10 @@ async fn connection(
         let read = if let (Some(interval), false) = (interval, stopped) {
             tokio::select! {
                 read = stream.read(&mut buf[filled..]) => Some(read),
-                _ = tokio::time::sleep_until(next_due.into()), if in_flight.len() < OPEN_LOOP_MAX_IN_FLIGHT => {
+                _ = tokio::time::sleep_until(next_due.into()), if flight.len() < OPEN_LOOP_MAX_IN_FLIGHT => {
                     let now = Instant::now();
                     while next_due <= now {
-                        if !issue(&mut out, &mut in_flight, &mut next_request, next_due) {
+                        if !flight.issue(&config, &shared, &mut out, next_due) {
                             break;
                         }
                         next_due += interval;
@@ -368,19 +364,13 @@ async fn connection(
         while let Some(nl) = memchr::memchr(b'\n', &buf[start..filled]) {
             let line = &buf[start..start + nl];
             start += nl + 1;
-            let Some((sent, was_measured)) = in_flight.pop_front() else {
-                result.invalid_replies += 1;
-                continue;
-            };
-            replies += 1;
-            if was_measured {
-                measured += 1;
-                let _ = result.latency.record(now.saturating_duration_since(sent).as_nanos().max(1) as u64);
-                match reply_code(line) {
-                    Some(code) if (code as usize) < CODE_SLOTS => result.codes[code as usize] += 1,
-                    Some(_) => result.other_codes += 1,
-                    None => result.invalid_replies += 1,
+            match flight.reply(&mut result, line, now) {
+                Reply::Measured => {
+                    replies += 1;
+                    measured += 1;
                 }
+                Reply::Unmeasured => replies += 1,
+                Reply::Unexpected => {}
             }
         }
         if measured > 0 {
@@ -395,13 +385,90 @@ async fn connection(
         }
         if interval.is_none() {
             for _ in 0..replies {
-                if !issue(&mut out, &mut in_flight, &mut next_request, now) {
+                if !flight.issue(&config, &shared, &mut out, now) {
                     break;
                 }
             }
         }
     }
     (result, last_measured)
+}
+
+/// What a reply line answered.
+enum Reply {
+    /// A request sent while measuring.
+    Measured,
+    /// A warm-up request.
+    Unmeasured,
+    /// Nothing was in flight: not a reply to us.
+    Unexpected,
+}
+
+/// One connection's requests in flight, oldest first, and which request line goes next. The
+/// closed- and open-loop drivers and the io_uring driver all issue and match through it.
+struct Flight {
+    /// (send time — or intended send time in open loop —, measured?) per request in flight.
+    in_flight: VecDeque<(Instant, bool)>,
+    next_request: usize,
+    request_count: usize,
+}
+
+impl Flight {
+    fn new(index: usize, request_count: usize) -> Self {
+        Self { in_flight: VecDeque::new(), next_request: index % request_count, request_count }
+    }
+
+    fn len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    /// Appends the next request to `out` unless the run is stopping (or, counting, every
+    /// measured request is handed out); `at` is its (intended) send time.
+    fn issue(&mut self, config: &BenchConfig, shared: &Shared, out: &mut Vec<u8>, at: Instant) -> bool {
+        let phase = shared.phase.load(Ordering::Acquire);
+        if phase == STOP {
+            return false;
+        }
+        let measured = phase == MEASURE;
+        if measured
+            && let StopAfter::Count(n) = config.stop
+            && shared.tickets.fetch_add(1, Ordering::Relaxed) >= n
+        {
+            return false;
+        }
+        out.extend_from_slice(&config.requests[self.next_request]);
+        self.next_request = (self.next_request + 1) % self.request_count;
+        self.in_flight.push_back((at, measured));
+        true
+    }
+
+    /// Matches a reply line (without `\n`) received at `now` to the oldest request.
+    fn reply(&mut self, result: &mut ThreadResult, line: &[u8], now: Instant) -> Reply {
+        let Some((sent, measured)) = self.in_flight.pop_front() else {
+            result.invalid_replies += 1;
+            return Reply::Unexpected;
+        };
+        if !measured {
+            return Reply::Unmeasured;
+        }
+        let _ = result.latency.record(now.saturating_duration_since(sent).as_nanos().max(1) as u64);
+        match reply_code(line) {
+            Some(code) if (code as usize) < CODE_SLOTS => result.codes[code as usize] += 1,
+            Some(_) => result.other_codes += 1,
+            None => result.invalid_replies += 1,
+        }
+        Reply::Measured
+    }
+
+    /// Whether this run stops issuing: stopped, or every counted request handed out.
+    fn stopping(config: &BenchConfig, shared: &Shared) -> bool {
+        shared.phase.load(Ordering::Acquire) == STOP
+            || matches!(config.stop, StopAfter::Count(n) if shared.tickets.load(Ordering::Relaxed) >= n)
+    }
 }
 
 /// The code of a reply line (`{"code":N,…`), if it has that shape.
