@@ -1,7 +1,6 @@
 //! Hooks for the criterion benches in `benches/` (not a stable API): build a [`Request`] and a
 //! [`Reply`] exactly the way the protocol core does, so one stage can be timed alone.
 
-
 use simd_json::{Buffers, Tape};
 
 use crate::protocol::reply::{begin_ok, end_ok};

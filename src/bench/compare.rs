@@ -1,6 +1,7 @@
 //! `ringline compare`: the same workloads against every backend of the same server, in
 //! interleaved rounds (so drift on a noisy host hits every backend alike), summarised by
-//! medians, with the ratio of each backend to `epoll`, as a table, JSON and an SVG chart.
+//! medians, with each backend's ratio to `epoll` (the median over rounds of the ratio within
+//! a round), as a table, JSON and an SVG chart.
 //!
 //! Each backend runs as its own `ringline serve` child process pinned to the server CPUs; the
 //! load runs in this process pinned to the client CPUs. Server CPU time per request comes
@@ -104,7 +105,8 @@ pub struct Summary {
     pub p99_us: f64,
     /// Median server CPU per request, µs.
     pub server_cpu_us_per_request: f64,
-    /// Median requests/s over epoll's, if epoll was measured.
+    /// Median over rounds of this backend's requests/s over epoll's in the same round, if
+    /// epoll was measured.
     pub vs_epoll: Option<f64>,
 }
 
@@ -300,17 +302,28 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                     .collect(),
             )
         };
-        let epoll =
-            config.backends.contains(&Backend::Epoll).then(|| of(Backend::Epoll, |m| m.requests_per_sec));
+        // Each round's ratio compares runs made moments apart, so drift of the machine
+        // cancels out; the median is over rounds.
+        let rps_in = |backend: Backend, round: usize| {
+            measurements
+                .iter()
+                .find(|m| m.backend == backend && m.workload == workload && m.round == round)
+                .map(|m| m.requests_per_sec)
+        };
         for &backend in &config.backends {
-            let rps = of(backend, |m| m.requests_per_sec);
+            let ratios: Vec<f64> = (0..config.rounds)
+                .filter_map(|round| match (rps_in(backend, round), rps_in(Backend::Epoll, round)) {
+                    (Some(rps), Some(epoll)) if epoll > 0.0 => Some(rps / epoll),
+                    _ => None,
+                })
+                .collect();
             summary.push(Summary {
                 backend,
                 workload,
-                requests_per_sec: rps,
+                requests_per_sec: of(backend, |m| m.requests_per_sec),
                 p99_us: of(backend, |m| m.p99_us),
                 server_cpu_us_per_request: of(backend, |m| m.server_cpu_us_per_request),
-                vs_epoll: epoll.filter(|e| *e > 0.0).map(|e| rps / e),
+                vs_epoll: (!ratios.is_empty()).then(|| median(ratios)),
             });
         }
     }
@@ -321,8 +334,10 @@ impl Comparison {
     /// The side-by-side table (markdown, so it pastes into docs as is).
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let _ =
-            writeln!(s, "| workload | backend | requests/s | p99 µs | server CPU µs/request | vs epoll |");
+        let _ = writeln!(
+            s,
+            "| workload | backend | requests/s | p99 µs | server CPU µs/request | vs epoll, per round |"
+        );
         let _ = writeln!(s, "|---|---|---:|---:|---:|---:|");
         for row in &self.summary {
             let _ = writeln!(
