@@ -202,8 +202,9 @@ async fn within<R: Routes, A: CoreAccess<R>, T>(
 
 /// Refuses a connection beyond the connection limit: a 503 line, then close.
 pub(crate) fn reject<R: Routes, A: CoreAccess<R>>(stream: TcpStream, access: &A) {
-    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+    // Counted first, so whoever sees the reply sees the count.
     access.with(|core| core.processor.stats().connection_rejected());
+    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
     tracing::debug!("connection refused: at the connection limit");
 }
 

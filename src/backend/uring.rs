@@ -505,6 +505,8 @@ impl<R: Routes> Worker<R> {
 
     /// Refuses a connection beyond `max_connections_per_core`: a 503 line, then close.
     fn reject(&mut self, fd: RawFd) {
+        // Counted first, so whoever sees the reply sees the count.
+        self.processor.stats().connection_rejected();
         // SAFETY: fd was just accepted; a short non-blocking send into an empty socket buffer.
         unsafe {
             libc::send(
@@ -515,7 +517,6 @@ impl<R: Routes> Worker<R> {
             );
             libc::close(fd);
         }
-        self.processor.stats().connection_rejected();
         tracing::debug!(
             core = self.core,
             open = self.open_conns,
