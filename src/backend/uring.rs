@@ -861,3 +861,24 @@ impl<R: Routes> Drop for Worker<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_failures_name_the_cause_and_the_fix() {
+        let hint = |errno| diagnose(&io::Error::from_raw_os_error(errno));
+        assert!(hint(libc::ENOSYS).contains("--backend epoll"));
+        assert!(hint(libc::ENOMEM).contains("RLIMIT_MEMLOCK"));
+        let denied = hint(libc::EPERM);
+        assert!(denied.contains("seccomp") || denied.contains("io_uring_disabled"), "{denied}");
+        assert!(denied.contains("--backend epoll"));
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        let ud = user_data(Op::Send, 123_456, 0x00ab_cdef);
+        assert_eq!(split_user_data(ud), (Some(Op::Send), 0x00ab_cdef, 123_456));
+    }
+}
