@@ -180,6 +180,8 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr must not turn a log line into a panic (tracing would eprintln!).
+        .log_internal_errors(false)
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
@@ -432,8 +434,9 @@ fn wait_for_signals(set: libc::sigset_t, stopper: ringline::Stopper) {
         }
         received += 1;
         if received == 1 {
-            tracing::info!(signal, "shutdown requested; send the signal again to exit at once");
+            // Stop first: nothing (not even a failing log write) may delay the shutdown.
             stopper.stop();
+            tracing::info!(signal, "shutdown requested; send the signal again to exit at once");
         } else {
             tracing::warn!(signal, "second signal: exiting without draining");
             std::process::exit(130);
