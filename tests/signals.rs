@@ -1,5 +1,6 @@
 //! The shipped binary under signals: SIGTERM while a client has requests in flight answers
-//! every request sent before the signal, then exits 0. Runs against every backend.
+//! every request sent before the signal, then exits 0; and it does so too when whoever read
+//! its log has gone away (stderr is a closed pipe). Runs against every backend.
 
 #[macro_use]
 mod common;
@@ -7,7 +8,7 @@ mod common;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{Client, spawn_server};
+use common::{Client, spawn_server, spawn_server_closing_log};
 use ringline::Backend;
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
@@ -23,7 +24,18 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 }
 
 fn sigterm_answers_requests_in_flight_then_exits_0(backend: Backend) {
-    let (mut child, addr) = spawn_server(backend, &[], None);
+    answers_what_was_sent_before_sigterm_then_exits_0(spawn_server(backend, &[], None));
+}
+
+fn sigterm_exits_0_when_the_log_reader_is_gone(backend: Backend) {
+    // The shutdown logs into the closed pipe; neither that nor the replies may suffer for it.
+    answers_what_was_sent_before_sigterm_then_exits_0(spawn_server_closing_log(backend));
+}
+
+/// One idle connection and one with 300 pipelined requests sent before SIGTERM: every one of
+/// them is answered, both connections are closed, and the server exits 0. Nothing is sent after
+/// the signal: the server may close an idle connection as soon as it sees the signal.
+fn answers_what_was_sent_before_sigterm_then_exits_0((mut child, addr): (Child, std::net::SocketAddr)) {
     let mut idle = Client::connect(addr);
     assert_eq!(idle.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
     let mut busy = Client::connect(addr);
@@ -45,4 +57,4 @@ fn sigterm_answers_requests_in_flight_then_exits_0(backend: Backend) {
     assert!(status.success(), "exit status {status}");
 }
 
-every_backend!(sigterm_answers_requests_in_flight_then_exits_0);
+every_backend!(sigterm_answers_requests_in_flight_then_exits_0, sigterm_exits_0_when_the_log_reader_is_gone);

@@ -16,7 +16,7 @@ pub(crate) mod tokio_conn;
 pub mod tokio_uring;
 pub mod uring;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::dispatch::Routes;
 use crate::server::{Backend, WorkerSetup};
@@ -27,14 +27,58 @@ pub(crate) const RECV_BUF_SIZE: usize = 16 * 1024;
 /// Pause before accepting again after an accept error such as EMFILE, so it cannot spin.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// While accept keeps failing (descriptors exhausted), at most one warning per this long.
+pub(crate) const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The log of accept failures of one worker: the first failure is logged at once, repeats
+/// at most every [`ACCEPT_ERROR_LOG_EVERY`] with the number left unlogged, and the first
+/// success after failures says accepting works again. Without it, exhausted descriptors
+/// would log a line every [`ACCEPT_BACKOFF`].
+#[derive(Debug, Default)]
+pub(crate) struct AcceptErrorLog {
+    last_warned: Option<Instant>,
+    unlogged: u64,
+    failures: u64,
+}
+
+impl AcceptErrorLog {
+    /// Records a failed accept; returns whether it was logged.
+    pub(crate) fn failed(&mut self, core: usize, err: &std::io::Error, now: Instant) -> bool {
+        self.failures += 1;
+        if self.last_warned.is_some_and(|at| now.saturating_duration_since(at) < ACCEPT_ERROR_LOG_EVERY) {
+            self.unlogged += 1;
+            return false;
+        }
+        tracing::warn!(
+            core,
+            unlogged_since_last_warning = self.unlogged,
+            "accept failed: {err}; retrying every {ACCEPT_BACKOFF:?} (repeats are logged at most every \
+             {ACCEPT_ERROR_LOG_EVERY:?}; EMFILE means the open-file limit is reached: raise `ulimit -n` \
+             or lower --max-connections-per-core)"
+        );
+        self.last_warned = Some(now);
+        self.unlogged = 0;
+        true
+    }
+
+    /// Records a successful accept; after failures, logs that accepting works again.
+    #[inline]
+    pub(crate) fn succeeded(&mut self, core: usize) {
+        if self.failures > 0 {
+            tracing::info!(core, failures = self.failures, "accepting connections again");
+            *self = Self::default();
+        }
+    }
+}
+
 /// The deadline of the wait that comes next: the rest of a started line must arrive within
 /// the line timeout; otherwise the connection may stay silent for the idle timeout.
 /// Returns the deadline and whether it is the idle one.
 pub(crate) fn next_deadline(
     limits: &crate::protocol::Limits,
-    waiting_since: Option<std::time::Instant>,
-    last_activity: std::time::Instant,
-) -> Option<(std::time::Instant, bool)> {
+    waiting_since: Option<Instant>,
+    last_activity: Instant,
+) -> Option<(Instant, bool)> {
     match waiting_since {
         Some(since) => Some((since + limits.line_timeout, false)),
         None => limits.idle_timeout.map(|idle| (last_activity + idle, true)),
@@ -73,5 +117,26 @@ pub(crate) fn run<R: Routes>(backend: Backend, setup: WorkerSetup) {
         Backend::TokioUring => tokio_uring::run::<R>(setup),
         Backend::Epoll => epoll::run::<R>(setup),
         Backend::EpollMt => epoll_mt::run::<R>(setup),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_are_logged_once_per_interval_and_recovery_resets() {
+        let mut log = AcceptErrorLog::default();
+        let err = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let start = Instant::now();
+        assert!(log.failed(0, &err, start), "the first failure is logged");
+        for i in 1..100 {
+            assert!(!log.failed(0, &err, start + ACCEPT_BACKOFF * i), "repeats within the interval are not");
+        }
+        assert_eq!(log.unlogged, 99);
+        assert!(log.failed(0, &err, start + ACCEPT_ERROR_LOG_EVERY), "one per interval");
+        assert_eq!(log.unlogged, 0);
+        log.succeeded(0);
+        assert!(log.failed(0, &err, start + ACCEPT_ERROR_LOG_EVERY), "a new episode is logged at once");
     }
 }

@@ -170,6 +170,32 @@ pub fn shutdown(fd: RawFd, how: libc::c_int) {
     unsafe { libc::shutdown(fd, how) };
 }
 
+/// Most bytes [`refuse`] discards from a refused peer before closing.
+const REFUSE_DISCARD_LIMIT: usize = 64 << 10;
+
+/// Refuses a just-accepted connection with the one reply line `line` (the 503), without
+/// blocking: sends it, sends FIN after it, and discards what the peer already sent, so that
+/// closing the socket (the caller's job) sends no reset. A reset could make the peer's
+/// kernel drop the reply before it was read; a client that connects and writes at once would
+/// then see "connection reset" instead of the 503. Bytes that arrive after the close still
+/// get a reset, but by then the reply and the FIN are in the peer's receive queue.
+pub fn refuse(fd: RawFd, line: &[u8]) {
+    // SAFETY: send(2) of a valid slice on a descriptor the caller owns; a fresh socket's send
+    // buffer takes one short line, and MSG_DONTWAIT keeps this from ever blocking.
+    unsafe { libc::send(fd, line.as_ptr().cast(), line.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    shutdown(fd, libc::SHUT_WR);
+    let mut scratch = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < REFUSE_DISCARD_LIMIT {
+        // SAFETY: recv(2) into a stack buffer of the given length.
+        let n = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            break;
+        }
+        discarded += n as usize;
+    }
+}
+
 /// Bytes received by the kernel on `fd` and not yet read (0 when unknown).
 pub fn unread_bytes(fd: RawFd) -> usize {
     let mut n: libc::c_int = 0;
@@ -236,5 +262,27 @@ impl EventFd {
     /// The raw descriptor, to poll or read from a ring.
     pub fn raw(&self) -> RawFd {
         self.0.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod refuse_tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_refused_peer_that_already_sent_gets_the_line_then_a_clean_end_of_file() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // On loopback the bytes are in the server socket's queue when write returns.
+        client.write_all(b"{\"cmdid\":0}\n{\"cmdid\":0}\n").unwrap();
+        let (server, _) = listener.accept().unwrap();
+        super::refuse(server.as_raw_fd(), b"{\"code\":503}\n");
+        drop(server);
+        let mut received = Vec::new();
+        // A reset would make this fail with ECONNRESET instead of ending cleanly.
+        client.read_to_end(&mut received).expect("end of file, not a reset");
+        assert_eq!(received, b"{\"code\":503}\n");
     }
 }

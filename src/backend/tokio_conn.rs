@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
-use super::{ACCEPT_BACKOFF, RECV_BUF_SIZE, next_deadline, sys};
+use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, next_deadline, sys};
 use crate::dispatch::Routes;
 use crate::protocol::reply::TOO_MANY_CONNECTIONS;
 use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
@@ -114,7 +114,7 @@ pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
     drop(ready);
     let stop = control.subscribe();
     let max_connections = config.limits.max_connections_per_core.saturating_mul(workers_per_listener);
-    accept_until_stopped(&listener, stop.clone(), |stream| {
+    accept_until_stopped(&listener, core, stop.clone(), |stream| {
         if tracker.open() >= max_connections {
             reject(stream, &access);
         } else {
@@ -131,9 +131,11 @@ pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
 /// spinning.
 async fn accept_until_stopped(
     listener: &TcpListener,
+    core: usize,
     mut stop: watch::Receiver<bool>,
     mut on_connection: impl FnMut(TcpStream),
 ) {
+    let mut errors = AcceptErrorLog::default();
     loop {
         tokio::select! {
             biased;
@@ -147,9 +149,12 @@ async fn accept_until_stopped(
                 return;
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => on_connection(stream),
+                Ok((stream, _)) => {
+                    errors.succeeded(core);
+                    on_connection(stream)
+                }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                    errors.failed(core, &e, Instant::now());
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
@@ -204,7 +209,7 @@ async fn within<R: Routes, A: CoreAccess<R>, T>(
 pub(crate) fn reject<R: Routes, A: CoreAccess<R>>(stream: TcpStream, access: &A) {
     // Counted first, so whoever sees the reply sees the count.
     access.with(|core| core.processor.stats().connection_rejected());
-    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+    sys::refuse(stream.as_raw_fd(), TOO_MANY_CONNECTIONS);
     tracing::debug!("connection refused: at the connection limit");
 }
 

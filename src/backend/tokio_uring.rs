@@ -22,7 +22,7 @@ use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::next_deadline;
 use super::tokio_conn::ConnTracker;
-use super::{ACCEPT_BACKOFF, RECV_BUF_SIZE, sys, uring};
+use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, sys, uring};
 use crate::dispatch::Routes;
 use crate::protocol::reply::TOO_MANY_CONNECTIONS;
 use crate::protocol::{Flow, PADDING, Processor, Session};
@@ -92,9 +92,7 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
             if live.borrow().len() >= limits.max_connections_per_core {
                 processor.borrow().stats().connection_rejected();
                 tracing::debug!(core, "connection refused: core at its connection limit");
-                tokio_uring::spawn(async move {
-                    let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
-                });
+                sys::refuse(fd, TOO_MANY_CONNECTIONS);
                 return;
             }
             let clock = ConnClock::new();
@@ -154,12 +152,16 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
         }
     });
 
+    let mut errors = AcceptErrorLog::default();
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => spawn_connection(stream),
+            Ok((stream, _)) => {
+                errors.succeeded(core);
+                spawn_connection(stream)
+            }
             Err(_) if control.stopping() => {}
             Err(e) => {
-                tracing::warn!(core, "accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                errors.failed(core, &e, Instant::now());
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
-use super::{ACCEPT_BACKOFF, next_deadline, sys};
+use super::{ACCEPT_BACKOFF, AcceptErrorLog, next_deadline, sys};
 use crate::dispatch::Routes;
 use crate::protocol::reply::TOO_MANY_CONNECTIONS;
 use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
@@ -316,6 +316,7 @@ struct Worker<R: Routes> {
     shutdown_timeout: Duration,
     accepting: bool,
     accept_armed: bool,
+    accept_errors: AcceptErrorLog,
     draining_since: Option<Instant>,
     deadline_passed: bool,
     settle_all_pending: bool,
@@ -351,6 +352,7 @@ impl<R: Routes> Worker<R> {
             shutdown_timeout: setup.config.shutdown_timeout,
             accepting: true,
             accept_armed: false,
+            accept_errors: AcceptErrorLog::default(),
             draining_since: None,
             deadline_passed: false,
             settle_all_pending: false,
@@ -476,6 +478,7 @@ impl<R: Routes> Worker<R> {
         let res = cqe.result();
         if res >= 0 {
             let fd = res;
+            self.accept_errors.succeeded(self.core);
             if !self.accepting {
                 // SAFETY: fd was just accepted and is owned by nobody else.
                 unsafe { libc::close(fd) };
@@ -486,7 +489,7 @@ impl<R: Routes> Worker<R> {
             }
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
-            tracing::warn!(core = self.core, "accept failed: {err}; retrying in {ACCEPT_BACKOFF:?}");
+            self.accept_errors.failed(self.core, &err, Instant::now());
             if !more && self.accepting {
                 let entry = opcode::Timeout::new(&*self.accept_backoff).build().user_data(user_data(
                     Op::AcceptRetry,
@@ -507,16 +510,9 @@ impl<R: Routes> Worker<R> {
     fn reject(&mut self, fd: RawFd) {
         // Counted first, so whoever sees the reply sees the count.
         self.processor.stats().connection_rejected();
-        // SAFETY: fd was just accepted; a short non-blocking send into an empty socket buffer.
-        unsafe {
-            libc::send(
-                fd,
-                TOO_MANY_CONNECTIONS.as_ptr().cast(),
-                TOO_MANY_CONNECTIONS.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            );
-            libc::close(fd);
-        }
+        sys::refuse(fd, TOO_MANY_CONNECTIONS);
+        // SAFETY: fd was just accepted and is owned by nobody else.
+        unsafe { libc::close(fd) };
         tracing::debug!(
             core = self.core,
             open = self.open_conns,

@@ -143,6 +143,21 @@ pub fn spawn_server(
     extra: &[&str],
     nofile: Option<u64>,
 ) -> (std::process::Child, SocketAddr) {
+    spawn_server_with_log(backend, extra, nofile, true)
+}
+
+/// [`spawn_server`], but the server's stderr is closed once its start-up line is read: every
+/// later log line it writes fails with EPIPE.
+pub fn spawn_server_closing_log(backend: Backend) -> (std::process::Child, SocketAddr) {
+    spawn_server_with_log(backend, &[], None, false)
+}
+
+fn spawn_server_with_log(
+    backend: Backend,
+    extra: &[&str],
+    nofile: Option<u64>,
+    keep_reading_log: bool,
+) -> (std::process::Child, SocketAddr) {
     use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringline"));
     command
@@ -171,8 +186,10 @@ pub fn spawn_server(
             break rest.split_whitespace().next().unwrap().parse().expect("address in the start-up line");
         }
     };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    if keep_reading_log {
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    }
     (child, addr)
 }
 
