@@ -58,13 +58,18 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     for backend in Backend::ALL {
         assert_eq!(table.matches(&format!("| {} |", backend.name())).count(), 2, "{table}");
     }
-    assert!(table.contains("| 1.00x |"), "epoll is its own baseline: {table}");
+    assert!(table.contains("| 1.00x (1) |"), "epoll is its own baseline, over the one round: {table}");
     let mut bytes = std::fs::read(&json).unwrap();
     let parsed = ringline::simd_json::to_owned_value(&mut bytes).unwrap();
     use ringline::simd_json::prelude::*;
     assert_eq!(parsed.get("summary").and_then(|s| s.as_array()).map(Vec::len), Some(8));
     let measurements = parsed.get("measurements").and_then(|s| s.as_array()).unwrap();
     assert!(measurements.iter().all(|m| m.get("requests_per_sec").and_then(|v| v.cast_f64()).unwrap() > 0.0));
+    for m in measurements {
+        let steal = m.get("steal_percent").and_then(|v| v.cast_f64()).expect("steal recorded per run");
+        assert!((0.0..=100.0).contains(&steal), "{steal}");
+        assert!(m.get("attempts").and_then(|v| v.as_u64()).expect("attempts recorded") >= 1);
+    }
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,6 +6,12 @@
 //! Each backend runs as its own `ringline serve` child process pinned to the server CPUs; the
 //! load runs in this process pinned to the client CPUs. Server CPU time per request comes
 //! from the kernel's per-thread accounting (`/proc/PID/task/*/schedstat`).
+//!
+//! On a virtual machine the hypervisor can take the pinned CPUs away for a while (steal time,
+//! `/proc/stat`): a run that loses more than `max_steal_percent` of its CPUs' time measures
+//! the neighbours, not the backend. Such a run is repeated (up to `retries` times, keeping the
+//! least disturbed attempt), and the per-round ratios to `epoll` use only rounds in which both
+//! runs were undisturbed, when there are any.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -71,6 +77,10 @@ pub struct CompareConfig {
     pub server_cpus: Vec<usize>,
     /// CPUs the load runs on (one load thread per CPU).
     pub client_cpus: Vec<usize>,
+    /// A run whose CPUs lose more than this share of their time to steal is disturbed.
+    pub max_steal_percent: f64,
+    /// How many times a disturbed run is repeated.
+    pub retries: usize,
 }
 
 /// One run of one workload against one backend.
@@ -90,6 +100,11 @@ pub struct Measurement {
     pub server_cpu_us_per_request: f64,
     /// Failed connections.
     pub errors: u64,
+    /// Share of the server's and the load's CPU time the hypervisor took during the run, %.
+    pub steal_percent: f64,
+    /// Runs made for this slot (more than 1 when attempts were disturbed); the one kept is
+    /// the least disturbed.
+    pub attempts: usize,
 }
 
 /// Medians of one backend on one workload.
@@ -105,9 +120,13 @@ pub struct Summary {
     pub p99_us: f64,
     /// Median server CPU per request, µs.
     pub server_cpu_us_per_request: f64,
+    /// Median steal over the runs, %.
+    pub steal_percent: f64,
     /// Median over rounds of this backend's requests/s over epoll's in the same round, if
-    /// epoll was measured.
+    /// epoll was measured; only rounds where neither run was disturbed count, if any.
     pub vs_epoll: Option<f64>,
+    /// Rounds the ratio to epoll was taken over.
+    pub vs_epoll_rounds: usize,
 }
 
 /// Everything a comparison produced.
@@ -209,6 +228,99 @@ impl Drop for ServerProcess {
     }
 }
 
+impl Measurement {
+    /// Whether the hypervisor took more than `max_steal_percent` of the CPUs' time.
+    fn disturbed(&self, max_steal_percent: f64) -> bool {
+        self.steal_percent > max_steal_percent
+    }
+}
+
+/// One run of `bench` against `server`, with the server's CPU time and the steal on the
+/// `pinned` CPUs over it; printed as it ends.
+fn measure(
+    config: &CompareConfig,
+    server: &ServerProcess,
+    bench: &BenchConfig,
+    workload: Workload,
+    round: usize,
+    pinned: &[usize],
+) -> Result<Measurement, CompareError> {
+    let ticks_before = CpuTicks::now(pinned);
+    let cpu_before = server.cpu_time();
+    let report = super::run(bench)?;
+    let cpu = server.cpu_time().saturating_sub(cpu_before);
+    let steal_percent = ticks_before.steal_percent_until(CpuTicks::now(pinned));
+    // The CPU window includes the warm-up, so divide by everything served in it.
+    let served = (report.requests_per_sec * (config.duration + config.warmup).as_secs_f64()).max(1.0);
+    let m = Measurement {
+        backend: server.backend,
+        workload,
+        round,
+        requests_per_sec: report.requests_per_sec,
+        p99_us: report.latency.p99,
+        server_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / served,
+        errors: report.errors,
+        steal_percent,
+        attempts: 1,
+    };
+    eprintln!(
+        "round {} {:>7} {:<11} {:>12.0} req/s  p99 {:>9.1} µs  server CPU {:.2} µs/req  steal {:>4.1}%",
+        round + 1,
+        workload.to_string(),
+        server.backend.name(),
+        m.requests_per_sec,
+        m.p99_us,
+        m.server_cpu_us_per_request,
+        m.steal_percent
+    );
+    Ok(m)
+}
+
+/// Stolen and total time of a set of CPUs, in clock ticks, from `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct CpuTicks {
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    fn now(cpus: &[usize]) -> Self {
+        std::fs::read_to_string("/proc/stat").map(|stat| Self::parse(&stat, cpus)).unwrap_or_default()
+    }
+
+    /// Sums the `cpuN` lines of `cpus`: user nice system idle iowait irq softirq steal (guest
+    /// time is already inside user and nice).
+    fn parse(stat: &str, cpus: &[usize]) -> Self {
+        let mut ticks = Self::default();
+        for line in stat.lines() {
+            let mut fields = line.split_whitespace();
+            let Some(cpu) = fields.next().and_then(|name| name.strip_prefix("cpu")) else { continue };
+            if !cpu.parse().is_ok_and(|n: usize| cpus.contains(&n)) {
+                continue;
+            }
+            let values: Vec<u64> = fields.take(8).map(|v| v.parse().unwrap_or(0)).collect();
+            ticks.total += values.iter().sum::<u64>();
+            ticks.steal += values.get(7).copied().unwrap_or(0);
+        }
+        ticks
+    }
+
+    /// Steal as a share of all time between `self` and `later`, %.
+    fn steal_percent_until(self, later: Self) -> f64 {
+        let total = later.total.saturating_sub(self.total);
+        if total == 0 { 0.0 } else { later.steal.saturating_sub(self.steal) as f64 * 100.0 / total as f64 }
+    }
+}
+
+/// The median of per-round ratios given as (ratio, neither run disturbed), over the
+/// undisturbed rounds if there are any, else over all; with the number of rounds used.
+fn median_ratio(rounds: &[(f64, bool)]) -> (Option<f64>, usize) {
+    let undisturbed: Vec<f64> = rounds.iter().filter(|(_, clean)| *clean).map(|(r, _)| *r).collect();
+    let ratios = if undisturbed.is_empty() { rounds.iter().map(|(r, _)| *r).collect() } else { undisturbed };
+    let used = ratios.len();
+    ((used > 0).then(|| median(ratios)), used)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -244,6 +356,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
         .iter()
         .map(|&backend| ServerProcess::start(&config.server_binary, backend, &config.server_cpus))
         .collect::<Result<Vec<_>, _>>()?;
+    let pinned: Vec<usize> = config.server_cpus.iter().chain(&config.client_cpus).copied().collect();
     let mut measurements = Vec::new();
     for round in 0..config.rounds {
         for &workload in &config.workloads {
@@ -262,31 +375,20 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                     cpus: config.client_cpus.clone(),
                     progress: false,
                 };
-                let cpu_before = server.cpu_time();
-                let report = super::run(&bench)?;
-                let cpu = server.cpu_time().saturating_sub(cpu_before);
-                // The CPU window includes the warm-up, so divide by everything served in it.
-                let served =
-                    (report.requests_per_sec * (config.duration + config.warmup).as_secs_f64()).max(1.0);
-                let m = Measurement {
-                    backend: server.backend,
-                    workload,
-                    round,
-                    requests_per_sec: report.requests_per_sec,
-                    p99_us: report.latency.p99,
-                    server_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / served,
-                    errors: report.errors,
-                };
-                eprintln!(
-                    "round {} {:>7} {:<11} {:>12.0} req/s  p99 {:>9.1} µs  server CPU {:.2} µs/req",
-                    round + 1,
-                    workload.to_string(),
-                    server.backend.name(),
-                    m.requests_per_sec,
-                    m.p99_us,
-                    m.server_cpu_us_per_request
-                );
-                measurements.push(m);
+                let mut kept = measure(config, server, &bench, workload, round, &pinned)?;
+                while kept.disturbed(config.max_steal_percent) && kept.attempts <= config.retries {
+                    eprintln!(
+                        "  disturbed: the hypervisor took more than {}% of the CPUs' time; repeating the run",
+                        config.max_steal_percent
+                    );
+                    let again = measure(config, server, &bench, workload, round, &pinned)?;
+                    let attempts = kept.attempts + 1;
+                    if again.steal_percent < kept.steal_percent {
+                        kept = again;
+                    }
+                    kept.attempts = attempts;
+                }
+                measurements.push(kept);
             }
         }
     }
@@ -304,26 +406,30 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
         };
         // Each round's ratio compares runs made moments apart, so drift of the machine
         // cancels out; the median is over rounds.
-        let rps_in = |backend: Backend, round: usize| {
-            measurements
-                .iter()
-                .find(|m| m.backend == backend && m.workload == workload && m.round == round)
-                .map(|m| m.requests_per_sec)
+        let run_in = |backend: Backend, round: usize| {
+            measurements.iter().find(|m| m.backend == backend && m.workload == workload && m.round == round)
         };
         for &backend in &config.backends {
-            let ratios: Vec<f64> = (0..config.rounds)
-                .filter_map(|round| match (rps_in(backend, round), rps_in(Backend::Epoll, round)) {
-                    (Some(rps), Some(epoll)) if epoll > 0.0 => Some(rps / epoll),
+            let pairs: Vec<(f64, bool)> = (0..config.rounds)
+                .filter_map(|round| match (run_in(backend, round), run_in(Backend::Epoll, round)) {
+                    (Some(run), Some(epoll)) if epoll.requests_per_sec > 0.0 => Some((
+                        run.requests_per_sec / epoll.requests_per_sec,
+                        !run.disturbed(config.max_steal_percent)
+                            && !epoll.disturbed(config.max_steal_percent),
+                    )),
                     _ => None,
                 })
                 .collect();
+            let (vs_epoll, vs_epoll_rounds) = median_ratio(&pairs);
             summary.push(Summary {
                 backend,
                 workload,
                 requests_per_sec: of(backend, |m| m.requests_per_sec),
                 p99_us: of(backend, |m| m.p99_us),
                 server_cpu_us_per_request: of(backend, |m| m.server_cpu_us_per_request),
-                vs_epoll: (!ratios.is_empty()).then(|| median(ratios)),
+                steal_percent: of(backend, |m| m.steal_percent),
+                vs_epoll,
+                vs_epoll_rounds,
             });
         }
     }
@@ -336,19 +442,20 @@ impl Comparison {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| workload | backend | requests/s | p99 µs | server CPU µs/request | vs epoll, per round |"
+            "| workload | backend | requests/s | p99 µs | server CPU µs/request | steal % | vs epoll, per round (rounds) |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
         for row in &self.summary {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.1} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.1} | {:.2} | {:.1} | {} |",
                 row.workload,
                 row.backend,
                 row.requests_per_sec,
                 row.p99_us,
                 row.server_cpu_us_per_request,
-                row.vs_epoll.map_or("–".into(), |r| format!("{r:.2}x"))
+                row.steal_percent,
+                row.vs_epoll.map_or("–".into(), |r| format!("{r:.2}x ({})", row.vs_epoll_rounds))
             );
         }
         s
@@ -367,7 +474,9 @@ impl Comparison {
                     .f64("warmup_secs", config.warmup.as_secs_f64());
                 let cpus = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
                 c.str("server_cpus", &cpus(&config.server_cpus))
-                    .str("client_cpus", &cpus(&config.client_cpus));
+                    .str("client_cpus", &cpus(&config.client_cpus))
+                    .f64("max_steal_percent", config.max_steal_percent)
+                    .u64("retries", config.retries as u64);
             }
             {
                 let mut rows = o.array("summary");
@@ -377,7 +486,9 @@ impl Comparison {
                         .str("backend", r.backend.name())
                         .f64("requests_per_sec", r.requests_per_sec)
                         .f64("p99_us", r.p99_us)
-                        .f64("server_cpu_us_per_request", r.server_cpu_us_per_request);
+                        .f64("server_cpu_us_per_request", r.server_cpu_us_per_request)
+                        .f64("steal_percent", r.steal_percent)
+                        .u64("vs_epoll_rounds", r.vs_epoll_rounds as u64);
                     match r.vs_epoll {
                         Some(v) => row.f64("vs_epoll", v),
                         None => row.raw("vs_epoll", b"null"),
@@ -393,7 +504,9 @@ impl Comparison {
                     .f64("requests_per_sec", m.requests_per_sec)
                     .f64("p99_us", m.p99_us)
                     .f64("server_cpu_us_per_request", m.server_cpu_us_per_request)
-                    .u64("errors", m.errors);
+                    .u64("errors", m.errors)
+                    .f64("steal_percent", m.steal_percent)
+                    .u64("attempts", m.attempts as u64);
             }
         }
         out.push(b'\n');
@@ -510,6 +623,33 @@ mod tests {
         assert_eq!("16x16".parse(), Ok(Workload { connections: 16, pipeline: 16 }));
         assert!("16".parse::<Workload>().is_err());
         assert!("0x1".parse::<Workload>().is_err());
+    }
+
+    #[test]
+    fn steal_is_summed_over_the_pinned_cpus_only() {
+        let before = "cpu  10 0 10 100 0 0 0 50 0 0\n\
+                      cpu0 1 0 1 80 0 0 0 10 0 0\n\
+                      cpu1 2 0 2 70 0 0 0 20 0 0\n\
+                      cpu10 100 0 0 0 0 0 0 100 0 0\n\
+                      intr 12345\n";
+        let after = "cpu  10 0 10 100 0 0 0 50 0 0\n\
+                     cpu0 31 0 1 80 0 0 0 80 0 0\n\
+                     cpu1 52 0 2 100 0 0 0 40 0 0\n\
+                     cpu10 900 0 0 0 0 0 0 900 0 0\n";
+        let (b, a) = (CpuTicks::parse(before, &[0, 1]), CpuTicks::parse(after, &[0, 1]));
+        assert_eq!(b, CpuTicks { steal: 30, total: 186 });
+        assert_eq!(a, CpuTicks { steal: 120, total: 386 });
+        // 90 of the 200 ticks that passed were stolen.
+        assert_eq!(b.steal_percent_until(a), 45.0);
+        assert_eq!(CpuTicks::parse(before, &[5]), CpuTicks::default());
+        assert_eq!(a.steal_percent_until(a), 0.0);
+    }
+
+    #[test]
+    fn ratios_from_disturbed_rounds_count_only_when_no_round_was_clean() {
+        assert_eq!(median_ratio(&[(1.5, true), (0.5, false), (1.25, true)]), (Some(1.375), 2));
+        assert_eq!(median_ratio(&[(0.5, false), (0.9, false), (1.3, false)]), (Some(0.9), 3));
+        assert_eq!(median_ratio(&[]), (None, 0));
     }
 
     #[test]

@@ -124,6 +124,13 @@ struct CompareArgs {
     /// CPUs for the load (one load thread each).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     client_cpus: Vec<usize>,
+    /// A run whose CPUs lose more than this share of their time to the hypervisor (steal,
+    /// on a VM) is disturbed: it is repeated, and left out of the ratios to epoll.
+    #[arg(long, default_value_t = 5.0)]
+    max_steal: f64,
+    /// How many times a disturbed run is repeated (keeping the least disturbed attempt).
+    #[arg(long, default_value_t = 3)]
+    retries: usize,
     /// Write every run and the medians as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -363,6 +370,8 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
         server_cpus: args.server_cpus,
         client_cpus: args.client_cpus,
+        max_steal_percent: args.max_steal,
+        retries: args.retries,
     };
     let comparison = compare::run(&config)?;
     println!("{}", comparison.machine);
