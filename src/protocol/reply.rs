@@ -6,7 +6,8 @@
 
 use std::fmt;
 
-use simd_json::prelude::Writable;
+use simd_json::ValueType;
+use simd_json::prelude::*;
 use simd_json::tape::Value;
 
 use crate::dispatch::HandlerError;
@@ -17,29 +18,108 @@ pub const TOO_MANY_CONNECTIONS: &[u8] =
     b"{\"code\":503,\"error\":\"too many connections on this core; retry later\"}\n";
 
 /// Writes `s` as the contents of a JSON string (without the surrounding quotes).
+///
+/// Most strings need no escaping: eight bytes at a time are tested for a quote, a backslash or
+/// a control character at once, and a clean string is copied whole. Only a string that has one
+/// is walked byte by byte.
 pub(crate) fn escape_into(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
+    let clean = match bytes.len() {
+        0..8 => !bytes.iter().any(|&b| needs_escape(b)),
+        // Whole words, then the last eight bytes (overlapping the last whole word unless the
+        // length is a multiple of 8): plain loads, never a copy into a stack buffer.
+        len => {
+            bytes.chunks_exact(8).all(|word| !word_needs_escape(word_at(word)))
+                && !word_needs_escape(word_at(&bytes[len - 8..]))
+        }
+    };
+    if clean {
+        out.extend_from_slice(bytes);
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if escape.is_empty() {
-            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
-        } else {
-            out.extend_from_slice(escape);
+        if needs_escape(b) {
+            out.extend_from_slice(&bytes[start..i]);
+            write_escape(out, b);
+            start = i + 1;
         }
-        start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
+}
+
+/// The first eight bytes of `bytes` as one little-endian word.
+fn word_at(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes"))
+}
+
+const fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Whether any byte of `word` needs escaping (exact: no false positives or negatives).
+const fn word_needs_escape(word: u64) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    const fn has_zero_byte(x: u64) -> u64 {
+        x.wrapping_sub(ONES) & !x & HIGH
+    }
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = has_zero_byte(word ^ (ONES * b'"' as u64));
+    let backslash = has_zero_byte(word ^ (ONES * b'\\' as u64));
+    control | quote | backslash != 0
+}
+
+fn write_escape(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        _ => {
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]])
+        }
+    }
+}
+
+/// Writes a parsed JSON value (compact), straight off the tape.
+pub(crate) fn write_value(out: &mut Vec<u8>, v: Value<'_, '_>) {
+    match v.value_type() {
+        ValueType::String => write_str(out, v.as_str().unwrap_or_default()),
+        ValueType::Object => {
+            out.push(b'{');
+            for (i, (key, value)) in v.as_object().into_iter().flat_map(|o| o.iter()).enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, key);
+                out.push(b':');
+                write_value(out, value);
+            }
+            out.push(b'}');
+        }
+        ValueType::Array => {
+            out.push(b'[');
+            for (i, value) in v.as_array().into_iter().flat_map(|a| a.iter()).enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, value);
+            }
+            out.push(b']');
+        }
+        ValueType::U64 => {
+            out.extend_from_slice(itoa::Buffer::new().format(v.as_u64().unwrap_or(0)).as_bytes())
+        }
+        ValueType::I64 => {
+            out.extend_from_slice(itoa::Buffer::new().format(v.as_i64().unwrap_or(0)).as_bytes())
+        }
+        ValueType::F64 => write_f64(out, v.as_f64().unwrap_or(f64::NAN)),
+        ValueType::Bool => out.extend_from_slice(if v.as_bool() == Some(true) { b"true" } else { b"false" }),
+        _ => out.extend_from_slice(b"null"),
+    }
 }
 
 /// A `fmt::Write` sink that JSON-escapes everything written to it, so error messages built
@@ -57,8 +137,7 @@ impl fmt::Write for EscapingWriter<'_> {
 fn write_id(out: &mut Vec<u8>, id: Option<Value<'_, '_>>) {
     if let Some(id) = id {
         out.extend_from_slice(b"\"id\":");
-        // Writing into a Vec cannot fail.
-        let _ = id.write(out);
+        write_value(out, id);
         out.push(b',');
     }
 }
@@ -141,7 +220,7 @@ impl<'o> Reply<'o> {
 
     /// Writes a parsed JSON value, e.g. part of the request (this is how echo works).
     pub fn value(self, v: Value<'_, '_>) {
-        let _ = v.write(self.out);
+        write_value(self.out, v);
     }
 
     /// Serializes any `serde::Serialize` value.
@@ -234,7 +313,7 @@ impl<'o> ObjectWriter<'o> {
     /// Adds `"key": <parsed value>`.
     pub fn value(&mut self, key: &str, v: Value<'_, '_>) -> &mut Self {
         let out = self.key(key);
-        let _ = v.write(out);
+        write_value(out, v);
         self
     }
 
@@ -313,6 +392,57 @@ mod tests {
         let mut out = Vec::new();
         escape_into(&mut out, "a\"b\\c\nd\u{1}é");
         assert_eq!(out, b"a\\\"b\\\\c\\nd\\u0001\xc3\xa9");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn escaped_strings_parse_back_to_themselves(s in "(?s).{0,40}", prefix in 0usize..9) {
+            // Shift the string against the 8-byte words so every position is tested.
+            let s = format!("{}{s}", "x".repeat(prefix));
+            let mut out = vec![b'"'];
+            escape_into(&mut out, &s);
+            out.push(b'"');
+            let back: String = serde_json::from_slice(&out).expect("valid JSON string");
+            proptest::prop_assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn every_position_of_every_word_is_checked() {
+        for len in 1..=24 {
+            for pos in 0..len {
+                for special in ['"', '\\', '\n', '\u{1}', '\u{1f}', '\u{7f}', 'é'] {
+                    let mut s: Vec<char> = vec!['a'; len];
+                    s[pos] = special;
+                    let s: String = s.into_iter().collect();
+                    let mut out = vec![b'"'];
+                    escape_into(&mut out, &s);
+                    out.push(b'"');
+                    let back: String = serde_json::from_slice(&out).expect("valid JSON string");
+                    assert_eq!(back, s);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn values_are_written_back_compact_and_equal() {
+        for doc in [
+            r#"{"a":[1,-2,3.5,1e300,18446744073709551615,-9223372036854775808],"b":{"c":null,"d":true,"e":false}}"#,
+            r#"["\u0000\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00tail", {}, [], "", 0, -0.0]"#,
+            r#""just-a-string""#,
+            "42",
+            "null",
+        ] {
+            let mut input = doc.as_bytes().to_vec();
+            let tape = simd_json::to_tape(&mut input).expect("valid JSON");
+            let mut out = Vec::new();
+            write_value(&mut out, tape.as_value());
+            let expected: serde_json::Value = serde_json::from_str(doc).unwrap();
+            let written: serde_json::Value = serde_json::from_slice(&out).expect("writes valid JSON");
+            assert_eq!(written, expected, "{}", String::from_utf8_lossy(&out));
+            assert!(!out.contains(&b' '), "compact output: {}", String::from_utf8_lossy(&out));
+        }
     }
 
     #[test]
