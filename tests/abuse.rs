@@ -190,7 +190,9 @@ fn connections_beyond_the_limit_get_503(backend: Backend) {
 
 fn idle_and_stalled_connections_are_closed(backend: Backend) {
     let Some(server) = start_with(backend, |b| {
-        b.idle_timeout(Some(Duration::from_millis(300))).line_timeout(Duration::from_millis(300))
+        // Long enough that a stalled test thread (a noisy host) cannot make the idle timeout
+        // close a connection before it has sent what the test needs it to send.
+        b.idle_timeout(Some(Duration::from_secs(1))).line_timeout(Duration::from_secs(1))
     }) else {
         return;
     };
