@@ -34,23 +34,29 @@ pub(crate) const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// at most every [`ACCEPT_ERROR_LOG_EVERY`] with the number left unlogged, and the first
 /// success after failures says accepting works again. Without it, exhausted descriptors
 /// would log a line every [`ACCEPT_BACKOFF`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct AcceptErrorLog {
+    core: usize,
     last_warned: Option<Instant>,
     unlogged: u64,
     failures: u64,
 }
 
 impl AcceptErrorLog {
+    /// The log of the worker on `core`.
+    pub(crate) fn new(core: usize) -> Self {
+        Self { core, last_warned: None, unlogged: 0, failures: 0 }
+    }
+
     /// Records a failed accept; returns whether it was logged.
-    pub(crate) fn failed(&mut self, core: usize, err: &std::io::Error, now: Instant) -> bool {
+    pub(crate) fn failed(&mut self, err: &std::io::Error, now: Instant) -> bool {
         self.failures += 1;
         if self.last_warned.is_some_and(|at| now.saturating_duration_since(at) < ACCEPT_ERROR_LOG_EVERY) {
             self.unlogged += 1;
             return false;
         }
         tracing::warn!(
-            core,
+            core = self.core,
             unlogged_since_last_warning = self.unlogged,
             "accept failed: {err}; retrying every {ACCEPT_BACKOFF:?} (repeats are logged at most every \
              {ACCEPT_ERROR_LOG_EVERY:?}; EMFILE means the open-file limit is reached: raise `ulimit -n` \
@@ -63,10 +69,10 @@ impl AcceptErrorLog {
 
     /// Records a successful accept; after failures, logs that accepting works again.
     #[inline]
-    pub(crate) fn succeeded(&mut self, core: usize) {
+    pub(crate) fn succeeded(&mut self) {
         if self.failures > 0 {
-            tracing::info!(core, failures = self.failures, "accepting connections again");
-            *self = Self::default();
+            tracing::info!(core = self.core, failures = self.failures, "accepting connections again");
+            *self = Self::new(self.core);
         }
     }
 }
@@ -126,17 +132,17 @@ mod tests {
 
     #[test]
     fn accept_failures_are_logged_once_per_interval_and_recovery_resets() {
-        let mut log = AcceptErrorLog::default();
+        let mut log = AcceptErrorLog::new(0);
         let err = std::io::Error::from_raw_os_error(libc::EMFILE);
         let start = Instant::now();
-        assert!(log.failed(0, &err, start), "the first failure is logged");
+        assert!(log.failed(&err, start), "the first failure is logged");
         for i in 1..100 {
-            assert!(!log.failed(0, &err, start + ACCEPT_BACKOFF * i), "repeats within the interval are not");
+            assert!(!log.failed(&err, start + ACCEPT_BACKOFF * i), "repeats within the interval are not");
         }
         assert_eq!(log.unlogged, 99);
-        assert!(log.failed(0, &err, start + ACCEPT_ERROR_LOG_EVERY), "one per interval");
+        assert!(log.failed(&err, start + ACCEPT_ERROR_LOG_EVERY), "one per interval");
         assert_eq!(log.unlogged, 0);
-        log.succeeded(0);
-        assert!(log.failed(0, &err, start + ACCEPT_ERROR_LOG_EVERY), "a new episode is logged at once");
+        log.succeeded();
+        assert!(log.failed(&err, start + ACCEPT_ERROR_LOG_EVERY), "a new episode is logged at once");
     }
 }

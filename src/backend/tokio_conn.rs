@@ -135,7 +135,7 @@ async fn accept_until_stopped(
     mut stop: watch::Receiver<bool>,
     mut on_connection: impl FnMut(TcpStream),
 ) {
-    let mut errors = AcceptErrorLog::default();
+    let mut errors = AcceptErrorLog::new(core);
     loop {
         tokio::select! {
             biased;
@@ -150,11 +150,11 @@ async fn accept_until_stopped(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    errors.succeeded(core);
+                    errors.succeeded();
                     on_connection(stream)
                 }
                 Err(e) => {
-                    errors.failed(core, &e, Instant::now());
+                    errors.failed(&e, Instant::now());
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },

@@ -152,16 +152,16 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
         }
     });
 
-    let mut errors = AcceptErrorLog::default();
+    let mut errors = AcceptErrorLog::new(core);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                errors.succeeded(core);
+                errors.succeeded();
                 spawn_connection(stream)
             }
             Err(_) if control.stopping() => {}
             Err(e) => {
-                errors.failed(core, &e, Instant::now());
+                errors.failed(&e, Instant::now());
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }

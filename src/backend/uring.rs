@@ -352,7 +352,7 @@ impl<R: Routes> Worker<R> {
             shutdown_timeout: setup.config.shutdown_timeout,
             accepting: true,
             accept_armed: false,
-            accept_errors: AcceptErrorLog::default(),
+            accept_errors: AcceptErrorLog::new(setup.core),
             draining_since: None,
             deadline_passed: false,
             settle_all_pending: false,
@@ -478,7 +478,7 @@ impl<R: Routes> Worker<R> {
         let res = cqe.result();
         if res >= 0 {
             let fd = res;
-            self.accept_errors.succeeded(self.core);
+            self.accept_errors.succeeded();
             if !self.accepting {
                 // SAFETY: fd was just accepted and is owned by nobody else.
                 unsafe { libc::close(fd) };
@@ -489,7 +489,7 @@ impl<R: Routes> Worker<R> {
             }
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
-            self.accept_errors.failed(self.core, &err, Instant::now());
+            self.accept_errors.failed(&err, Instant::now());
             if !more && self.accepting {
                 let entry = opcode::Timeout::new(&*self.accept_backoff).build().user_data(user_data(
                     Op::AcceptRetry,

@@ -298,9 +298,13 @@ impl CpuTicks {
             if !cpu.parse().is_ok_and(|n: usize| cpus.contains(&n)) {
                 continue;
             }
-            let values: Vec<u64> = fields.take(8).map(|v| v.parse().unwrap_or(0)).collect();
-            ticks.total += values.iter().sum::<u64>();
-            ticks.steal += values.get(7).copied().unwrap_or(0);
+            for (column, value) in fields.take(8).enumerate() {
+                let value: u64 = value.parse().unwrap_or(0);
+                ticks.total += value;
+                if column == 7 {
+                    ticks.steal += value;
+                }
+            }
         }
         ticks
     }
