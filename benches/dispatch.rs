@@ -1,6 +1,6 @@
 //! Dispatch: the static `routes!` table (a `match`) against a `HashMap<u32, Box<dyn Handler>>`
 //! with 4, 64 and 1024 routes, looking up the last route of each table. The tables are in
-//! `support/dispatch_tables.rs`: for N in 4, 64, 1024, `ringline::routes! { TableN { … } }`
+//! `support/dispatch_tables.rs`: for N in 4, 64, 1024, `ringcall::routes! { TableN { … } }`
 //! with cmdids `1000 + 7 * i` for i in 0..N, each routed to `answer` (written out by a
 //! one-off script, since `routes!` takes literal cmdids).
 
@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use ringline::bench_support::{reply, with_request};
-use ringline::protocol::PADDING;
-use ringline::{HandlerResult, Reply, Request, Routes};
+use ringcall::bench_support::{reply, with_request};
+use ringcall::protocol::PADDING;
+use ringcall::{HandlerResult, Reply, Request, Routes};
 
 fn answer(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     reply.u64(u64::from(request.cmdid()));

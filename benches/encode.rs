@@ -4,8 +4,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ringline::bench_support::{encode_ok, with_request};
-use ringline::protocol::PADDING;
+use ringcall::bench_support::{encode_ok, with_request};
+use ringcall::protocol::PADDING;
 
 fn bench(c: &mut Criterion, name: &str, request: &str) {
     let mut line = request.as_bytes().to_vec();

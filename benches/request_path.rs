@@ -11,14 +11,14 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ringline::protocol::{Limits, PADDING, Processor, Session};
-use ringline::stats::StatsRegistry;
+use ringcall::protocol::{Limits, PADDING, Processor, Session};
+use ringcall::stats::StatsRegistry;
 
 const SEED: &[u8] =
     b"{\"cmdid\": 10000, \"timestamp\": 1437300000, \"params\": {\"content\": \"Hello world!\"}}\n";
 
-ringline::routes! {
-    Shipped { 10000 => ringline::handlers::echo }
+ringcall::routes! {
+    Shipped { 10000 => ringcall::handlers::echo }
 }
 
 fn request_path(c: &mut Criterion) {

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ringline::{Backend, NoRoutes, Server};
+use ringcall::{Backend, NoRoutes, Server};
 
 const PING: &[u8] = b"{\"cmdid\":0}\n";
 

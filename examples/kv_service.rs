@@ -1,14 +1,14 @@
-//! A small custom service on ringline: a per-core counter and a greeting, in a few lines.
+//! A small custom service on ringcall: a per-core counter and a greeting, in a few lines.
 //!
 //! Run it with `cargo run --release --example kv_service`, then:
 //! `printf '{"cmdid":2000,"params":{"name":"ops"}}\n{"cmdid":2001,"params":{"by":5}}\n' | nc -q1 127.0.0.1 8890`
 
 use std::cell::Cell;
 
-use ringline::{HandlerError, HandlerResult, Reply, Request, Server};
+use ringcall::{HandlerError, HandlerResult, Reply, Request, Server};
 
 thread_local! {
-    // Per core, like everything in ringline: no lock, no shared cache line.
+    // Per core, like everything in ringcall: no lock, no shared cache line.
     static COUNTER: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -32,7 +32,7 @@ fn add(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     Ok(())
 }
 
-ringline::routes! {
+ringcall::routes! {
     /// The service's command table, checked at compile time.
     KvService {
         2000 => greet,
@@ -40,7 +40,7 @@ ringline::routes! {
     }
 }
 
-fn main() -> Result<(), ringline::ServerError> {
+fn main() -> Result<(), ringcall::ServerError> {
     tracing_subscriber::fmt().init();
     let server = Server::builder().addr("127.0.0.1:8890").start::<KvService>()?;
     tracing::info!(addr = %server.local_addr(), "kv_service listening");

@@ -1,4 +1,4 @@
-//! Clients for the ringline protocol: [`Client`] (blocking, `std::net`) and [`AsyncClient`]
+//! Clients for the ringcall protocol: [`Client`] (blocking, `std::net`) and [`AsyncClient`]
 //! (tokio). Both keep one persistent connection, tag every request with an `id` and check
 //! that each reply carries the id it answers, and pipeline batches (send them all, then
 //! read the replies in order).

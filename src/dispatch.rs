@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use crate::protocol::{Reply, Request};
 
 /// cmdids below this are reserved for the built-in commands (ping, stats, …) that every
-/// ringline server answers itself.
+/// ringcall server answers itself.
 pub const RESERVED_BELOW: u32 = 1000;
 
 /// What a handler returns: `Ok` after writing its data (or nothing, for `null`), or an error
@@ -84,7 +84,7 @@ pub const fn check_cmdids(cmdids: &[u32]) {
     while i < cmdids.len() {
         assert!(
             cmdids[i] >= RESERVED_BELOW,
-            "routes!: cmdids below 1000 are reserved for ringline's built-in commands"
+            "routes!: cmdids below 1000 are reserved for ringcall's built-in commands"
         );
         let mut j = i + 1;
         while j < cmdids.len() {
@@ -98,18 +98,18 @@ pub const fn check_cmdids(cmdids: &[u32]) {
 /// Declares a static dispatch table: a unit struct implementing [`Routes`].
 ///
 /// ```
-/// use ringline::{HandlerResult, Reply, Request};
+/// use ringcall::{HandlerResult, Reply, Request};
 ///
 /// fn hello(_req: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
 ///     reply.str("hello");
 ///     Ok(())
 /// }
 ///
-/// ringline::routes! {
+/// ringcall::routes! {
 ///     /// My service's commands.
 ///     pub MyService {
 ///         2000 => hello,
-///         10000 => ringline::handlers::echo,
+///         10000 => ringcall::handlers::echo,
 ///     }
 /// }
 /// ```
@@ -117,17 +117,17 @@ pub const fn check_cmdids(cmdids: &[u32]) {
 /// A duplicate cmdid does not compile:
 ///
 /// ```compile_fail
-/// # use ringline::{HandlerResult, Reply, Request};
+/// # use ringcall::{HandlerResult, Reply, Request};
 /// # fn a(_: &Request<'_, '_>, _: Reply<'_>) -> HandlerResult { Ok(()) }
-/// ringline::routes! { Twice { 2000 => a, 2000 => a } }
+/// ringcall::routes! { Twice { 2000 => a, 2000 => a } }
 /// ```
 ///
 /// Nor does a cmdid in the reserved range below 1000:
 ///
 /// ```compile_fail
-/// # use ringline::{HandlerResult, Reply, Request};
+/// # use ringcall::{HandlerResult, Reply, Request};
 /// # fn a(_: &Request<'_, '_>, _: Reply<'_>) -> HandlerResult { Ok(()) }
-/// ringline::routes! { Reserved { 7 => a } }
+/// ringcall::routes! { Reserved { 7 => a } }
 /// ```
 #[macro_export]
 macro_rules! routes {

@@ -1,4 +1,4 @@
-//! ringline: a server framework and server for internal service-to-service calls over
+//! ringcall: a server framework and server for internal service-to-service calls over
 //! persistent TCP, speaking newline-delimited JSON (protocol v1, compatible with tornado-TCP
 //! clients).
 //!
@@ -8,7 +8,7 @@
 //! # Getting started
 //!
 //! ```no_run
-//! use ringline::{HandlerError, HandlerResult, Reply, Request, Server};
+//! use ringcall::{HandlerError, HandlerResult, Reply, Request, Server};
 //!
 //! fn greet(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
 //!     let name = request.param_str("name").ok_or(HandlerError::bad_request("params.name: string required"))?;
@@ -16,11 +16,11 @@
 //!     Ok(())
 //! }
 //!
-//! ringline::routes! {
+//! ringcall::routes! {
 //!     Greeter { 2000 => greet }
 //! }
 //!
-//! fn main() -> Result<(), ringline::ServerError> {
+//! fn main() -> Result<(), ringcall::ServerError> {
 //!     let server = Server::builder().addr("127.0.0.1:8889").start::<Greeter>()?;
 //!     server.wait()
 //! }
@@ -39,7 +39,7 @@
 //!   `tokio_uring`, `epoll`, `epoll_mt`, the connection loop the epoll drivers share, and the
 //!   socket, affinity and limit helpers (`sys`).
 //! - [`client`]: blocking and async clients with pipelining and id correlation.
-//! - [`bench`](mod@bench): the load generator behind `ringline bench`, and `ringline compare`.
+//! - [`bench`](mod@bench): the load generator behind `ringcall bench`, and `ringcall compare`.
 //! - `bench_support`: hooks the criterion benches use to time one stage alone (hidden).
 //!
 //! Design notes live in `docs/architecture.md`; the wire format in `docs/protocol.md`.

@@ -346,7 +346,7 @@ impl ServerBuilder {
             };
             let backend = config.backend;
             let spawned = std::thread::Builder::new()
-                .name(format!("ringline-{core}"))
+                .name(format!("ringcall-{core}"))
                 .spawn(move || backend::run::<R>(backend, setup));
             match spawned {
                 Ok(worker) => handle.workers.push(worker),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{Client, start, start_with};
-use ringline::Backend;
+use ringcall::Backend;
 
 const PONG: &str = "{\"code\":0,\"data\":\"pong\"}\n";
 

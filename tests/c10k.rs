@@ -7,7 +7,7 @@ mod common;
 use std::sync::Mutex;
 
 use common::{Client, raise_nofile, spawn_server};
-use ringline::Backend;
+use ringcall::Backend;
 
 const PONG: &str = "{\"code\":0,\"data\":\"pong\"}\n";
 

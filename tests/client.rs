@@ -9,10 +9,10 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use common::{start, start_with};
-use ringline::Backend;
-use ringline::bench::{BenchConfig, StopAfter};
-use ringline::client::{AsyncClient, Call, Client, ClientError};
-use ringline::simd_json::prelude::*;
+use ringcall::Backend;
+use ringcall::bench::{BenchConfig, StopAfter};
+use ringcall::client::{AsyncClient, Call, Client, ClientError};
+use ringcall::simd_json::prelude::*;
 
 fn blocking_client_calls_and_pipelines(backend: Backend) {
     let Some(server) = start(backend) else { return };
@@ -97,7 +97,7 @@ fn bench_totals_match_the_server_stats(backend: Backend) {
         cpus: Vec::new(),
         progress: false,
     };
-    let report = ringline::bench::run(&config).unwrap();
+    let report = ringcall::bench::run(&config).unwrap();
     assert_eq!(report.requests, 3000);
     assert_eq!(report.replies_with(0), 3000);
     assert_eq!(report.errors, 0);
@@ -115,9 +115,9 @@ fn bench_totals_match_the_server_stats(backend: Backend) {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(server.stats().total().bytes_out, report.bytes_received);
-    let json = report.render(ringline::bench::OutputFormat::Json);
+    let json = report.render(ringcall::bench::OutputFormat::Json);
     let mut bytes = json.into_bytes();
-    let parsed = ringline::simd_json::to_owned_value(&mut bytes).unwrap();
+    let parsed = ringcall::simd_json::to_owned_value(&mut bytes).unwrap();
     assert_eq!(parsed.get("requests").and_then(|v| v.as_u64()), Some(3000));
 }
 
@@ -135,10 +135,10 @@ fn open_loop_bench_reports_corrected_latency(backend: Backend) {
         cpus: Vec::new(),
         progress: false,
     };
-    let report = ringline::bench::run(&config).unwrap();
+    let report = ringcall::bench::run(&config).unwrap();
     assert_eq!(report.replies_with(0), 200);
-    assert!(report.render(ringline::bench::OutputFormat::Text).contains("coordinated omission"));
-    let csv = report.render(ringline::bench::OutputFormat::Csv);
+    assert!(report.render(ringcall::bench::OutputFormat::Text).contains("coordinated omission"));
+    let csv = report.render(ringcall::bench::OutputFormat::Csv);
     assert_eq!(csv.lines().count(), 2);
     assert!(csv.lines().nth(1).unwrap().contains(",200,"));
 }

@@ -3,17 +3,17 @@
 //! replies or a clean close.
 
 use proptest::prelude::*;
-use ringline::protocol::{Flow, Limits, Processor, Session};
-use ringline::stats::StatsRegistry;
-use ringline::{HandlerError, HandlerResult, Reply, Request};
+use ringcall::protocol::{Flow, Limits, Processor, Session};
+use ringcall::stats::StatsRegistry;
+use ringcall::{HandlerError, HandlerResult, Reply, Request};
 
 fn fail(_: &Request<'_, '_>, _: Reply<'_>) -> HandlerResult {
     Err(HandlerError::bad_request("no"))
 }
 
-ringline::routes! {
+ringcall::routes! {
     CoreRoutes {
-        10000 => ringline::handlers::echo,
+        10000 => ringcall::handlers::echo,
         2000 => fail,
     }
 }
@@ -167,7 +167,7 @@ proptest! {
             prop_assert!(line.ends_with('\n'));
             prop_assert!(line.starts_with("{\"code\":"), "reply line: {}", line);
             let mut bytes = line.as_bytes().to_vec();
-            prop_assert!(ringline::simd_json::to_tape(&mut bytes).is_ok(), "reply is valid JSON: {}", line);
+            prop_assert!(ringcall::simd_json::to_tape(&mut bytes).is_ok(), "reply is valid JSON: {}", line);
         }
         if flow == Flow::Close {
             prop_assert!(lines.last().is_some_and(|l| l.starts_with("{\"code\":413")), "last reply before a close is 413");

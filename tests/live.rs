@@ -8,7 +8,7 @@ use std::io::Write;
 use std::thread;
 
 use common::{Client, start, start_with, total_stat};
-use ringline::Backend;
+use ringcall::Backend;
 
 fn ping_echo_and_stats(backend: Backend) {
     let Some(server) = start(backend) else { return };

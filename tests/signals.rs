@@ -9,7 +9,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::{Client, spawn_server, spawn_server_closing_log};
-use ringline::Backend;
+use ringcall::Backend;
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     // Failsafe only: the shutdown itself is bounded by the server's 10 s drain deadline.

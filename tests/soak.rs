@@ -2,7 +2,7 @@
 //! the real binary. No reply may be lost or mismatched, and the server's RSS must not grow
 //! after the warm-up. Ignored by default (it takes minutes); run it with
 //! `cargo test --release --test soak -- --ignored --nocapture`, optionally with
-//! RINGLINE_SOAK_SECS (default 180) and RINGLINE_SOAK_BACKEND (default uring).
+//! RINGCALL_SOAK_SECS (default 180) and RINGCALL_SOAK_BACKEND (default uring).
 
 #[macro_use]
 mod common;
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Client, raise_nofile, spawn_server};
-use ringline::Backend;
+use ringcall::Backend;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -34,8 +34,8 @@ impl Lcg {
 #[ignore = "takes minutes; run explicitly"]
 fn soak_mixed_traffic_over_reconnecting_clients() {
     raise_nofile();
-    let secs: u64 = std::env::var("RINGLINE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(180);
-    let backend: Backend = std::env::var("RINGLINE_SOAK_BACKEND")
+    let secs: u64 = std::env::var("RINGCALL_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(180);
+    let backend: Backend = std::env::var("RINGCALL_SOAK_BACKEND")
         .ok()
         .map_or(Backend::Uring, |b| b.parse().expect("backend name"));
     let (mut child, addr) = spawn_server(backend, &[], None);

@@ -1,24 +1,24 @@
-//! The command-line tools end to end: `ringline call` and a short `ringline compare`.
+//! The command-line tools end to end: `ringcall call` and a short `ringcall compare`.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use ringline::{Backend, NoRoutes};
+use ringcall::{Backend, NoRoutes};
 
-const RINGLINE: &str = env!("CARGO_BIN_EXE_ringline");
+const RINGCALL: &str = env!("CARGO_BIN_EXE_ringcall");
 
 #[test]
 fn call_prints_replies_and_reads_ndjson_from_stdin() {
-    let server = ringline::Server::builder().addr("127.0.0.1:0").threads(1).pin_threads(false);
+    let server = ringcall::Server::builder().addr("127.0.0.1:0").threads(1).pin_threads(false);
     let server = server.backend(Backend::Epoll).start::<NoRoutes>().unwrap();
     let addr = server.local_addr().to_string();
-    let out = Command::new(RINGLINE).args(["call", "--addr", &addr, "0"]).output().unwrap();
+    let out = Command::new(RINGCALL).args(["call", "--addr", &addr, "0"]).output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "\"pong\"\n");
-    let out = Command::new(RINGLINE).args(["call", "--addr", &addr, "12345", "{}"]).output().unwrap();
+    let out = Command::new(RINGCALL).args(["call", "--addr", &addr, "12345", "{}"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("server replied 404: unknown cmdid 12345"));
-    let mut child = Command::new(RINGLINE)
+    let mut child = Command::new(RINGCALL)
         .args(["call", "--addr", &addr, "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -42,12 +42,12 @@ fn call_prints_replies_and_reads_ndjson_from_stdin() {
 
 #[test]
 fn compare_runs_every_backend_and_writes_json_and_svg() {
-    let dir = std::env::temp_dir().join(format!("ringline-compare-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ringcall-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("compare.json"), dir.join("compare.svg"));
-    let cpus = ringline::backend::sys::allowed_cpus();
+    let cpus = ringcall::backend::sys::allowed_cpus();
     let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
-    let out = Command::new(RINGLINE)
+    let out = Command::new(RINGCALL)
         .args(["compare", "--rounds", "1", "-d", "0.3", "--warmup", "0", "--workloads", "1x1,4x4"])
         .args(["--server-cpus", &server_cpu, "--client-cpus", &client_cpu])
         .args(["--json", json.to_str().unwrap(), "--svg", svg.to_str().unwrap()])
@@ -60,8 +60,8 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     }
     assert!(table.contains("| 1.00x (1) |"), "epoll is its own baseline, over the one round: {table}");
     let mut bytes = std::fs::read(&json).unwrap();
-    let parsed = ringline::simd_json::to_owned_value(&mut bytes).unwrap();
-    use ringline::simd_json::prelude::*;
+    let parsed = ringcall::simd_json::to_owned_value(&mut bytes).unwrap();
+    use ringcall::simd_json::prelude::*;
     assert_eq!(parsed.get("summary").and_then(|s| s.as_array()).map(Vec::len), Some(8));
     let measurements = parsed.get("measurements").and_then(|s| s.as_array()).unwrap();
     assert!(measurements.iter().all(|m| m.get("requests_per_sec").and_then(|v| v.cast_f64()).unwrap() > 0.0));

@@ -60,7 +60,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     let started = AtomicUsize::new(0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
-        .thread_name("ringline-mt")
+        .thread_name("ringcall-mt")
         .enable_all()
         .on_thread_start(move || {
             let index = started.fetch_add(1, Ordering::Relaxed);

@@ -1,9 +1,9 @@
-//! `ringline compare`: the same workloads against every backend of the same server, in
+//! `ringcall compare`: the same workloads against every backend of the same server, in
 //! interleaved rounds (so drift on a noisy host hits every backend alike), summarised by
 //! medians, with each backend's ratio to `epoll` (the median over rounds of the ratio within
 //! a round), as a table, JSON and an SVG chart.
 //!
-//! Each backend runs as its own `ringline serve` child process pinned to the server CPUs; the
+//! Each backend runs as its own `ringcall serve` child process pinned to the server CPUs; the
 //! load runs in this process pinned to the client CPUs. Server CPU time per request comes
 //! from the kernel's per-thread accounting (`/proc/PID/task/*/schedstat`).
 //!
@@ -61,7 +61,7 @@ pub const DEFAULT_WORKLOADS: &str = "1x1,64x1,16x16,1000x1";
 /// What to compare.
 #[derive(Debug, Clone)]
 pub struct CompareConfig {
-    /// The `ringline` executable to start servers from.
+    /// The `ringcall` executable to start servers from.
     pub server_binary: PathBuf,
     /// Backends to compare.
     pub backends: Vec<Backend>,
@@ -544,7 +544,7 @@ impl Comparison {
         let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
         let _ = writeln!(
             s,
-            "<text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">ringline compare: median requests/s (higher is better)</text>"
+            "<text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">ringcall compare: median requests/s (higher is better)</text>"
         );
         let _ = writeln!(s, "<text x=\"10\" y=\"38\" fill=\"#555\">{}</text>", xml_escape(&self.machine));
         for (i, backend) in backends.iter().enumerate() {

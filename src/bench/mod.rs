@@ -1,4 +1,4 @@
-//! The load generator behind `ringline bench`, for any server speaking the ringline protocol.
+//! The load generator behind `ringcall bench`, for any server speaking the ringcall protocol.
 //!
 //! Each load thread runs a tokio current-thread runtime driving its share of the
 //! connections. A connection keeps `pipeline` requests in flight (closed loop), or, with a
@@ -7,7 +7,7 @@
 //! the client waiting for it (coordinated omission, as wrk2 corrects it).
 //!
 //! Replies are not parsed as JSON: the generator finds line ends with memchr and reads the
-//! code off the `{"code":N` prefix every ringline reply starts with, so it costs far less
+//! code off the `{"code":N` prefix every ringcall reply starts with, so it costs far less
 //! per request than the server it measures.
 
 pub mod compare;
@@ -176,7 +176,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         let (config, shared, connected) = (config.clone(), shared.clone(), connected.clone());
         let cpu = (!config.cpus.is_empty()).then(|| config.cpus[t % config.cpus.len()]);
         let worker = std::thread::Builder::new()
-            .name(format!("ringline-bench-{t}"))
+            .name(format!("ringcall-bench-{t}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
                     let _ = sys::pin_to_cpu(cpu);

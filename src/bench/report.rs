@@ -1,4 +1,4 @@
-//! What `ringline bench` reports: totals, replies by code, HdrHistogram percentiles, in text,
+//! What `ringcall bench` reports: totals, replies by code, HdrHistogram percentiles, in text,
 //! JSON or CSV; and the one-line live progress display.
 
 use std::fmt::Write as _;
@@ -154,7 +154,7 @@ impl BenchReport {
             Some(rate) => format!("{} connections at {rate:.0} requests/s", self.connections),
             None => format!("{} connections x {} in flight", self.connections, self.pipeline),
         };
-        let _ = writeln!(s, "ringline bench {}: {load}, {:.2} s measured", self.addr, self.duration_secs);
+        let _ = writeln!(s, "ringcall bench {}: {load}, {:.2} s measured", self.addr, self.duration_secs);
         let _ = writeln!(s, "  requests/s  {:.1}", self.requests_per_sec);
         let codes: Vec<String> = self.codes.iter().map(|(c, n)| format!("{c}: {n}")).collect();
         let _ = writeln!(s, "  requests    {} (by code: {})", self.requests, codes.join(", "));

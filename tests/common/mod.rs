@@ -14,7 +14,7 @@ macro_rules! every_backend {
     };
     (@backend $module:ident, $backend:ident, $($test:ident),*) => {
         mod $module {
-            $(#[test] fn $test() { super::$test(ringline::Backend::$backend) })*
+            $(#[test] fn $test() { super::$test(ringcall::Backend::$backend) })*
         }
     };
 }
@@ -23,7 +23,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use ringline::{Backend, HandlerError, HandlerResult, Reply, Request, ServerError, ServerHandle};
+use ringcall::{Backend, HandlerError, HandlerResult, Reply, Request, ServerError, ServerHandle};
 
 /// Failsafe so a broken server fails a test instead of hanging it; never a timing assertion.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,29 +37,29 @@ fn explode(_request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     panic!("handler bug");
 }
 
-ringline::routes! {
+ringcall::routes! {
     /// The shipped server's echo plus two misbehaving handlers.
     pub TestRoutes {
-        10000 => ringline::handlers::echo,
+        10000 => ringcall::handlers::echo,
         9001 => fail,
         9002 => explode,
     }
 }
 
 /// Starts a server for `backend`, or reports why this host cannot run it. A skip is printed
-/// with its reason, and fails the test when RINGLINE_REQUIRE_ALL_BACKENDS is set (as CI does).
+/// with its reason, and fails the test when RINGCALL_REQUIRE_ALL_BACKENDS is set (as CI does).
 pub fn start_with(
     backend: Backend,
-    configure: impl FnOnce(ringline::ServerBuilder) -> ringline::ServerBuilder,
+    configure: impl FnOnce(ringcall::ServerBuilder) -> ringcall::ServerBuilder,
 ) -> Option<ServerHandle> {
     let builder =
-        ringline::Server::builder().addr("127.0.0.1:0").backend(backend).threads(2).pin_threads(false);
+        ringcall::Server::builder().addr("127.0.0.1:0").backend(backend).threads(2).pin_threads(false);
     match configure(builder).start::<TestRoutes>() {
         Ok(server) => Some(server),
         Err(e @ ServerError::IoUringUnavailable { .. }) => {
             assert!(
-                std::env::var_os("RINGLINE_REQUIRE_ALL_BACKENDS").is_none(),
-                "backend {backend} cannot run here and RINGLINE_REQUIRE_ALL_BACKENDS is set: {e}"
+                std::env::var_os("RINGCALL_REQUIRE_ALL_BACKENDS").is_none(),
+                "backend {backend} cannot run here and RINGCALL_REQUIRE_ALL_BACKENDS is set: {e}"
             );
             eprintln!("SKIPPED: backend {backend} cannot run on this host: {e}");
             None
@@ -136,7 +136,7 @@ pub fn total_stat(client: &mut Client, field: &str) -> u64 {
     total[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
 }
 
-/// Starts the `ringline serve` binary on a free port with `extra` arguments (and, if given,
+/// Starts the `ringcall serve` binary on a free port with `extra` arguments (and, if given,
 /// an open-file limit it cannot raise); returns the child and its address.
 pub fn spawn_server(
     backend: Backend,
@@ -159,7 +159,7 @@ fn spawn_server_with_log(
     keep_reading_log: bool,
 ) -> (std::process::Child, SocketAddr) {
     use std::os::unix::process::CommandExt;
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringline"));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"));
     command
         .args(["serve", "--addr", "127.0.0.1:0", "--no-pin", "--backend", backend.name()])
         .args(if extra.contains(&"--threads") { &[][..] } else { &["--threads", "2"][..] })
@@ -176,7 +176,7 @@ fn spawn_server_with_log(
             });
         }
     }
-    let mut child = command.spawn().expect("spawn ringline");
+    let mut child = command.spawn().expect("spawn ringcall");
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     let addr = loop {
@@ -195,5 +195,5 @@ fn spawn_server_with_log(
 
 /// The hard open-file limit, after raising this process's soft limit to it.
 pub fn raise_nofile() -> u64 {
-    ringline::backend::sys::raise_nofile_limit().expect("raise RLIMIT_NOFILE")
+    ringcall::backend::sys::raise_nofile_limit().expect("raise RLIMIT_NOFILE")
 }

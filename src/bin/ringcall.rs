@@ -1,4 +1,4 @@
-//! The `ringline` command: `serve` runs the shipped server (built-ins plus echo).
+//! The `ringcall` command: `serve` runs the shipped server (built-ins plus echo).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ringline::client::{Call, Client};
-use ringline::simd_json::prelude::Writable;
-use ringline::{Backend, ServerConfig, backend::sys, handlers, protocol::DEFAULT_MAX_LINE};
+use ringcall::client::{Call, Client};
+use ringcall::simd_json::prelude::Writable;
+use ringcall::{Backend, ServerConfig, backend::sys, handlers, protocol::DEFAULT_MAX_LINE};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-ringline::routes! {
+ringcall::routes! {
     /// The shipped server's own commands (ping and stats are built into every server).
     ShippedRoutes {
         10000 => handlers::echo,
@@ -22,7 +22,7 @@ ringline::routes! {
 
 #[derive(Parser, Debug)]
 #[command(
-    name = "ringline",
+    name = "ringcall",
     version,
     about = "Newline-delimited JSON RPC over persistent TCP, one io_uring ring per core"
 )]
@@ -38,7 +38,7 @@ enum Command {
     /// Send one request and print the reply; with `-` as CMDID, send each NDJSON request line
     /// read from stdin and print one reply line per request.
     Call(CallArgs),
-    /// Load-test any ringline-protocol server.
+    /// Load-test any ringcall-protocol server.
     Bench(BenchArgs),
     /// Start the server once per backend and run the same workloads against each.
     Compare(CompareArgs),
@@ -47,7 +47,7 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct CallArgs {
     /// Server address.
-    #[arg(long, default_value = ringline::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
     addr: String,
     /// Seconds to wait for the connection and each reply.
     #[arg(long, default_value_t = 10.0)]
@@ -61,7 +61,7 @@ struct CallArgs {
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
     /// Server address.
-    #[arg(long, default_value = ringline::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
     addr: SocketAddr,
     /// Connections.
     #[arg(short = 'c', long, default_value_t = 16)]
@@ -98,7 +98,7 @@ struct BenchArgs {
     cpus: Vec<usize>,
     /// Output format.
     #[arg(long, default_value = "text")]
-    output: ringline::bench::OutputFormat,
+    output: ringcall::bench::OutputFormat,
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,8 +107,8 @@ struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = "uring,tokio-uring,epoll,epoll-mt")]
     backends: Vec<Backend>,
     /// Workloads, CONNECTIONSxINFLIGHT.
-    #[arg(long, value_delimiter = ',', default_value = ringline::bench::compare::DEFAULT_WORKLOADS)]
-    workloads: Vec<ringline::bench::compare::Workload>,
+    #[arg(long, value_delimiter = ',', default_value = ringcall::bench::compare::DEFAULT_WORKLOADS)]
+    workloads: Vec<ringcall::bench::compare::Workload>,
     /// Interleaved rounds; the table shows medians.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -142,7 +142,7 @@ struct CompareArgs {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Address to listen on (loopback by default).
-    #[arg(long, default_value = ringline::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
     addr: SocketAddr,
     /// Worker threads, one per core (default: every CPU this process may use).
     #[arg(long, default_value_t = 0)]
@@ -152,18 +152,18 @@ struct ServeArgs {
     max_line: usize,
     /// Connections one core serves at once; beyond it a new connection gets a 503 reply line
     /// and is closed.
-    #[arg(long, default_value_t = ringline::protocol::DEFAULT_MAX_CONNECTIONS_PER_CORE)]
+    #[arg(long, default_value_t = ringcall::protocol::DEFAULT_MAX_CONNECTIONS_PER_CORE)]
     max_connections_per_core: usize,
     /// Unsent reply bytes per connection before the server stops reading from that peer
     /// (backpressure); reading resumes when half has drained.
-    #[arg(long, default_value_t = ringline::protocol::DEFAULT_MAX_PENDING_OUTPUT)]
+    #[arg(long, default_value_t = ringcall::protocol::DEFAULT_MAX_PENDING_OUTPUT)]
     max_pending_output: usize,
     /// Seconds a connection may stay silent before it is closed (default: never).
     #[arg(long)]
     idle_timeout: Option<f64>,
     /// Seconds a peer may take to finish a line it started (slowloris defence), or to close
     /// after the server half-closed.
-    #[arg(long, default_value_t = ringline::protocol::DEFAULT_LINE_TIMEOUT.as_secs_f64())]
+    #[arg(long, default_value_t = ringcall::protocol::DEFAULT_LINE_TIMEOUT.as_secs_f64())]
     line_timeout: f64,
     /// Print a one-line stats summary every this many seconds (it is logged at debug level
     /// every 10 s otherwise).
@@ -207,7 +207,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         addr: args.addr,
         threads: args.threads,
-        limits: ringline::protocol::Limits {
+        limits: ringcall::protocol::Limits {
             max_line: args.max_line,
             max_connections_per_core: args.max_connections_per_core.max(1),
             max_pending_output: args.max_pending_output.max(1),
@@ -218,7 +218,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         pin_threads: !args.no_pin,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
     };
-    let server = ringline::ServerBuilder::config(config.clone())
+    let server = ringcall::ServerBuilder::config(config.clone())
         .start::<ShippedRoutes>()
         .with_context(|| format!("cannot start the {} server", config.backend))?;
     tracing::info!(
@@ -227,7 +227,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         addr = %server.local_addr(),
         max_line = config.limits.max_line,
         open_files,
-        "ringline serving"
+        "ringcall serving"
     );
     let (interval, level) = match args.stats_interval {
         Some(secs) => (Duration::from_secs_f64(secs.max(0.1)), tracing::Level::INFO),
@@ -235,16 +235,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let stats = server.stats_registry();
     std::thread::Builder::new()
-        .name("ringline-stats".into())
+        .name("ringcall-stats".into())
         .spawn(move || log_stats(&stats, interval, level))
         .context("cannot spawn the stats thread")?;
     let stopper = server.stopper();
     std::thread::Builder::new()
-        .name("ringline-signals".into())
+        .name("ringcall-signals".into())
         .spawn(move || wait_for_signals(signals, stopper))
         .context("cannot spawn the signal thread")?;
     server.wait()?;
-    tracing::info!("ringline stopped");
+    tracing::info!("ringcall stopped");
     Ok(())
 }
 
@@ -315,7 +315,7 @@ fn call_stdin(addr: &str, timeout: Duration) -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use ringline::bench::{BenchConfig, StopAfter};
+    use ringcall::bench::{BenchConfig, StopAfter};
     let requests = match &args.requests {
         Some(path) => {
             let text =
@@ -331,10 +331,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         None => match &args.params {
             Some(params) => {
                 let mut line = Vec::new();
-                ringline::client::encode_call(&mut line, &Call::with_json(args.cmdid, params)?, 0);
+                ringcall::client::encode_call(&mut line, &Call::with_json(args.cmdid, params)?, 0);
                 vec![line]
             }
-            None if args.cmdid == ringline::handlers::ECHO => vec![BenchConfig::echo_request()],
+            None if args.cmdid == ringcall::handlers::ECHO => vec![BenchConfig::echo_request()],
             None => vec![format!("{{\"cmdid\":{}}}\n", args.cmdid).into_bytes()],
         },
     };
@@ -354,15 +354,15 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         cpus: args.cpus,
         progress: std::io::stderr().is_terminal(),
     };
-    let report = ringline::bench::run(&config)?;
+    let report = ringcall::bench::run(&config)?;
     print!("{}", report.render(args.output));
     Ok(())
 }
 
 fn compare(args: CompareArgs) -> anyhow::Result<()> {
-    use ringline::bench::compare::{self, CompareConfig};
+    use ringcall::bench::compare::{self, CompareConfig};
     let config = CompareConfig {
-        server_binary: std::env::current_exe().context("cannot find the ringline executable")?,
+        server_binary: std::env::current_exe().context("cannot find the ringcall executable")?,
         backends: args.backends,
         workloads: args.workloads,
         rounds: args.rounds.max(1),
@@ -387,7 +387,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
 }
 
 /// Logs a one-line summary of the counters every `interval`, with rates since the last line.
-fn log_stats(stats: &ringline::stats::StatsRegistry, interval: Duration, level: tracing::Level) {
+fn log_stats(stats: &ringcall::stats::StatsRegistry, interval: Duration, level: tracing::Level) {
     let mut last = stats.total();
     loop {
         std::thread::sleep(interval);
@@ -433,7 +433,7 @@ fn block_shutdown_signals() -> libc::sigset_t {
 }
 
 /// First signal: graceful shutdown. Second: exit at once.
-fn wait_for_signals(set: libc::sigset_t, stopper: ringline::Stopper) {
+fn wait_for_signals(set: libc::sigset_t, stopper: ringcall::Stopper) {
     let mut received = 0;
     loop {
         let mut signal = 0;
