@@ -11,6 +11,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ringcall::handlers::WithBuiltins;
 use ringcall::protocol::{Limits, PADDING, Processor, Session};
 use ringcall::stats::StatsRegistry;
 
@@ -27,7 +28,8 @@ fn request_path(c: &mut Criterion) {
         let received = SEED.repeat(pipelined);
         let len = received.len();
         let mut buf = vec![0; len + PADDING];
-        let mut processor = Processor::<Shipped>::new(0, StatsRegistry::new(1), Limits::default());
+        let mut processor =
+            Processor::<WithBuiltins<Shipped>>::new(0, StatsRegistry::new(1), Limits::default());
         let mut session = Session::new();
         let mut out = Vec::with_capacity(4096);
         group.throughput(Throughput::Elements(pipelined as u64));

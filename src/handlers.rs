@@ -3,7 +3,9 @@
 //! [`echo`] is the shipped server's cmdid 10000 (tornado-TCP's `TEST_CMDID`), and any table
 //! can route it.
 
-use crate::dispatch::HandlerResult;
+use std::marker::PhantomData;
+
+use crate::dispatch::{HandlerResult, RESERVED_BELOW, Routes};
 use crate::protocol::{ObjectWriter, Reply, Request};
 use crate::stats::{COUNTED_CODES, StatsSnapshot};
 
@@ -14,8 +16,26 @@ pub const STATS: u32 = 1;
 /// cmdid of [`echo`] in the shipped server.
 pub const ECHO: u32 = 10000;
 
+/// A user's table `R` with the built-in commands in front of it: what every server
+/// dispatches through. The protocol core knows only [`Routes`]; the server composes this.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WithBuiltins<R>(PhantomData<R>);
+
+impl<R: Routes> Routes for WithBuiltins<R> {
+    const CMDIDS: &'static [u32] = R::CMDIDS;
+
+    #[inline]
+    fn call(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
+        if cmdid < RESERVED_BELOW {
+            call_builtin(cmdid, request, reply)
+        } else {
+            R::call(cmdid, request, reply)
+        }
+    }
+}
+
 /// Runs the built-in command `cmdid`, if there is one.
-pub(crate) fn call_builtin(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
+pub fn call_builtin(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
     match cmdid {
         PING => Some(ping(request, reply)),
         STATS => Some(stats(request, reply)),

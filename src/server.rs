@@ -1,69 +1,20 @@
 //! Server configuration, the builder users call, start-up (listeners, one worker per core)
 //! and the shutdown fan-out to every worker.
 
-use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::OwnedFd;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use crate::backend::Backend;
+use crate::backend::worker::{StopSignal, WorkerConfig, WorkerError, WorkerSetup};
 use crate::backend::{self, sys};
 use crate::dispatch::Routes;
+use crate::handlers::WithBuiltins;
 use crate::protocol::Limits;
 use crate::stats::StatsRegistry;
-
-/// The I/O driver that moves bytes for the protocol core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Backend {
-    /// `uring` where io_uring works on this host, else `epoll`; the choice is logged.
-    #[default]
-    Auto,
-    /// Native io_uring: one ring per core, multishot accept and recv, provided buffers.
-    Uring,
-    /// tokio-uring: one runtime per core, ownership-passing reads and writes.
-    TokioUring,
-    /// tokio's current-thread runtime per core (epoll), `SO_REUSEPORT` listener per core.
-    Epoll,
-    /// tokio's work-stealing multi-thread runtime (epoll) behind one listener.
-    EpollMt,
-}
-
-impl Backend {
-    /// Every concrete backend (not `auto`), in the order they are documented.
-    pub const ALL: [Backend; 4] = [Backend::Uring, Backend::TokioUring, Backend::Epoll, Backend::EpollMt];
-
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Auto => "auto",
-            Backend::Uring => "uring",
-            Backend::TokioUring => "tokio-uring",
-            Backend::Epoll => "epoll",
-            Backend::EpollMt => "epoll-mt",
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Backend {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        std::iter::once(Backend::Auto).chain(Backend::ALL).find(|b| b.name() == s).ok_or_else(|| {
-            format!("unknown backend {s:?} (expected auto, uring, tokio-uring, epoll or epoll-mt)")
-        })
-    }
-}
 
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
@@ -127,22 +78,9 @@ pub enum ServerError {
         /// What to do about it.
         hint: &'static str,
     },
-    /// io_uring could not be set up on this host.
-    #[error("io_uring is not available here: {source}. {hint}")]
-    IoUringUnavailable {
-        /// The error from io_uring_setup or a registration.
-        source: io::Error,
-        /// The likely cause and the fix.
-        hint: String,
-    },
-    /// The async runtime of a tokio-based backend could not be built.
-    #[error("cannot start the {backend} runtime: {source}")]
-    Runtime {
-        /// The backend.
-        backend: Backend,
-        /// Why.
-        source: io::Error,
-    },
+    /// A worker could not start: io_uring or the runtime of its backend is unavailable.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
     /// Any other start-up failure (thread spawn, eventfd, …).
     #[error("{what}: {source}")]
     Io {
@@ -168,49 +106,6 @@ impl ServerError {
         };
         ServerError::Listen { addr, source, hint }
     }
-}
-
-/// Shared between the handle and the workers: the stop flag and each worker's wake-up fd.
-#[derive(Debug)]
-pub(crate) struct Control {
-    stopping: AtomicBool,
-    wakers: Vec<sys::EventFd>,
-    stop_signal: tokio::sync::watch::Sender<bool>,
-}
-
-impl Control {
-    pub(crate) fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-
-    /// For async backends: resolves once a shutdown has begun.
-    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.stop_signal.subscribe()
-    }
-
-    pub(crate) fn waker(&self, core: usize) -> &sys::EventFd {
-        &self.wakers[core]
-    }
-
-    fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        self.stop_signal.send_replace(true);
-        for waker in &self.wakers {
-            waker.notify();
-        }
-    }
-}
-
-/// What each worker thread is given.
-pub(crate) struct WorkerSetup {
-    pub core: usize,
-    pub cpu: Option<usize>,
-    pub listener: OwnedFd,
-    pub config: ServerConfig,
-    pub stats: Arc<StatsRegistry>,
-    pub control: Arc<Control>,
-    /// Reports the end of the worker's set-up: `Ok` once it is serving.
-    pub ready: mpsc::Sender<Result<(), ServerError>>,
 }
 
 /// Builds and starts a server.
@@ -314,15 +209,16 @@ impl ServerBuilder {
         let workers_wanted = if config.backend == Backend::EpollMt { 1 } else { threads };
         let (listeners, local_addr) = sys::reuseport_listeners(config.addr, workers_wanted)
             .map_err(|e| ServerError::listen(config.addr, e))?;
-        let wakers = (0..workers_wanted)
-            .map(|_| sys::EventFd::new())
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|source| ServerError::Io { what: "cannot create eventfd", source })?;
-        let control = Arc::new(Control {
-            stopping: AtomicBool::new(false),
-            wakers,
-            stop_signal: tokio::sync::watch::Sender::new(false),
-        });
+        let control = Arc::new(
+            StopSignal::new(workers_wanted)
+                .map_err(|source| ServerError::Io { what: "cannot create eventfd", source })?,
+        );
+        let worker_config = WorkerConfig {
+            limits: config.limits,
+            shutdown_timeout: config.shutdown_timeout,
+            threads,
+            pin_threads: config.pin_threads,
+        };
         let stats = StatsRegistry::new(threads);
         let cpus = sys::allowed_cpus();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -339,15 +235,15 @@ impl ServerBuilder {
                 core,
                 cpu: config.pin_threads.then(|| cpus[core % cpus.len()]),
                 listener,
-                config: config.clone(),
+                config: worker_config,
                 stats: stats.clone(),
-                control: control.clone(),
+                stop: control.clone(),
                 ready: ready_tx.clone(),
             };
             let backend = config.backend;
             let spawned = std::thread::Builder::new()
                 .name(format!("ringcall-{core}"))
-                .spawn(move || backend::run::<R>(backend, setup));
+                .spawn(move || backend::run::<WithBuiltins<R>>(backend, setup));
             match spawned {
                 Ok(worker) => handle.workers.push(worker),
                 Err(source) => {
@@ -363,7 +259,7 @@ impl ServerBuilder {
                 Ok(Err(e)) => {
                     handle.stop();
                     let _ = handle.join();
-                    return Err(e);
+                    return Err(e.into());
                 }
                 Err(_) => {
                     handle.stop();
@@ -385,7 +281,7 @@ fn resolve(addr: &str) -> Result<SocketAddr, ServerError> {
 
 /// Begins a graceful shutdown of the server it came from; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Stopper(Arc<Control>);
+pub struct Stopper(Arc<StopSignal>);
 
 impl Stopper {
     /// Begins a graceful shutdown (idempotent).
@@ -401,7 +297,7 @@ pub struct ServerHandle {
     backend: Backend,
     threads: usize,
     stats: Arc<StatsRegistry>,
-    control: Arc<Control>,
+    control: Arc<StopSignal>,
     workers: Vec<JoinHandle<()>>,
 }
 

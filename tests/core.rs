@@ -3,6 +3,7 @@
 //! replies or a clean close.
 
 use proptest::prelude::*;
+use ringcall::handlers::WithBuiltins;
 use ringcall::protocol::{Flow, Limits, Processor, Session};
 use ringcall::stats::StatsRegistry;
 use ringcall::{HandlerError, HandlerResult, Reply, Request};
@@ -20,7 +21,7 @@ ringcall::routes! {
 
 const MAX_LINE: usize = 300;
 
-fn processor() -> Processor<CoreRoutes> {
+fn processor() -> Processor<WithBuiltins<CoreRoutes>> {
     Processor::new(0, StatsRegistry::new(1), Limits { max_line: MAX_LINE, ..Limits::default() })
 }
 
@@ -108,7 +109,7 @@ fn a_deeply_nested_document_is_rejected_not_overflowed() {
     line.push_str(&"[".repeat(depth));
     line.push_str(&"]".repeat(depth));
     line.push_str("}}\n");
-    let mut p = Processor::<CoreRoutes>::new(
+    let mut p = Processor::<WithBuiltins<CoreRoutes>>::new(
         0,
         StatsRegistry::new(1),
         Limits { max_line: 1 << 20, ..Limits::default() },
@@ -132,7 +133,7 @@ fn an_unterminated_last_line_is_dropped_at_eof() {
 #[test]
 fn stats_count_requests_and_replies_by_code() {
     let stats = StatsRegistry::new(1);
-    let mut p = Processor::<CoreRoutes>::new(0, stats.clone(), Limits::default());
+    let mut p = Processor::<WithBuiltins<CoreRoutes>>::new(0, stats.clone(), Limits::default());
     let mut out = Vec::new();
     p.on_recv_copy(&mut Session::new(), b"{\"cmdid\":0}\nx\n{\"cmdid\":5000}\n\n", &mut out);
     let total = stats.total();

@@ -2,9 +2,10 @@
 //! `SO_REUSEPORT` listener; connections of a core share its protocol engine and receive
 //! buffer. The apples-to-apples epoll baseline for `uring`.
 
+use super::Backend;
 use super::tokio_conn::{CoreAccess, CoreIo, serve_connection, serve_worker};
+use super::worker::{WorkerError, WorkerSetup};
 use crate::dispatch::Routes;
-use crate::server::{Backend, ServerError, WorkerSetup};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -27,7 +28,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(source) => {
-            let _ = setup.ready.send(Err(ServerError::Runtime { backend: Backend::Epoll, source }));
+            let _ = setup.ready.send(Err(WorkerError::Runtime { backend: Backend::Epoll, source }));
             return;
         }
     };
@@ -39,9 +40,9 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
         setup,
         1,
         |core, stats, limits| LocalCore(Rc::new(RefCell::new(CoreIo::new(core, stats, limits)))),
-        |stream, access, stop, guard| {
+        |stream, access, drain, guard| {
             tokio::task::spawn_local(async move {
-                serve_connection(stream, access, stop).await;
+                serve_connection(stream, access, drain).await;
                 drop(guard);
             });
         },

@@ -9,11 +9,12 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::Backend;
 use super::sys;
 use super::tokio_conn::{CoreAccess, CoreIo, serve_connection, serve_worker};
+use super::worker::{WorkerError, WorkerSetup};
 use crate::dispatch::Routes;
 use crate::protocol::Limits;
-use crate::server::{Backend, ServerError, WorkerSetup};
 use crate::stats::StatsRegistry;
 
 thread_local! {
@@ -72,7 +73,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(source) => {
-            let _ = setup.ready.send(Err(ServerError::Runtime { backend: Backend::EpollMt, source }));
+            let _ = setup.ready.send(Err(WorkerError::Runtime { backend: Backend::EpollMt, source }));
             return;
         }
     };
@@ -90,9 +91,9 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
             next_index: Arc::new(AtomicUsize::new(0)),
             _routes: PhantomData,
         },
-        |stream, access, stop, guard| {
+        |stream, access, drain, guard| {
             tokio::spawn(async move {
-                serve_connection(stream, access, stop).await;
+                serve_connection(stream, access, drain).await;
                 drop(guard);
             });
         },

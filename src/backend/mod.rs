@@ -8,6 +8,10 @@
 //! - [`epoll_mt`]: tokio's multi-thread runtime behind one listener.
 //! - `tokio_conn`: the connection loop the two epoll backends share.
 //! - [`sys`]: sockets, affinity, limits and wake-ups shared by every driver.
+//! - [`worker`]: the contract between the server and a worker thread.
+//!
+//! Every connection rule (backpressure, deadlines, FIN, draining, the connection limit)
+//! lives in [`crate::protocol::connection`]; a driver only turns its answers into syscalls.
 
 pub mod epoll;
 pub mod epoll_mt;
@@ -15,11 +19,62 @@ pub mod sys;
 pub(crate) mod tokio_conn;
 pub mod tokio_uring;
 pub mod uring;
+pub mod worker;
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use crate::dispatch::Routes;
-use crate::server::{Backend, WorkerSetup};
+use worker::WorkerSetup;
+
+/// The I/O driver that moves bytes for the protocol core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// `uring` where io_uring works on this host, else `epoll`; the choice is logged.
+    #[default]
+    Auto,
+    /// Native io_uring: one ring per core, multishot accept and recv, provided buffers.
+    Uring,
+    /// tokio-uring: one runtime per core, ownership-passing reads and writes.
+    TokioUring,
+    /// tokio's current-thread runtime per core (epoll), `SO_REUSEPORT` listener per core.
+    Epoll,
+    /// tokio's work-stealing multi-thread runtime (epoll) behind one listener.
+    EpollMt,
+}
+
+impl Backend {
+    /// Every concrete backend (not `auto`), in the order they are documented.
+    pub const ALL: [Backend; 4] = [Backend::Uring, Backend::TokioUring, Backend::Epoll, Backend::EpollMt];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Uring => "uring",
+            Backend::TokioUring => "tokio-uring",
+            Backend::Epoll => "epoll",
+            Backend::EpollMt => "epoll-mt",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        std::iter::once(Backend::Auto).chain(Backend::ALL).find(|b| b.name() == s).ok_or_else(|| {
+            format!("unknown backend {s:?} (expected auto, uring, tokio-uring, epoll or epoll-mt)")
+        })
+    }
+}
 
 /// Usable bytes of a receive buffer; each is followed by [`crate::protocol::PADDING`] bytes.
 pub(crate) const RECV_BUF_SIZE: usize = 16 * 1024;
@@ -77,22 +132,8 @@ impl AcceptErrorLog {
     }
 }
 
-/// The deadline of the wait that comes next: the rest of a started line must arrive within
-/// the line timeout; otherwise the connection may stay silent for the idle timeout.
-/// Returns the deadline and whether it is the idle one.
-pub(crate) fn next_deadline(
-    limits: &crate::protocol::Limits,
-    waiting_since: Option<Instant>,
-    last_activity: Instant,
-) -> Option<(Instant, bool)> {
-    match waiting_since {
-        Some(since) => Some((since + limits.line_timeout, false)),
-        None => limits.idle_timeout.map(|idle| (last_activity + idle, true)),
-    }
-}
-
 /// Resolves `auto` to the backend this host supports, logging the choice and why.
-pub(crate) fn resolve(backend: Backend) -> Backend {
+pub fn resolve(backend: Backend) -> Backend {
     if backend != Backend::Auto {
         return backend;
     }

@@ -1,12 +1,15 @@
 //! The connection loop of the readiness-based (epoll) backends, `epoll` and `epoll-mt`:
-//! wait until the socket is readable, read everything it holds into the core's receive
-//! buffer, feed it to the protocol core, write the replies of that batch with one send.
+//! send what the connection's state machine owes, then wait for what it asks for —
+//! readable (if it reads), writable (if a send could not finish), its next deadline, the
+//! stop signal — and feed the event back. Every rule is the state machine's
+//! ([`Connection`]); this loop only makes the syscalls.
 //!
 //! The receive buffer belongs to the core, not the connection (read with `try_read` right
 //! after readiness), so an idle connection holds no buffer, as with the uring pool.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,15 +17,11 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
-use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, next_deadline, sys};
+use super::worker::{WorkerError, WorkerSetup};
+use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, sys};
 use crate::dispatch::Routes;
-use crate::protocol::reply::TOO_MANY_CONNECTIONS;
-use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
-use crate::server::{ServerError, WorkerSetup};
+use crate::protocol::{Admission, Connection, Limits, PADDING, Processor, Step};
 use crate::stats::StatsRegistry;
-
-/// Output buffers that grew past this are freed once written, bounding idle memory.
-const OUT_KEEP: usize = 64 * 1024;
 
 /// One core's protocol engine and its receive buffer.
 pub(crate) struct CoreIo<R: Routes> {
@@ -97,14 +96,14 @@ pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
     setup: WorkerSetup,
     workers_per_listener: usize,
     make_access: impl FnOnce(usize, Arc<StatsRegistry>, Limits) -> A,
-    spawn: impl Fn(TcpStream, A, watch::Receiver<bool>, ConnGuard),
+    spawn: impl Fn(TcpStream, A, Drain, ConnGuard),
 ) {
-    let WorkerSetup { core, listener, config, stats, control, ready, .. } = setup;
+    let WorkerSetup { core, listener, config, stats, stop, ready, .. } = setup;
     let listener = match tokio_listener(listener) {
         Ok(listener) => listener,
         Err(source) => {
             let _ =
-                ready.send(Err(ServerError::Io { what: "cannot register the listener with tokio", source }));
+                ready.send(Err(WorkerError::Io { what: "cannot register the listener with tokio", source }));
             return;
         }
     };
@@ -112,13 +111,16 @@ pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
     let tracker = Arc::new(ConnTracker::default());
     let _ = ready.send(Ok(()));
     drop(ready);
-    let stop = control.subscribe();
-    let max_connections = config.limits.max_connections_per_core.saturating_mul(workers_per_listener);
-    accept_until_stopped(&listener, core, stop.clone(), |stream| {
-        if tracker.open() >= max_connections {
-            reject(stream, &access);
-        } else {
-            spawn(stream, access.clone(), stop.clone(), tracker.guard());
+    let drain_signal = Drain { stop: stop.subscribe(), timeout: config.shutdown_timeout };
+    // The limit is per core; the cores behind one listener share it.
+    let admission = Limits {
+        max_connections_per_core: config.limits.max_connections_per_core.saturating_mul(workers_per_listener),
+        ..config.limits
+    };
+    accept_until_stopped(&listener, core, stop.subscribe(), |stream| {
+        match access.with(|core| admission.admit(tracker.open(), core.processor.stats())) {
+            Admission::Accept => spawn(stream, access.clone(), drain_signal.clone(), tracker.guard()),
+            Admission::Refuse(line) => sys::refuse(stream.as_fd(), line),
         }
     })
     .await;
@@ -140,7 +142,7 @@ async fn accept_until_stopped(
         tokio::select! {
             biased;
             _ = stop.wait_for(|stopping| *stopping) => {
-                sys::accept_backlog(listener.as_raw_fd(), |fd| {
+                sys::accept_backlog(listener.as_fd(), |fd| {
                     match TcpStream::from_std(std::net::TcpStream::from(fd)) {
                         Ok(stream) => on_connection(stream),
                         Err(e) => tracing::debug!("cannot register a connection at shutdown: {e}"),
@@ -162,7 +164,8 @@ async fn accept_until_stopped(
     }
 }
 
-/// Waits for every connection to finish, at most `timeout`; logs what was left.
+/// Waits for every connection to finish, at most `timeout` (each closes itself at its
+/// shutdown deadline; this is the worker's backstop); logs what was left.
 pub(crate) async fn drain(tracker: &ConnTracker, timeout: Duration, core: usize) {
     tracing::info!(core, connections = tracker.open(), ?timeout, "shutting down: draining connections");
     if tokio::time::timeout(timeout, tracker.all_closed()).await.is_err() {
@@ -174,168 +177,114 @@ pub(crate) async fn drain(tracker: &ConnTracker, timeout: Duration, core: usize)
     }
 }
 
-enum Step {
-    Data(Flow),
-    Eof,
-    WouldBlock,
+/// The stop signal as a connection sees it, and how long it may drain.
+#[derive(Clone)]
+pub(crate) struct Drain {
+    pub stop: watch::Receiver<bool>,
+    pub timeout: Duration,
 }
 
-/// A connection closed by one of its deadlines; counted, then reported as its end.
-fn timed_out<R: Routes, A: CoreAccess<R>>(access: &A, idle: bool) -> io::Error {
-    access.with(|core| {
-        let stats = core.processor.stats();
-        if idle { stats.idle_timeout() } else { stats.line_timeout() }
-    });
-    let what = if idle { "idle timeout" } else { "line timeout" };
-    io::Error::new(io::ErrorKind::TimedOut, what)
-}
-
-/// Awaits `wait`, or fails with the timeout error if `deadline` passes first.
-async fn within<R: Routes, A: CoreAccess<R>, T>(
-    access: &A,
-    deadline: Option<(Instant, bool)>,
-    wait: impl std::future::Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    match deadline {
-        Some((at, idle)) => match tokio::time::timeout_at(at.into(), wait).await {
-            Ok(result) => result,
-            Err(_) => Err(timed_out(access, idle)),
-        },
-        None => wait.await,
-    }
-}
-
-/// Refuses a connection beyond the connection limit: a 503 line, then close.
-pub(crate) fn reject<R: Routes, A: CoreAccess<R>>(stream: TcpStream, access: &A) {
-    // Counted first, so whoever sees the reply sees the count.
-    access.with(|core| core.processor.stats().connection_rejected());
-    sys::refuse(stream.as_raw_fd(), TOO_MANY_CONNECTIONS);
-    tracing::debug!("connection refused: at the connection limit");
-}
-
-/// Serves one connection until it closes.
+/// Serves one connection until its state machine closes it.
 pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
     stream: TcpStream,
     access: A,
-    mut stop: watch::Receiver<bool>,
+    drain: Drain,
 ) {
     let _ = stream.set_nodelay(true);
-    access.with(|core| core.processor.stats().connection_opened());
-    if let Err(e) = drive(&stream, &access, &mut stop).await {
-        tracing::debug!("connection error: {e}");
-    }
-    access.with(|core| core.processor.stats().connection_closed());
-}
-
-async fn drive<R: Routes, A: CoreAccess<R>>(
-    stream: &TcpStream,
-    access: &A,
-    stop: &mut watch::Receiver<bool>,
-) -> io::Result<()> {
-    let limits = access.with(|core| core.processor.limits());
-    let mut session = Session::new();
-    let mut out = Vec::new();
-    let mut draining = *stop.borrow();
-    let mut last_activity = Instant::now();
-    let mut waiting_since: Option<Instant> = None;
+    let Drain { mut stop, timeout } = drain;
+    let mut conn =
+        access.with(|core| Connection::new(core.processor.limits(), Instant::now(), core.processor.stats()));
+    let mut draining = false;
     loop {
-        let deadline = next_deadline(&limits, waiting_since, last_activity);
-        if draining {
-            within(access, deadline, stream.readable()).await?;
-        } else {
-            let readable = async {
-                tokio::select! {
-                    ready = stream.readable() => ready.map(|()| false),
-                    _ = stop.wait_for(|stopping| *stopping) => Ok(true),
-                }
-            };
-            draining = within(access, deadline, readable).await?;
+        if !draining && *stop.borrow() {
+            draining = true;
+            conn.on_shutdown(Instant::now() + timeout);
         }
-        let mut end = None;
-        while out.len() < limits.max_pending_output {
-            let step = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
-                Ok(0) => Ok(Step::Eof),
-                Ok(n) => Ok(Step::Data(core.processor.on_recv(&mut session, &mut core.buf, n, &mut out))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::WouldBlock),
-                Err(e) => Err(e),
-            })?;
-            match step {
-                Step::Data(Flow::Continue) => last_activity = Instant::now(),
-                Step::Data(Flow::Close) => {
-                    end = Some(Flow::Close);
-                    break;
-                }
-                Step::Eof => {
-                    session.finish();
-                    end = Some(Flow::Continue);
-                    break;
-                }
-                Step::WouldBlock => break,
+        flush(&stream, &mut conn, &access);
+        match conn.poll(Instant::now(), || sys::unread_bytes(stream.as_fd())) {
+            Step::Wait => {}
+            Step::ShutdownWrite => sys::shutdown(stream.as_fd(), Shutdown::Write),
+            Step::Close(reason) => {
+                tracing::debug!(?reason, "connection closed");
+                break;
             }
         }
-        waiting_since =
-            if session.pending_bytes() > 0 { waiting_since.or(Some(last_activity)) } else { None };
-        if !out.is_empty() {
-            // While the peer does not read, nothing more is read from it: the socket buffers
-            // fill and TCP's flow control stops the peer (backpressure).
-            write_all(stream, &out, || access.with(|core| core.processor.stats().backpressure_pause()))
-                .await?;
-            access.with(|core| core.processor.stats().bytes_out(out.len()));
-            out.clear();
-            if out.capacity() > OUT_KEEP {
-                out = Vec::new();
+        let deadline = conn.poll_timeout();
+        let (read, write) = (conn.wants_read(), conn.wants_send());
+        tokio::select! {
+            ready = stream.readable(), if read => match ready {
+                Ok(()) => receive(&stream, &mut conn, &access),
+                Err(_) => conn.on_error(),
+            },
+            ready = stream.writable(), if write => {
+                if ready.is_err() {
+                    conn.on_error();
+                }
             }
-            last_activity = Instant::now();
+            () = sleep_until(deadline), if deadline.is_some() => {
+                access.with(|core| conn.on_timeout(Instant::now(), core.processor.stats()));
+            }
+            _ = stop.wait_for(|stopping| *stopping), if !draining => {}
         }
-        match end {
-            // The peer half-closed and every reply is out.
-            Some(Flow::Continue) => return Ok(()),
-            Some(Flow::Close) => return linger(stream, access, &limits).await,
-            // Draining for shutdown: close once the kernel holds no unread request bytes.
-            None if draining && sys::unread_bytes(stream.as_raw_fd()) == 0 => {
-                return linger(stream, access, &limits).await;
+    }
+    access.with(|core| conn.finish(core.processor.stats()));
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(at) = deadline {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Reads what the kernel holds, while the connection wants to read, into the core's buffer
+/// and feeds it to the connection.
+fn receive<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A) {
+    while conn.wants_read() {
+        let more = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
+            Ok(0) => {
+                conn.on_peer_closed(Instant::now());
+                false
             }
-            None => {}
+            Ok(n) => {
+                conn.on_recv(&mut core.processor, &mut core.buf, n, Instant::now());
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                tracing::debug!("recv failed: {e}");
+                conn.on_error();
+                false
+            }
+        });
+        if !more {
+            break;
         }
     }
 }
 
-/// Writes everything; calls `on_full` once if it has to wait for the peer to read (the
-/// socket buffer is full: backpressure).
-async fn write_all(stream: &TcpStream, mut bytes: &[u8], on_full: impl FnOnce()) -> io::Result<()> {
-    let mut on_full = Some(on_full);
-    while !bytes.is_empty() {
-        match stream.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(on_full) = on_full.take() {
-                    on_full();
+/// Writes what the connection owes until done or the socket buffer is full.
+fn flush<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A) {
+    while let Some(bytes) = conn.start_send() {
+        let written = stream.try_write(bytes);
+        let progressed = access.with(|core| {
+            let stats = core.processor.stats();
+            match written {
+                Ok(n) => {
+                    conn.on_sent(n, Instant::now(), stats);
+                    n > 0
                 }
-                stream.writable().await?;
+                Err(e) => {
+                    conn.on_sent(0, Instant::now(), stats);
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::debug!("send failed: {e}");
+                        conn.on_error();
+                    }
+                    false
+                }
             }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Sends FIN after the last reply, then discards input until the peer closes (at most the
-/// line timeout), so unread input cannot turn the close into a reset that destroys replies
-/// still in flight.
-async fn linger<R: Routes, A: CoreAccess<R>>(
-    stream: &TcpStream,
-    access: &A,
-    limits: &Limits,
-) -> io::Result<()> {
-    sys::shutdown(stream.as_raw_fd(), libc::SHUT_WR);
-    let deadline = Some((Instant::now() + limits.line_timeout, false));
-    loop {
-        within(access, deadline, stream.readable()).await?;
-        match access.with(|core| stream.try_read(&mut core.buf[..RECV_BUF_SIZE])) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        });
+        if !progressed {
+            break;
         }
     }
 }

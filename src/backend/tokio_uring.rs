@@ -5,35 +5,31 @@
 //! read), there is no multishot or provided-buffer ring, and the ring is waited on through
 //! tokio's epoll reactor: the reasons it trails the native `uring` backend.
 //!
-//! tokio-uring cannot cancel an operation by dropping its future, so nothing here races a
-//! read or an accept against a timer. Shutdown instead shuts the sockets' read side: a
-//! pending accept fails, and a pending read returns what the kernel holds, then end of file.
+//! Every rule is the connection's state machine ([`Connection`]). Each connection runs two
+//! tasks — a reader that reads while the machine wants to, and a driver that sends what it
+//! owes, half-closes and closes — and one timer task per core wakes connections at their
+//! deadlines. tokio-uring cannot cancel an operation by dropping its future, so a pending
+//! read or a stuck write is ended by shutting the socket down. For the same reason a
+//! draining connection cannot learn that nothing more is unread while a read is pending:
+//! at shutdown its read side is shut, the pending read returns what the kernel holds and
+//! then end of file, and the connection closes once those requests are answered (the other
+//! backends send FIN and wait for the peer's close instead).
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use slab::Slab;
+use tokio::sync::Notify;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
-use super::next_deadline;
-use super::tokio_conn::ConnTracker;
+use super::worker::{WorkerError, WorkerSetup};
 use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, sys, uring};
 use crate::dispatch::Routes;
-use crate::protocol::reply::TOO_MANY_CONNECTIONS;
-use crate::protocol::{Flow, PADDING, Processor, Session};
-use crate::server::{ServerError, WorkerSetup};
-
-/// How often connections are checked against their idle and line deadlines.
-const TICK: Duration = Duration::from_secs(1);
-/// A write still pending after this long means the peer is not reading its replies.
-const STALLED_WRITE: Duration = Duration::from_millis(50);
-/// Output buffers that grew past this are freed once written.
-const OUT_KEEP: usize = 64 * 1024;
+use crate::protocol::{Admission, Connection, Limits, PADDING, Processor, State, Step, Timers};
 
 pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     // Runtime::new reports a ring that cannot be created; tokio_uring::start would panic.
@@ -41,232 +37,288 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
         Ok(runtime) => runtime,
         Err(source) => {
             let hint = uring::diagnose(&source);
-            let _ = setup.ready.send(Err(ServerError::IoUringUnavailable { source, hint }));
+            let _ = setup.ready.send(Err(WorkerError::IoUringUnavailable { source, hint }));
             return;
         }
     };
     runtime.block_on(serve::<R>(setup));
 }
 
-type Shared<T> = Rc<RefCell<T>>;
-
-/// When a connection last moved bytes, since when it owes us the rest of a line (or its
-/// close after our FIN), and which deadline closed it, if one did. Read by the per-core
-/// ticker, which cannot cancel a pending read: it shuts the socket down instead.
-struct ConnClock {
-    last_activity: Cell<Instant>,
-    waiting_since: Cell<Option<Instant>>,
-    /// Closed by one of its deadlines.
-    timed_out: Cell<bool>,
+/// One connection: its socket, its state machine, and how its tasks wake each other.
+struct Conn {
+    stream: TcpStream,
+    generation: u32,
+    conn: RefCell<Connection>,
+    /// Wakes the driver: something changed (bytes received, a deadline, shutdown).
+    to_driver: Notify,
+    /// Wakes the reader: reading may resume, or the connection closed.
+    to_reader: Notify,
 }
 
-impl ConnClock {
-    fn new() -> Rc<Self> {
-        Rc::new(Self {
-            last_activity: Cell::new(Instant::now()),
-            waiting_since: Cell::new(None),
-            timed_out: Cell::new(false),
-        })
+/// The descriptor of a tokio-uring stream (which implements only `AsRawFd`).
+fn fd_of(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the stream owns the descriptor and outlives the borrow.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) }
+}
+
+impl Conn {
+    fn closed(&self) -> bool {
+        matches!(self.conn.borrow().state(), State::Closed(_))
+    }
+
+    /// Ends the operations in flight (a pending read, a write stuck on a peer that does not
+    /// read) and wakes both tasks.
+    fn end(&self) {
+        sys::shutdown(fd_of(&self.stream), Shutdown::Both);
+        self.to_driver.notify_one();
+        self.to_reader.notify_one();
     }
 }
 
-type Live = Shared<HashMap<RawFd, Rc<ConnClock>>>;
+/// What the tasks of one core share.
+struct Core<R: Routes> {
+    processor: RefCell<Processor<R>>,
+    conns: RefCell<Slab<Rc<Conn>>>,
+    timers: RefCell<Timers<(usize, u32)>>,
+    /// Wakes the timer task: a deadline earlier than the one it sleeps for was scheduled.
+    timer_changed: Notify,
+    all_closed: Notify,
+    next_generation: std::cell::Cell<u32>,
+    drain_deadline: std::cell::Cell<Option<Instant>>,
+    limits: Limits,
+}
+
+impl<R: Routes> Core<R> {
+    fn schedule(&self, slot: usize, conn: &Conn) {
+        if let Some(at) = conn.conn.borrow_mut().reschedule() {
+            let earlier = self.timers.borrow().next().is_none_or(|next| at < next);
+            self.timers.borrow_mut().schedule(at, (slot, conn.generation));
+            if earlier {
+                self.timer_changed.notify_one();
+            }
+        }
+    }
+}
 
 async fn serve<R: Routes>(setup: WorkerSetup) {
-    let WorkerSetup { core, listener, config, stats, control, ready, .. } = setup;
+    let WorkerSetup { core: index, listener, config, stats, stop, ready, .. } = setup;
     let limits = config.limits;
     let listener = std::net::TcpListener::from(listener);
     let listener_fd = listener.as_raw_fd();
     let listener = TcpListener::from_std(listener);
-    let processor: Shared<Processor<R>> = Rc::new(RefCell::new(Processor::new(core, stats, limits)));
-    let live: Live = Rc::default();
-    let tracker = Arc::new(ConnTracker::default());
+    let core = Rc::new(Core {
+        processor: RefCell::new(Processor::<R>::new(index, stats, limits)),
+        conns: RefCell::new(Slab::new()),
+        timers: RefCell::new(Timers::default()),
+        timer_changed: Notify::new(),
+        all_closed: Notify::new(),
+        next_generation: std::cell::Cell::new(0),
+        drain_deadline: std::cell::Cell::new(None),
+        limits,
+    });
     let _ = ready.send(Ok(()));
     drop(ready);
 
-    let spawn_connection = {
-        let (processor, live, tracker, control) =
-            (processor.clone(), live.clone(), tracker.clone(), control.clone());
-        move |stream: TcpStream| {
-            let fd = stream.as_raw_fd();
-            if live.borrow().len() >= limits.max_connections_per_core {
-                processor.borrow().stats().connection_rejected();
-                tracing::debug!(core, "connection refused: core at its connection limit");
-                sys::refuse(fd, TOO_MANY_CONNECTIONS);
-                return;
-            }
-            let clock = ConnClock::new();
-            live.borrow_mut().insert(fd, clock.clone());
-            if control.stopping() {
-                // Draining already: it gets what the kernel holds, then end of file.
-                sys::shutdown(fd, libc::SHUT_RD);
-            }
-            let (processor, live, guard) = (processor.clone(), live.clone(), tracker.guard());
-            tokio_uring::spawn(async move {
-                serve_connection(stream, processor, live, clock).await;
-                drop(guard);
-            });
-        }
-    };
+    tokio_uring::spawn(fire_timers(core.clone()));
 
-    let (live_at_tick, processor_at_tick) = (live.clone(), processor.clone());
+    let mut stop_rx = stop.subscribe();
+    let core_at_stop = core.clone();
     tokio_uring::spawn(async move {
-        let mut tick = tokio::time::interval(TICK);
-        loop {
-            tick.tick().await;
-            let now = Instant::now();
-            for (&fd, clock) in live_at_tick.borrow().iter() {
-                let deadline = next_deadline(&limits, clock.waiting_since.get(), clock.last_activity.get());
-                if let Some((_, idle)) = deadline.filter(|(at, _)| *at <= now)
-                    && !clock.timed_out.get()
-                {
-                    clock.timed_out.set(true);
-                    // Counted before the close, so whoever sees the close sees the count.
-                    let processor = processor_at_tick.borrow();
-                    if idle {
-                        processor.stats().idle_timeout()
-                    } else {
-                        processor.stats().line_timeout()
-                    }
-                    sys::shutdown(fd, libc::SHUT_RDWR);
-                }
-            }
-        }
-    });
-
-    let mut stop = control.subscribe();
-    let (live_at_stop, spawn_at_stop) = (live.clone(), spawn_connection.clone());
-    tokio_uring::spawn(async move {
-        let _ = stop.wait_for(|stopping| *stopping).await;
+        let _ = stop_rx.wait_for(|stopping| *stopping).await;
+        let core = core_at_stop;
+        let deadline = Instant::now() + config.shutdown_timeout;
+        core.drain_deadline.set(Some(deadline));
+        // SAFETY: the listener outlives this task's use of its descriptor (the accept loop
+        // ends only after the shutdown below).
+        let listener = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener_fd) };
         // Connections the kernel already established may carry requests: serve them too.
         // Shutting down a listener's read side resets its backlog, so take it in first.
-        let _ = sys::set_nonblocking(listener_fd);
-        sys::accept_backlog(listener_fd, |fd| {
-            spawn_at_stop(TcpStream::from_std(std::net::TcpStream::from(fd)))
-        });
-        // Wakes the pending accept, and makes each pending read return what the kernel
-        // holds, then end of file.
-        sys::shutdown(listener_fd, libc::SHUT_RD);
-        for &fd in live_at_stop.borrow().keys() {
-            sys::shutdown(fd, libc::SHUT_RD);
+        let _ = sys::set_nonblocking(listener);
+        sys::accept_backlog(listener, |fd| open(&core, TcpStream::from_std(std::net::TcpStream::from(fd))));
+        // Wakes the pending accept.
+        sys::shutdown(listener, Shutdown::Read);
+        tracing::info!(
+            core = index,
+            connections = core.conns.borrow().len(),
+            timeout = ?config.shutdown_timeout,
+            "shutting down: draining connections"
+        );
+        let conns: Vec<(usize, Rc<Conn>)> = core.conns.borrow().iter().map(|(s, c)| (s, c.clone())).collect();
+        for (slot, conn) in conns {
+            conn.conn.borrow_mut().on_shutdown(deadline);
+            // A pending read returns what the kernel holds, then end of file.
+            sys::shutdown(fd_of(&conn.stream), Shutdown::Read);
+            core.schedule(slot, &conn);
+            conn.to_driver.notify_one();
         }
     });
 
-    let mut errors = AcceptErrorLog::new(core);
+    let mut errors = AcceptErrorLog::new(index);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, _)) if !stop.stopping() => {
                 errors.succeeded();
-                spawn_connection(stream)
+                open(&core, stream);
             }
-            Err(_) if control.stopping() => {}
+            Ok(_) | Err(_) if stop.stopping() => break,
+            Ok(_) => {}
             Err(e) => {
                 errors.failed(&e, Instant::now());
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
-        if control.stopping() {
-            break;
-        }
     }
     drop(listener);
-    super::tokio_conn::drain(&tracker, config.shutdown_timeout, core).await;
-}
-
-async fn serve_connection<R: Routes>(
-    stream: TcpStream,
-    processor: Shared<Processor<R>>,
-    live: Live,
-    clock: Rc<ConnClock>,
-) {
-    let _ = stream.set_nodelay(true);
-    let fd = stream.as_raw_fd();
-    processor.borrow().stats().connection_opened();
-    if let Err(e) = drive(&stream, &processor, &clock).await {
-        tracing::debug!("connection error: {e}");
+    // Every connection closes by its shutdown deadline at the latest; this is a backstop.
+    let backstop = config.shutdown_timeout + std::time::Duration::from_secs(1);
+    let drained = tokio::time::timeout(backstop, async {
+        while !core.conns.borrow().is_empty() {
+            core.all_closed.notified().await;
+        }
+    });
+    if drained.await.is_err() {
+        tracing::warn!(core = index, connections = core.conns.borrow().len(), "shutdown deadline passed");
     }
-    live.borrow_mut().remove(&fd);
-    processor.borrow().stats().connection_closed();
 }
 
-async fn drive<R: Routes>(
-    stream: &TcpStream,
-    processor: &Shared<Processor<R>>,
-    clock: &ConnClock,
-) -> std::io::Result<()> {
-    let mut session = Session::new();
+/// Admits a connection (or refuses it beyond the limit) and starts its tasks.
+fn open<R: Routes>(core: &Rc<Core<R>>, stream: TcpStream) {
+    let admission = core.limits.admit(core.conns.borrow().len(), core.processor.borrow().stats());
+    if let Admission::Refuse(line) = admission {
+        sys::refuse(fd_of(&stream), line);
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let mut connection = Connection::new(core.limits, Instant::now(), core.processor.borrow().stats());
+    if let Some(deadline) = core.drain_deadline.get() {
+        connection.on_shutdown(deadline);
+        sys::shutdown(fd_of(&stream), Shutdown::Read);
+    }
+    core.next_generation.set(core.next_generation.get().wrapping_add(1));
+    let conn = Rc::new(Conn {
+        stream,
+        generation: core.next_generation.get(),
+        conn: RefCell::new(connection),
+        to_driver: Notify::new(),
+        to_reader: Notify::new(),
+    });
+    let slot = core.conns.borrow_mut().insert(conn.clone());
+    let reader = tokio_uring::spawn(read_loop(core.clone(), conn.clone()));
+    let core = core.clone();
+    tokio_uring::spawn(async move {
+        drive(&core, slot, &conn).await;
+        conn.end();
+        let _ = reader.await;
+        core.conns.borrow_mut().remove(slot);
+        if let Ok(connection) = Rc::try_unwrap(conn).map(|c| c.conn.into_inner()) {
+            connection.finish(core.processor.borrow().stats());
+        }
+        core.all_closed.notify_waiters();
+    });
+}
+
+/// Reads while the connection wants to, and feeds what arrives to it.
+async fn read_loop<R: Routes>(core: Rc<Core<R>>, conn: Rc<Conn>) {
     let mut buf = vec![0u8; RECV_BUF_SIZE + PADDING];
-    let mut out = Vec::new();
     loop {
-        let (read, slice) = stream.read(buf.slice(..RECV_BUF_SIZE)).await;
-        buf = slice.into_inner();
-        let n = read?;
-        if n == 0 {
-            session.finish();
-            return Ok(());
-        }
-        let now = Instant::now();
-        clock.last_activity.set(now);
-        let flow = processor.borrow_mut().on_recv(&mut session, &mut buf, n, &mut out);
-        let waiting =
-            if session.pending_bytes() > 0 { clock.waiting_since.get().or(Some(now)) } else { None };
-        clock.waiting_since.set(waiting);
-        if !out.is_empty() {
-            // No read is issued until the replies are written: a peer that does not read
-            // stops being read from (backpressure).
-            let (written, returned) = write_all(stream, out, processor).await;
-            out = returned;
-            written?;
-            processor.borrow().stats().bytes_out(out.len());
-            out.clear();
-            if out.capacity() > OUT_KEEP {
-                out = Vec::new();
+        loop {
+            if conn.closed() {
+                return;
             }
-            clock.last_activity.set(Instant::now());
+            if conn.conn.borrow().wants_read() {
+                break;
+            }
+            conn.to_reader.notified().await;
         }
-        if flow == Flow::Close {
-            // FIN after the 413, then discard until the peer closes (see tokio_conn::linger);
-            // the ticker bounds the wait by the line timeout.
-            stream.shutdown(Shutdown::Write)?;
-            clock.waiting_since.set(Some(Instant::now()));
-            loop {
-                let (read, slice) = stream.read(buf.slice(..RECV_BUF_SIZE)).await;
-                buf = slice.into_inner();
-                if read? == 0 {
-                    return Ok(());
+        let (read, slice) = conn.stream.read(buf.slice(..RECV_BUF_SIZE)).await;
+        buf = slice.into_inner();
+        let now = Instant::now();
+        {
+            let mut c = conn.conn.borrow_mut();
+            match read {
+                Ok(0) => c.on_peer_closed(now),
+                Ok(n) => c.on_recv(&mut core.processor.borrow_mut(), &mut buf, n, now),
+                Err(e) => {
+                    tracing::debug!("recv failed: {e}");
+                    c.on_error();
                 }
             }
         }
+        conn.to_driver.notify_one();
     }
 }
 
-/// Writes all of `out` and returns it. A write the kernel cannot finish at once (the socket
-/// buffer is full: the peer is not reading) counts as a backpressure pause.
-async fn write_all<R: Routes>(
-    stream: &TcpStream,
-    out: Vec<u8>,
-    processor: &Shared<Processor<R>>,
-) -> (std::io::Result<()>, Vec<u8>) {
-    let (mut out, mut written, mut counted) = (out, 0, false);
-    while written < out.len() {
-        let write = stream.write(out.slice(written..)).submit();
-        tokio::pin!(write);
-        // The write future is never dropped before it completes (that would not cancel it).
-        let (result, slice) = tokio::select! {
-            biased;
-            done = &mut write => done,
-            _ = tokio::time::sleep(STALLED_WRITE), if !counted => {
-                counted = true;
-                processor.borrow().stats().backpressure_pause();
-                write.await
+/// Sends what the connection owes, half-closes and closes it as it asks; returns once it
+/// is closed.
+async fn drive<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
+    loop {
+        // A pending read may hold received bytes not yet handed over: the kernel's count of
+        // unread bytes is never the whole truth here, so draining ends with end of file.
+        let step = conn.conn.borrow_mut().poll(Instant::now(), || 1);
+        match step {
+            Step::Wait => {}
+            Step::ShutdownWrite => sys::shutdown(fd_of(&conn.stream), Shutdown::Write),
+            Step::Close(reason) => {
+                tracing::debug!(?reason, "connection closed");
+                return;
             }
-        };
-        out = slice.into_inner();
-        match result {
-            Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), out),
-            Ok(n) => written += n,
-            Err(e) => return (Err(e), out),
+        }
+        core.schedule(slot, conn);
+        // Reading may have resumed (backpressure released).
+        conn.to_reader.notify_one();
+        let lent = conn.conn.borrow_mut().lend_send();
+        match lent {
+            Some((buf, offset)) => {
+                let (written, slice) = conn.stream.write(buf.slice(offset..)).submit().await;
+                let buf = slice.into_inner();
+                let stats = core.processor.borrow();
+                let mut c = conn.conn.borrow_mut();
+                match written {
+                    Ok(n) => c.on_sent_lent(buf, n, Instant::now(), stats.stats()),
+                    Err(e) => {
+                        tracing::debug!("send failed: {e}");
+                        c.on_sent_lent(buf, 0, Instant::now(), stats.stats());
+                        c.on_error();
+                    }
+                }
+            }
+            None => conn.to_driver.notified().await,
         }
     }
-    (Ok(()), out)
+}
+
+/// Wakes connections at their deadlines; one task per core.
+async fn fire_timers<R: Routes>(core: Rc<Core<R>>) {
+    loop {
+        let next = core.timers.borrow().next();
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = core.timer_changed.notified() => continue,
+                }
+            }
+            None => {
+                core.timer_changed.notified().await;
+                continue;
+            }
+        }
+        let now = Instant::now();
+        loop {
+            let due = core.timers.borrow_mut().pop_due(now);
+            let Some((at, (slot, generation))) = due else { break };
+            let conn = core.conns.borrow().get(slot).filter(|c| c.generation == generation).cloned();
+            let Some(conn) = conn else { continue };
+            {
+                let mut c = conn.conn.borrow_mut();
+                c.timer_fired(at);
+                c.on_timeout(now, core.processor.borrow().stats());
+            }
+            if conn.closed() {
+                conn.end();
+            } else {
+                core.schedule(slot, &conn);
+            }
+        }
+    }
 }

@@ -3,25 +3,30 @@
 //! `io_uring_enter` per loop turn.
 //!
 //! Each worker owns its ring, its buffer pool, its connections and its protocol
-//! [`Processor`]; nothing is shared with other cores except the read-mostly counters.
+//! [`Processor`]; nothing is shared with other cores except the read-mostly counters. Every
+//! connection rule lives in [`Connection`]: this driver only turns its answers into
+//! submissions (recv on or off, send, FIN, close) and waits on one ring for completions and
+//! for the earliest connection deadline.
 //!
 //! Connection slots are only reused once no operation referring to them is in flight, and
-//! every `user_data` carries the slot's generation, so a late completion can never be taken
-//! for another connection's.
+//! every `user_data` carries the connection's generation, so a late completion can never be
+//! taken for another connection's.
 
 use std::io;
-use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use io_uring::types::{BufRingEntry, Fd, Timespec};
+use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
+use slab::Slab;
 
-use super::{ACCEPT_BACKOFF, AcceptErrorLog, next_deadline, sys};
+use super::worker::{StopSignal, WorkerError, WorkerSetup};
+use super::{ACCEPT_BACKOFF, AcceptErrorLog, sys};
 use crate::dispatch::Routes;
-use crate::protocol::reply::TOO_MANY_CONNECTIONS;
-use crate::protocol::{Flow, Limits, PADDING, Processor, Session};
-use crate::server::{ServerError, WorkerSetup};
+use crate::protocol::{Admission, CloseReason, Connection, Limits, PADDING, Processor, State, Step, Timers};
 
 /// Usable bytes per pooled receive buffer (each is followed by [`PADDING`] bytes of slack).
 const BUF_SIZE: usize = super::RECV_BUF_SIZE;
@@ -33,10 +38,6 @@ pub(crate) const BGID: u16 = 0;
 /// completions do not overflow it.
 const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 16 * 1024;
-/// How often connections are checked against their idle and line deadlines.
-const TICK: Duration = Duration::from_secs(1);
-/// Output buffers that grew past this are freed once drained, bounding idle memory.
-const OUT_KEEP: usize = 64 * 1024;
 
 /// Operation kinds, in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +48,7 @@ enum Op {
     Send = 3,
     Wake = 4,
     AcceptRetry = 5,
-    DrainDeadline = 6,
-    Cancel = 7,
-    Tick = 8,
+    Cancel = 6,
 }
 
 impl Op {
@@ -60,20 +59,18 @@ impl Op {
             3 => Op::Send,
             4 => Op::Wake,
             5 => Op::AcceptRetry,
-            6 => Op::DrainDeadline,
-            7 => Op::Cancel,
-            8 => Op::Tick,
+            6 => Op::Cancel,
             _ => return None,
         })
     }
 }
 
-fn user_data(op: Op, slot: u32, generation: u32) -> u64 {
-    (op as u64) << 56 | u64::from(generation & 0x00ff_ffff) << 32 | u64::from(slot)
+fn user_data(op: Op, slot: usize, generation: u32) -> u64 {
+    (op as u64) << 56 | u64::from(generation & 0x00ff_ffff) << 32 | slot as u64 & 0xffff_ffff
 }
 
-fn split_user_data(ud: u64) -> (Option<Op>, u32, u32) {
-    (Op::from_u8((ud >> 56) as u8), ((ud >> 32) & 0x00ff_ffff) as u32, ud as u32)
+fn split_user_data(ud: u64) -> (Option<Op>, u32, usize) {
+    (Op::from_u8((ud >> 56) as u8), ((ud >> 32) & 0x00ff_ffff) as u32, ud as u32 as usize)
 }
 
 /// Starts a worker: sets up its ring, reports readiness, serves until shut down.
@@ -170,20 +167,16 @@ const STRIDE: usize = BUF_SIZE + PADDING;
 impl BufferPool {
     pub(crate) fn new(ring: &IoUring) -> io::Result<Self> {
         let ring_bytes = usize::from(BUF_COUNT) * size_of::<BufRingEntry>();
-        // SAFETY: anonymous private mapping; the kernel requires page alignment, which mmap gives.
+        // SAFETY: a fresh anonymous private mapping; the kernel requires page alignment, which
+        // mmap gives.
         let addr = unsafe {
-            libc::mmap(
+            rustix::mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 ring_bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE,
+            )?
         };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         let mut pool = Self {
             ring: addr.cast(),
             ring_bytes,
@@ -232,68 +225,38 @@ impl BufferPool {
 impl Drop for BufferPool {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in new().
-        unsafe { libc::munmap(self.ring.cast(), self.ring_bytes) };
+        let _ = unsafe { rustix::mm::munmap(self.ring.cast(), self.ring_bytes) };
     }
 }
 
-/// One connection's state on this core.
+/// The multishot recv of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recv {
+    Off,
+    Armed,
+    /// A cancel was issued; the final completion is still to come.
+    Cancelling,
+}
+
+/// One connection on this core: its socket, the operations it has in flight, its rules.
 struct Conn {
-    fd: RawFd,
+    fd: OwnedFd,
     generation: u32,
-    session: Session,
-    /// Replies produced since the last send was queued.
-    out: Vec<u8>,
-    /// The bytes the kernel is sending now, and how many of them it has sent.
-    sending: Vec<u8>,
-    sent: usize,
-    recv_armed: bool,
-    send_in_flight: bool,
-    queued_for_send: bool,
-    /// The peer closed its side: no more bytes will arrive.
-    read_done: bool,
-    /// We sent FIN after the last reply; waiting for the peer to close.
-    write_shut: bool,
-    /// Close as soon as no operation is in flight (discard anything unsent).
-    dead: bool,
-    /// Finish what is owed, then close (413, or server shutdown).
-    closing: bool,
-    /// Reading is paused: the peer is not reading its replies (backpressure).
-    paused: bool,
-    /// A cancel of the multishot recv was issued to pause reading.
-    recv_cancelled: bool,
-    /// Last time bytes moved in either direction.
-    last_activity: Instant,
-    /// Since when the peer owes us the rest of a line, or its close after our FIN.
-    waiting_since: Option<Instant>,
+    recv: Recv,
+    /// The socket was shut down both ways to end the operations in flight before closing.
+    ending: bool,
+    conn: Connection,
 }
 
-impl Conn {
-    fn new(fd: RawFd, generation: u32, now: Instant) -> Self {
-        Self {
-            fd,
-            generation,
-            session: Session::new(),
-            out: Vec::new(),
-            sending: Vec::new(),
-            sent: 0,
-            recv_armed: false,
-            send_in_flight: false,
-            queued_for_send: false,
-            read_done: false,
-            write_shut: false,
-            dead: false,
-            closing: false,
-            paused: false,
-            recv_cancelled: false,
-            last_activity: now,
-            waiting_since: None,
-        }
-    }
-
-    /// Reply bytes produced and not yet sent.
-    fn unsent(&self) -> usize {
-        self.out.len() + self.sending.len() - self.sent
-    }
+/// The listener's multishot accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accept {
+    Armed,
+    /// Failed (e.g. EMFILE); a timeout re-arms it after [`ACCEPT_BACKOFF`].
+    BackingOff,
+    /// Shutting down: a cancel is in flight.
+    Cancelling,
+    Stopped,
 }
 
 struct Worker<R: Routes> {
@@ -302,34 +265,33 @@ struct Worker<R: Routes> {
     ring: IoUring,
     pool: BufferPool,
     processor: Processor<R>,
-    listener: std::os::fd::OwnedFd,
-    control: std::sync::Arc<crate::server::Control>,
-    conns: Vec<Option<Conn>>,
-    free_slots: Vec<u32>,
+    listener: OwnedFd,
+    stop: Arc<StopSignal>,
+    conns: Slab<Conn>,
     next_generation: u32,
-    open_conns: usize,
-    send_queue: Vec<u32>,
+    timers: Timers<(usize, u32)>,
+    /// Connections with replies to send at the end of this loop turn (may repeat).
+    send_queue: Vec<usize>,
     completions: Vec<cqueue::Entry>,
     wake_buf: Box<u64>,
     accept_backoff: Box<Timespec>,
-    drain_timeout: Box<Timespec>,
-    shutdown_timeout: Duration,
-    accepting: bool,
-    accept_armed: bool,
+    accept: Accept,
     accept_errors: AcceptErrorLog,
-    draining_since: Option<Instant>,
-    deadline_passed: bool,
-    settle_all_pending: bool,
+    /// When the shutdown began, and when it closes what is left.
+    drain_deadline: Option<Instant>,
+    /// Draining connections must be polled once this turn's completions are all handled.
+    poll_draining: bool,
+    deadline_logged: bool,
     limits: Limits,
+    shutdown_timeout: std::time::Duration,
     /// The time at the start of this loop turn (one clock read per turn).
     now: Instant,
-    tick: Box<Timespec>,
 }
 
 impl<R: Routes> Worker<R> {
-    fn new(setup: WorkerSetup) -> Result<Self, ServerError> {
+    fn new(setup: WorkerSetup) -> Result<Self, WorkerError> {
         let unavailable =
-            |source: io::Error| ServerError::IoUringUnavailable { hint: diagnose(&source), source };
+            |source: io::Error| WorkerError::IoUringUnavailable { hint: diagnose(&source), source };
         let ring = build_ring().map_err(unavailable)?;
         let pool = BufferPool::new(&ring).map_err(unavailable)?;
         let processor = Processor::new(setup.core, setup.stats, setup.config.limits);
@@ -339,30 +301,25 @@ impl<R: Routes> Worker<R> {
             pool,
             processor,
             listener: setup.listener,
-            control: setup.control,
-            conns: Vec::new(),
-            free_slots: Vec::new(),
+            stop: setup.stop,
+            conns: Slab::new(),
             next_generation: 0,
-            open_conns: 0,
+            timers: Timers::default(),
             send_queue: Vec::new(),
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
             wake_buf: Box::new(0),
             accept_backoff: Box::new(Timespec::from(ACCEPT_BACKOFF)),
-            drain_timeout: Box::new(Timespec::from(setup.config.shutdown_timeout)),
-            shutdown_timeout: setup.config.shutdown_timeout,
-            accepting: true,
-            accept_armed: false,
+            accept: Accept::Stopped,
             accept_errors: AcceptErrorLog::new(setup.core),
-            draining_since: None,
-            deadline_passed: false,
-            settle_all_pending: false,
+            drain_deadline: None,
+            poll_draining: false,
+            deadline_logged: false,
             limits: setup.config.limits,
+            shutdown_timeout: setup.config.shutdown_timeout,
             now: Instant::now(),
-            tick: Box::new(Timespec::from(TICK)),
         };
         worker.arm_accept().map_err(unavailable)?;
         worker.arm_wake().map_err(unavailable)?;
-        worker.arm_tick().map_err(unavailable)?;
         worker.ring.submit().map_err(unavailable)?;
         Ok(worker)
     }
@@ -385,31 +342,15 @@ impl<R: Routes> Worker<R> {
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(user_data(Op::Accept, 0, 0));
-        self.accept_armed = true;
+        self.accept = Accept::Armed;
         self.push(entry)
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
-        let fd = self.control.waker(self.core).raw();
+        let fd = self.stop.waker(self.core).as_fd().as_raw_fd();
         let entry = opcode::Read::new(Fd(fd), (&mut *self.wake_buf as *mut u64).cast(), 8)
             .build()
             .user_data(user_data(Op::Wake, 0, 0));
-        self.push(entry)
-    }
-
-    fn arm_tick(&mut self) -> io::Result<()> {
-        let entry = opcode::Timeout::new(&*self.tick).build().user_data(user_data(Op::Tick, 0, 0));
-        self.push(entry)
-    }
-
-    fn arm_recv(&mut self, slot: u32) -> io::Result<()> {
-        let conn = self.conns[slot as usize].as_mut().expect("live slot");
-        conn.recv_armed = true;
-        let entry = opcode::RecvMulti::new(Fd(conn.fd), BGID).build().user_data(user_data(
-            Op::Recv,
-            slot,
-            conn.generation,
-        ));
         self.push(entry)
     }
 
@@ -420,11 +361,17 @@ impl<R: Routes> Worker<R> {
             if self.finished() {
                 return Ok(());
             }
-            match self.ring.submit_and_wait(1) {
+            let waited = match self.timers.next() {
+                Some(at) => {
+                    let timeout = Timespec::from(at.saturating_duration_since(Instant::now()));
+                    self.ring.submitter().submit_with_args(1, &SubmitArgs::new().timespec(&timeout))
+                }
+                None => self.ring.submit_and_wait(1),
+            };
+            match waited {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // The CQ is full: reap before submitting more.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                // The earliest deadline came; EINTR: a signal; EBUSY: the CQ is full, reap first.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
                 Err(e) => return Err(e),
             }
             self.now = Instant::now();
@@ -434,18 +381,21 @@ impl<R: Routes> Worker<R> {
                 self.complete(&cqe)?;
             }
             self.completions = completions;
-            if self.settle_all_pending && self.ring.completion().is_empty() {
-                // After the whole batch, so no received bytes are still waiting to be handled.
-                self.settle_all_pending = false;
-                for slot in 0..self.conns.len() as u32 {
-                    self.settle(slot)?;
+            self.fire_timers()?;
+            if self.poll_draining && self.ring.completion().is_empty() {
+                // Only now, with every received byte handled, may a draining connection
+                // learn that the kernel holds nothing more for it.
+                self.poll_draining = false;
+                let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+                for slot in slots {
+                    self.drive(slot, true)?;
                 }
             }
         }
     }
 
     fn finished(&self) -> bool {
-        self.draining_since.is_some() && self.open_conns == 0 && !self.accept_armed
+        self.drain_deadline.is_some() && self.conns.is_empty() && self.accept == Accept::Stopped
     }
 
     fn complete(&mut self, cqe: &cqueue::Entry) -> io::Result<()> {
@@ -456,405 +406,256 @@ impl<R: Routes> Worker<R> {
             Some(Op::Send) => self.on_send(slot, generation, cqe.result()),
             Some(Op::Wake) => self.begin_shutdown(),
             Some(Op::AcceptRetry) => {
-                if self.accepting && !self.accept_armed {
+                if self.accept == Accept::BackingOff {
                     self.arm_accept()?;
                 }
                 Ok(())
             }
-            Some(Op::DrainDeadline) => {
-                self.force_close_all();
-                Ok(())
-            }
-            Some(Op::Tick) => self.on_tick(),
             Some(Op::Cancel) | None => Ok(()),
         }
     }
 
-    fn on_accept(&mut self, cqe: &cqueue::Entry) -> io::Result<()> {
-        let more = cqueue::more(cqe.flags());
-        if !more {
-            self.accept_armed = false;
-        }
-        let res = cqe.result();
-        if res >= 0 {
-            let fd = res;
-            self.accept_errors.succeeded();
-            if !self.accepting {
-                // SAFETY: fd was just accepted and is owned by nobody else.
-                unsafe { libc::close(fd) };
-            } else if self.open_conns >= self.limits.max_connections_per_core {
-                self.reject(fd);
-            } else {
-                self.open(fd)?;
+    fn fire_timers(&mut self) -> io::Result<()> {
+        while let Some((at, (slot, generation))) = self.timers.pop_due(self.now) {
+            let Some(c) = self.conns.get_mut(slot).filter(|c| c.generation == generation) else { continue };
+            c.conn.timer_fired(at);
+            c.conn.on_timeout(self.now, self.processor.stats());
+            if c.conn.state() == State::Closed(CloseReason::ShutdownDeadline) && !self.deadline_logged {
+                self.deadline_logged = true;
+                tracing::warn!(
+                    core = self.core,
+                    connections = self.conns.len(),
+                    "shutdown deadline passed: closing undrained connections"
+                );
             }
-        } else if res != -libc::ECANCELED {
-            let err = io::Error::from_raw_os_error(-res);
-            self.accept_errors.failed(&err, Instant::now());
-            if !more && self.accepting {
-                let entry = opcode::Timeout::new(&*self.accept_backoff).build().user_data(user_data(
-                    Op::AcceptRetry,
-                    0,
-                    0,
-                ));
-                self.push(entry)?;
-            }
-            return Ok(());
-        }
-        if !more && self.accepting && !self.accept_armed {
-            self.arm_accept()?;
+            self.drive(slot, false)?;
         }
         Ok(())
     }
 
-    /// Refuses a connection beyond `max_connections_per_core`: a 503 line, then close.
-    fn reject(&mut self, fd: RawFd) {
-        // Counted first, so whoever sees the reply sees the count.
-        self.processor.stats().connection_rejected();
-        sys::refuse(fd, TOO_MANY_CONNECTIONS);
-        // SAFETY: fd was just accepted and is owned by nobody else.
-        unsafe { libc::close(fd) };
-        tracing::debug!(
-            core = self.core,
-            open = self.open_conns,
-            "connection refused: core at its connection limit"
-        );
+    fn on_accept(&mut self, cqe: &cqueue::Entry) -> io::Result<()> {
+        let more = cqueue::more(cqe.flags());
+        let res = cqe.result();
+        if res >= 0 {
+            // SAFETY: the kernel just created this descriptor for us.
+            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+            self.accept_errors.succeeded();
+            if self.drain_deadline.is_none() {
+                self.admit(fd)?;
+            }
+        } else if res != -libc::ECANCELED {
+            let err = io::Error::from_raw_os_error(-res);
+            self.accept_errors.failed(&err, Instant::now());
+        }
+        if !more {
+            match self.accept {
+                Accept::Armed if res >= 0 => self.arm_accept()?,
+                Accept::Armed => {
+                    self.accept = Accept::BackingOff;
+                    let entry = opcode::Timeout::new(&*self.accept_backoff).build().user_data(user_data(
+                        Op::AcceptRetry,
+                        0,
+                        0,
+                    ));
+                    self.push(entry)?;
+                }
+                Accept::Cancelling => self.accept = Accept::Stopped,
+                Accept::BackingOff | Accept::Stopped => {}
+            }
+        }
+        Ok(())
     }
 
-    fn open(&mut self, fd: RawFd) -> io::Result<()> {
-        if let Err(e) = sys::set_nodelay(fd) {
+    /// Serves a new connection, or refuses it beyond the connection limit.
+    fn admit(&mut self, fd: OwnedFd) -> io::Result<()> {
+        match self.limits.admit(self.conns.len(), self.processor.stats()) {
+            Admission::Accept => self.open(fd),
+            Admission::Refuse(line) => {
+                sys::refuse(fd.as_fd(), line);
+                Ok(())
+            }
+        }
+    }
+
+    fn open(&mut self, fd: OwnedFd) -> io::Result<()> {
+        if let Err(e) = sys::set_nodelay(fd.as_fd()) {
             tracing::debug!(core = self.core, "TCP_NODELAY failed: {e}");
         }
         self.next_generation = self.next_generation.wrapping_add(1) & 0x00ff_ffff;
-        let conn = Conn::new(fd, self.next_generation, self.now);
-        let slot = match self.free_slots.pop() {
-            Some(slot) => {
-                self.conns[slot as usize] = Some(conn);
-                slot
-            }
-            None => {
-                self.conns.push(Some(conn));
-                (self.conns.len() - 1) as u32
-            }
-        };
-        self.open_conns += 1;
-        self.processor.stats().connection_opened();
-        self.arm_recv(slot)
+        let mut conn = Connection::new(self.limits, self.now, self.processor.stats());
+        if let Some(deadline) = self.drain_deadline {
+            conn.on_shutdown(deadline);
+        }
+        let slot = self.conns.insert(Conn {
+            fd,
+            generation: self.next_generation,
+            recv: Recv::Off,
+            ending: false,
+            conn,
+        });
+        self.drive(slot, false)
     }
 
-    /// The live connection in `slot` if `generation` is its generation.
-    fn conn(&mut self, slot: u32, generation: u32) -> Option<&mut Conn> {
-        self.conns.get_mut(slot as usize)?.as_mut().filter(|c| c.generation == generation)
-    }
-
-    fn on_recv(&mut self, slot: u32, generation: u32, cqe: &cqueue::Entry) -> io::Result<()> {
+    fn on_recv(&mut self, slot: usize, generation: u32, cqe: &cqueue::Entry) -> io::Result<()> {
         let res = cqe.result();
-        let more = cqueue::more(cqe.flags());
         let bid = cqueue::buffer_select(cqe.flags());
-        let Some(conn) =
-            self.conns.get_mut(slot as usize).and_then(Option::as_mut).filter(|c| c.generation == generation)
-        else {
+        let Some(c) = self.conns.get_mut(slot).filter(|c| c.generation == generation) else {
             if let Some(bid) = bid {
                 self.pool.give_back(bid);
             }
             return Ok(());
         };
-        let mut rearm = !more;
-        // Cancelled to pause reading (backpressure): not an error.
-        let mut paused_on_purpose = false;
-        if !more {
-            conn.recv_armed = false;
-            paused_on_purpose = std::mem::take(&mut conn.recv_cancelled) && res == -libc::ECANCELED;
+        if !cqueue::more(cqe.flags()) {
+            c.recv = Recv::Off;
         }
         if res > 0 {
-            conn.last_activity = self.now;
             let bid = bid.expect("recv completion with data carries a buffer id");
-            if !(conn.dead || conn.write_shut || conn.read_done) {
-                let buf = self.pool.buffer(bid);
-                let flow = self.processor.on_recv(&mut conn.session, buf, res as usize, &mut conn.out);
-                if flow == Flow::Close {
-                    // The session now discards input; reply, then half-close.
-                    conn.closing = true;
-                }
-                conn.waiting_since = if conn.session.pending_bytes() > 0 {
-                    conn.waiting_since.or(Some(self.now))
-                } else {
-                    None
-                };
-                if conn.unsent() > self.limits.max_pending_output && !conn.paused {
-                    // The peer does not read its replies: stop reading its requests until
-                    // it has read half of them.
-                    conn.paused = true;
-                    self.processor.stats().backpressure_pause();
-                    if conn.recv_armed && more {
-                        conn.recv_cancelled = true;
-                        let target = user_data(Op::Recv, slot, conn.generation);
-                        let cancel = opcode::AsyncCancel::new(target).build().user_data(user_data(
-                            Op::Cancel,
-                            slot,
-                            conn.generation,
-                        ));
-                        if !conn.out.is_empty() && !conn.queued_for_send {
-                            conn.queued_for_send = true;
-                            self.send_queue.push(slot);
-                        }
-                        self.push(cancel)?;
-                        return self.settle(slot);
-                    }
-                }
-                if !conn.out.is_empty() && !conn.queued_for_send {
-                    conn.queued_for_send = true;
-                    self.send_queue.push(slot);
-                }
-            }
+            c.conn.on_recv(&mut self.processor, self.pool.buffer(bid), res as usize, self.now);
             self.pool.give_back(bid);
         } else if res == 0 {
-            // Orderly shutdown by the peer: answer what was received, then close.
-            let dropped = conn.session.finish();
-            if dropped > 0 {
-                tracing::debug!(core = self.core, dropped, "peer closed with an unterminated line");
-            }
-            conn.read_done = true;
-            rearm = false;
-        } else if paused_on_purpose {
-            // Re-armed below unless still paused (resuming re-arms it otherwise).
-        } else if res == -libc::ENOBUFS {
-            // The pool ran dry this turn; buffers come back before the re-armed recv runs.
-            tracing::trace!(core = self.core, "receive buffer pool empty");
-        } else {
-            if res != -libc::ECANCELED {
-                let err = io::Error::from_raw_os_error(-res);
-                tracing::debug!(core = self.core, "recv failed: {err}");
-            }
-            conn.dead = true;
-            rearm = false;
+            c.conn.on_peer_closed(self.now);
+        } else if res != -libc::ENOBUFS && res != -libc::ECANCELED {
+            // ENOBUFS: the pool ran dry this turn; buffers come back before the recv is
+            // re-armed. ECANCELED: paused or closing on purpose.
+            tracing::debug!(core = self.core, "recv failed: {}", io::Error::from_raw_os_error(-res));
+            c.conn.on_error();
         }
-        if rearm && !conn.dead && !conn.read_done && !conn.paused {
-            self.arm_recv(slot)?;
-        }
-        self.settle(slot)
+        self.drive(slot, false)
     }
 
-    /// Once a second: close connections past their idle or line deadline.
-    fn on_tick(&mut self) -> io::Result<()> {
-        let now = Instant::now();
-        for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns[slot].as_mut() else { continue };
-            if conn.dead {
-                continue;
-            }
-            match next_deadline(&self.limits, conn.waiting_since, conn.last_activity) {
-                Some((at, idle)) if at <= now => {
-                    conn.dead = true;
-                    if idle {
-                        self.processor.stats().idle_timeout();
-                        tracing::debug!(core = self.core, "closing an idle connection");
-                    } else {
-                        self.processor.stats().line_timeout();
-                        tracing::debug!(core = self.core, "closing a connection that did not finish in time");
-                    }
-                }
-                _ => continue,
-            }
-            self.settle(slot as u32)?;
+    fn on_send(&mut self, slot: usize, generation: u32, res: i32) -> io::Result<()> {
+        let Some(c) = self.conns.get_mut(slot).filter(|c| c.generation == generation) else {
+            return Ok(());
+        };
+        c.conn.on_sent(res.max(0) as usize, self.now, self.processor.stats());
+        if res < 0 {
+            tracing::debug!(core = self.core, "send failed: {}", io::Error::from_raw_os_error(-res));
+            c.conn.on_error();
         }
-        if self.draining_since.is_none() || self.open_conns > 0 {
-            self.arm_tick()?;
+        self.drive(slot, false)
+    }
+
+    /// Turns what the connection asks for into submissions: FIN or close, recv on or off,
+    /// a send at the end of the turn, its next deadline. `settled` says that every completion
+    /// so far is handled, so the kernel's count of unread bytes is the whole truth.
+    fn drive(&mut self, slot: usize, settled: bool) -> io::Result<()> {
+        let Some(c) = self.conns.get_mut(slot) else { return Ok(()) };
+        let fd = c.fd.as_fd();
+        match c.conn.poll(self.now, || if settled { sys::unread_bytes(fd) } else { 1 }) {
+            Step::Wait => {}
+            Step::ShutdownWrite => sys::shutdown(fd, Shutdown::Write),
+            Step::Close(_) => return self.close(slot),
+        }
+        let target = user_data(Op::Recv, slot, c.generation);
+        match (c.conn.wants_read(), c.recv) {
+            (true, Recv::Off) => {
+                c.recv = Recv::Armed;
+                let entry = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID).build().user_data(target);
+                self.push(entry)?;
+            }
+            (false, Recv::Armed) => {
+                // Backpressure or the peer's FIN: stop reading.
+                c.recv = Recv::Cancelling;
+                let entry =
+                    opcode::AsyncCancel::new(target).build().user_data(user_data(Op::Cancel, slot, 0));
+                self.push(entry)?;
+            }
+            _ => {}
+        }
+        let c = &mut self.conns[slot];
+        if c.conn.wants_send() {
+            self.send_queue.push(slot);
+        }
+        if let Some(at) = c.conn.reschedule() {
+            self.timers.schedule(at, (slot, c.generation));
         }
         Ok(())
     }
 
-    fn on_send(&mut self, slot: u32, generation: u32, res: i32) -> io::Result<()> {
-        let (core, now, max_pending_output) = (self.core, self.now, self.limits.max_pending_output);
-        let Some(conn) = self.conn(slot, generation) else {
+    /// Releases a closed connection once no operation refers to it; until then, shuts the
+    /// socket down so the operations in flight end.
+    fn close(&mut self, slot: usize) -> io::Result<()> {
+        let c = &mut self.conns[slot];
+        if c.recv == Recv::Off && !c.conn.send_in_flight() {
+            let c = self.conns.remove(slot);
+            c.conn.finish(self.processor.stats());
             return Ok(());
-        };
-        conn.send_in_flight = false;
-        if res < 0 {
-            let err = io::Error::from_raw_os_error(-res);
-            tracing::debug!(core, "send failed: {err}");
-            conn.dead = true;
-        } else {
-            conn.sent += res as usize;
-            conn.last_activity = now;
-            let total = conn.sent;
-            if total < conn.sending.len() {
-                // Partial send: the rest goes out before anything queued after it.
-                self.processor.stats().bytes_out(res as usize);
-                self.submit_send(slot)?;
-                return Ok(());
-            }
-            conn.sending.clear();
-            conn.sent = 0;
-            if conn.sending.capacity() > OUT_KEEP {
-                conn.sending = Vec::new();
-            }
-            let queue = !conn.out.is_empty() && !conn.queued_for_send;
-            if queue {
-                conn.queued_for_send = true;
-            }
-            let resume = conn.paused && conn.unsent() <= max_pending_output / 2;
-            if resume {
-                conn.paused = false;
-            }
-            let arm = resume && !conn.recv_armed && !conn.read_done && !conn.dead;
-            self.processor.stats().bytes_out(res as usize);
-            if queue {
-                self.send_queue.push(slot);
-            }
-            if arm {
-                self.arm_recv(slot)?;
+        }
+        if !c.ending {
+            c.ending = true;
+            // Ends a send stuck on a peer that does not read, and the multishot recv.
+            sys::shutdown(c.fd.as_fd(), Shutdown::Both);
+            if c.recv == Recv::Armed {
+                c.recv = Recv::Cancelling;
+                let target = user_data(Op::Recv, slot, c.generation);
+                let entry =
+                    opcode::AsyncCancel::new(target).build().user_data(user_data(Op::Cancel, slot, 0));
+                self.push(entry)?;
             }
         }
-        self.settle(slot)
+        Ok(())
     }
 
     /// Starts one send per connection with new output: the batch of every reply produced
     /// this loop turn.
     fn queue_sends(&mut self) -> io::Result<()> {
         let mut queue = std::mem::take(&mut self.send_queue);
-        for &slot in &queue {
-            let Some(conn) = self.conns[slot as usize].as_mut() else {
-                continue;
-            };
-            conn.queued_for_send = false;
-            if conn.send_in_flight || conn.dead || conn.out.is_empty() {
-                continue;
-            }
-            std::mem::swap(&mut conn.out, &mut conn.sending);
-            conn.sent = 0;
-            self.submit_send(slot)?;
+        for slot in queue.drain(..) {
+            let Some(c) = self.conns.get_mut(slot) else { continue };
+            let Some(bytes) = c.conn.start_send() else { continue };
+            let entry = opcode::Send::new(Fd(c.fd.as_raw_fd()), bytes.as_ptr(), bytes.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data(Op::Send, slot, c.generation));
+            self.push(entry)?;
         }
-        queue.clear();
         self.send_queue = queue;
         Ok(())
     }
 
-    fn submit_send(&mut self, slot: u32) -> io::Result<()> {
-        let conn = self.conns[slot as usize].as_mut().expect("live slot");
-        let rest = &conn.sending[conn.sent..];
-        conn.send_in_flight = true;
-        let entry = opcode::Send::new(Fd(conn.fd), rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(user_data(Op::Send, slot, conn.generation));
-        self.push(entry)
-    }
-
-    /// Moves a connection towards its end once nothing more is owed to it: half-close after
-    /// the last reply, release the slot when no operation is in flight.
-    fn settle(&mut self, slot: u32) -> io::Result<()> {
-        let draining = self.draining_since.is_some();
-        let Some(conn) = self.conns[slot as usize].as_mut() else {
-            return Ok(());
-        };
-        if draining && !conn.dead {
-            conn.closing = true;
-        }
-        let output_done = !conn.send_in_flight && conn.out.is_empty();
-        if !conn.dead && output_done {
-            if conn.read_done && !conn.closing {
-                // The peer half-closed and every reply is out: done.
-                conn.dead = true;
-            } else if conn.closing && !conn.write_shut && (conn.read_done || sys::unread_bytes(conn.fd) == 0)
-            {
-                // Send FIN after the last reply; keep reading (and discarding) until the
-                // peer closes too, so unread input cannot turn our close into a reset that
-                // destroys the replies in flight. While draining for shutdown, bytes the
-                // kernel already holds are requests still owed a reply: wait for them.
-                sys::shutdown(conn.fd, libc::SHUT_WR);
-                conn.write_shut = true;
-                conn.waiting_since = Some(self.now);
-            }
-            if conn.write_shut && conn.read_done {
-                conn.dead = true;
-            }
-        }
-        if conn.dead {
-            if conn.recv_armed {
-                // Ends the multishot recv; its final completion calls settle again.
-                sys::shutdown(conn.fd, libc::SHUT_RDWR);
-                let entry = opcode::AsyncCancel::new(user_data(Op::Recv, slot, conn.generation))
-                    .build()
-                    .user_data(user_data(Op::Cancel, slot, conn.generation));
-                return self.push(entry);
-            }
-            if !conn.send_in_flight {
-                // SAFETY: the fd is ours and no operation refers to it any more.
-                unsafe { libc::close(conn.fd) };
-                self.conns[slot as usize] = None;
-                self.free_slots.push(slot);
-                self.open_conns -= 1;
-                self.processor.stats().connection_closed();
-            }
-        }
-        Ok(())
-    }
-
     fn begin_shutdown(&mut self) -> io::Result<()> {
-        if self.draining_since.is_some() || !self.control.stopping() {
+        if !self.stop.stopping() {
             // A spurious wake-up: keep listening for the real one.
-            return if self.draining_since.is_none() { self.arm_wake() } else { Ok(()) };
+            return self.arm_wake();
         }
-        self.draining_since = Some(Instant::now());
+        if self.drain_deadline.is_some() {
+            return Ok(());
+        }
+        let deadline = self.now + self.shutdown_timeout;
+        self.drain_deadline = Some(deadline);
         // Connections the kernel already established may carry requests: serve them too.
-        if sys::set_nonblocking(self.listener.as_raw_fd()).is_ok() {
+        if sys::set_nonblocking(self.listener.as_fd()).is_ok() {
             let mut backlog = Vec::new();
-            sys::accept_backlog(self.listener.as_raw_fd(), |fd| backlog.push(fd));
+            sys::accept_backlog(self.listener.as_fd(), |fd| backlog.push(fd));
             for fd in backlog {
-                self.open(fd.into_raw_fd())?;
+                self.admit(fd)?;
             }
         }
-        self.accepting = false;
-        if self.accept_armed {
-            let entry = opcode::AsyncCancel::new(user_data(Op::Accept, 0, 0)).build().user_data(user_data(
-                Op::Cancel,
-                0,
-                0,
-            ));
-            self.push(entry)?;
+        match self.accept {
+            Accept::Armed => {
+                self.accept = Accept::Cancelling;
+                let entry = opcode::AsyncCancel::new(user_data(Op::Accept, 0, 0))
+                    .build()
+                    .user_data(user_data(Op::Cancel, 0, 0));
+                self.push(entry)?;
+            }
+            // A pending retry timeout finds the state Stopped and does nothing.
+            Accept::BackingOff => self.accept = Accept::Stopped,
+            Accept::Cancelling | Accept::Stopped => {}
         }
         tracing::info!(
             core = self.core,
-            connections = self.open_conns,
+            connections = self.conns.len(),
             timeout = ?self.shutdown_timeout,
             "shutting down: draining connections"
         );
-        let deadline =
-            opcode::Timeout::new(&*self.drain_timeout).build().user_data(user_data(Op::DrainDeadline, 0, 0));
-        self.push(deadline)?;
-        self.settle_all_pending = true;
+        let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            self.conns[slot].conn.on_shutdown(deadline);
+            self.drive(slot, false)?;
+        }
+        self.poll_draining = true;
         Ok(())
-    }
-
-    fn force_close_all(&mut self) {
-        if self.deadline_passed {
-            return;
-        }
-        self.deadline_passed = true;
-        let mut left = 0;
-        for slot in 0..self.conns.len() {
-            if let Some(conn) = self.conns[slot].as_mut() {
-                conn.dead = true;
-                left += 1;
-                let _ = self.settle(slot as u32);
-            }
-        }
-        if left > 0 {
-            tracing::warn!(
-                core = self.core,
-                connections = left,
-                "shutdown deadline passed: closing undrained connections"
-            );
-        }
-    }
-}
-
-impl<R: Routes> Drop for Worker<R> {
-    fn drop(&mut self) {
-        for conn in self.conns.iter().flatten() {
-            // SAFETY: the fds are ours; the ring is torn down with the worker.
-            unsafe { libc::close(conn.fd) };
-        }
     }
 }
 

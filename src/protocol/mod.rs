@@ -1,16 +1,19 @@
-//! The sans-I/O protocol core: framing ([`frame`]), the parsed request ([`request`]), reply
-//! encoding ([`reply`]) and the per-connection state machine ([`session`]) that turns
-//! received bytes into reply bytes. No sockets, no runtime: every backend drives this same
+//! The sans-I/O core: framing ([`frame`]), the parsed request ([`request`]), reply encoding
+//! ([`reply`]), the per-core engine that turns received bytes into reply bytes
+//! ([`session`]), and every rule of a connection ([`connection`]): backpressure, deadlines,
+//! half-close, draining. No sockets, no runtime, no clock: every backend drives this same
 //! code, and tests drive it directly.
 
+pub mod connection;
 pub mod frame;
 pub mod reply;
 pub mod request;
 pub mod session;
 
+pub use connection::{
+    Admission, CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE,
+    DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step, Timers,
+};
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
-pub use session::{
-    DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT,
-    Flow, Limits, PADDING, Processor, Session,
-};
+pub use session::{Flow, PADDING, Processor, Session};

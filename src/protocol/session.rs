@@ -9,62 +9,22 @@
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::Duration;
 
 use simd_json::{Buffers, Tape};
 
+use super::connection::Limits;
 use super::frame::{content_len, find_newline, is_blank};
 use super::reply::{Reply, begin_ok, end_ok, write_error};
 use super::request::{CoreContext, Rejected, decode};
-use crate::dispatch::{HandlerResult, RESERVED_BELOW, Routes};
-use crate::handlers;
+use crate::dispatch::{HandlerResult, Routes};
 use crate::stats::{CoreStats, StatsRegistry};
 
 /// Readable bytes every receive buffer must have past its data (simd-json's SIMD reads).
 pub const PADDING: usize = simd_json::INPUT_PADDING;
 
-/// Default longest request line, in bytes, not counting the `\n`.
-pub const DEFAULT_MAX_LINE: usize = 1 << 20;
-/// Default connections per core.
-pub const DEFAULT_MAX_CONNECTIONS_PER_CORE: usize = 16_384;
-/// Default unsent reply bytes per connection before reading pauses.
-pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 1 << 20;
-/// Default time a peer may take to finish a line it started.
-pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Carry buffers bigger than this are freed once their line is done, so a connection that
 /// once sent a huge line does not keep its memory.
 const CARRY_KEEP: usize = 64 << 10;
-
-/// Protocol limits enforced by the core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Longest request line in bytes (excluding `\n`); longer gets 413 and a close.
-    pub max_line: usize,
-    /// Connections one core serves at once; beyond it a new connection gets a 503 reply line
-    /// and is closed.
-    pub max_connections_per_core: usize,
-    /// Unsent reply bytes one connection may hold; past it the server stops reading from that
-    /// peer until it has read half of them (backpressure).
-    pub max_pending_output: usize,
-    /// Close connections that send nothing for this long (`None`: never).
-    pub idle_timeout: Option<Duration>,
-    /// Close a connection that started a line and has not finished it within this long
-    /// (slowloris), or that lingers after a 413 or a shutdown without closing its side.
-    pub line_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_line: DEFAULT_MAX_LINE,
-            max_connections_per_core: DEFAULT_MAX_CONNECTIONS_PER_CORE,
-            max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
-            idle_timeout: None,
-            line_timeout: DEFAULT_LINE_TIMEOUT,
-        }
-    }
-}
 
 /// What the backend must do with the connection after feeding it bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,11 +208,7 @@ impl<R: Routes> Processor<R> {
         let data_start = out.len();
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Option<HandlerResult> {
             let reply = Reply::new(out);
-            if cmdid < RESERVED_BELOW {
-                handlers::call_builtin(cmdid, &request, reply)
-            } else {
-                R::call(cmdid, &request, reply)
-            }
+            R::call(cmdid, &request, reply)
         }));
         match outcome {
             Ok(Some(Ok(()))) => {

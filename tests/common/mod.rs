@@ -23,6 +23,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
+use ringcall::backend::worker::WorkerError;
 use ringcall::{Backend, HandlerError, HandlerResult, Reply, Request, ServerError, ServerHandle};
 
 /// Failsafe so a broken server fails a test instead of hanging it; never a timing assertion.
@@ -56,7 +57,7 @@ pub fn start_with(
         ringcall::Server::builder().addr("127.0.0.1:0").backend(backend).threads(2).pin_threads(false);
     match configure(builder).start::<TestRoutes>() {
         Ok(server) => Some(server),
-        Err(e @ ServerError::IoUringUnavailable { .. }) => {
+        Err(e @ ServerError::Worker(WorkerError::IoUringUnavailable { .. })) => {
             assert!(
                 std::env::var_os("RINGCALL_REQUIRE_ALL_BACKENDS").is_none(),
                 "backend {backend} cannot run here and RINGCALL_REQUIRE_ALL_BACKENDS is set: {e}"

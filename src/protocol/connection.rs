@@ -1,0 +1,507 @@
+//! Every rule of a connection, for every backend: what to read, what to send, when to pause
+//! reading, when to send FIN, when to close, and every deadline.
+//!
+//! A [`Connection`] is a sans-I/O state machine in the style of quinn-proto: a backend feeds
+//! it events — bytes received ([`on_recv`](Connection::on_recv)), bytes sent
+//! ([`on_sent`](Connection::on_sent)), the peer's end of file
+//! ([`on_peer_closed`](Connection::on_peer_closed)), an I/O error
+//! ([`on_error`](Connection::on_error)), a timer ([`on_timeout`](Connection::on_timeout)), a
+//! server shutdown ([`on_shutdown`](Connection::on_shutdown)) — and asks what to do:
+//! which bytes to send ([`start_send`](Connection::start_send)), whether to read
+//! ([`wants_read`](Connection::wants_read)), whether to half-close or close
+//! ([`poll`](Connection::poll)), and when to wake it next
+//! ([`poll_timeout`](Connection::poll_timeout)). It never reads the clock: every event
+//! carries `now`, so the rules are tested with a fake clock.
+//!
+//! The connection owns the protocol [`Session`], the replies not yet handed to the kernel,
+//! the bytes the kernel is sending, and the counters it bumps. A backend keeps its socket,
+//! its operations in flight and this machine — nothing else.
+
+use std::mem;
+use std::time::{Duration, Instant};
+
+use super::reply::TOO_MANY_CONNECTIONS;
+use super::session::{Flow, Processor, Session};
+use crate::dispatch::Routes;
+use crate::stats::CoreStats;
+
+/// Default longest request line, in bytes, not counting the `\n`.
+pub const DEFAULT_MAX_LINE: usize = 1 << 20;
+/// Default connections per core.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CORE: usize = 16_384;
+/// Default unsent reply bytes per connection before reading pauses.
+pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Default time a peer may take to finish a line it started.
+pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Output buffers that grew past this are freed once drained, so a connection that once
+/// received a burst of replies does not keep their memory.
+const OUT_KEEP: usize = 64 << 10;
+
+/// The limits every connection of a server obeys, on every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest request line in bytes (excluding `\n`); longer gets 413 and a close.
+    pub max_line: usize,
+    /// Connections one core serves at once; beyond it a new connection gets a 503 reply line
+    /// and is closed.
+    pub max_connections_per_core: usize,
+    /// Unsent reply bytes one connection may hold; past it the server stops reading from that
+    /// peer until it has read half of them (backpressure).
+    pub max_pending_output: usize,
+    /// Close connections that move no bytes for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Close a connection that started a line and has not finished it within this long
+    /// (slowloris), or that lingers after a 413 or a shutdown without closing its side.
+    pub line_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line: DEFAULT_MAX_LINE,
+            max_connections_per_core: DEFAULT_MAX_CONNECTIONS_PER_CORE,
+            max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
+            idle_timeout: None,
+            line_timeout: DEFAULT_LINE_TIMEOUT,
+        }
+    }
+}
+
+/// Whether a core takes a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Serve it.
+    Accept,
+    /// Send it this one reply line (a 503), FIN, and close it.
+    Refuse(&'static [u8]),
+}
+
+impl Limits {
+    /// Decides on a connection accepted while `open` connections are served on this core;
+    /// a refusal is counted before it is answered, so whoever sees the reply sees the count.
+    pub fn admit(&self, open: usize, stats: &CoreStats) -> Admission {
+        if open < self.max_connections_per_core {
+            Admission::Accept
+        } else {
+            stats.connection_rejected();
+            tracing::debug!(open, "connection refused: core at its connection limit");
+            Admission::Refuse(TOO_MANY_CONNECTIONS)
+        }
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Reading requests and answering them.
+    Serving,
+    /// The server is shutting down: answer what has arrived, then send FIN.
+    Draining,
+    /// The peer sent FIN: send every reply owed, then close.
+    PeerClosed,
+    /// A line over the limit put the stream out of sync: send the replies owed (the last is
+    /// the 413), then FIN; further input is discarded.
+    Desynced,
+    /// FIN was sent after the last reply; input is discarded until the peer closes, so unread
+    /// input cannot turn the close into a reset that destroys replies in flight.
+    Lingering {
+        /// When FIN was sent.
+        since: Instant,
+    },
+    /// Done: the backend releases the socket.
+    Closed(CloseReason),
+}
+
+/// Why a connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed and every reply was sent.
+    PeerClosed,
+    /// We sent FIN after the last reply and the peer closed too.
+    Finished,
+    /// Nothing moved for `idle_timeout`.
+    IdleTimeout,
+    /// A started line, or the peer's close after our FIN, took longer than `line_timeout`.
+    LineTimeout,
+    /// The server's shutdown deadline passed first.
+    ShutdownDeadline,
+    /// The socket failed.
+    Error,
+}
+
+/// Whether requests are read from the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Active,
+    /// Backpressure: the peer holds more than `max_pending_output` unread reply bytes.
+    Paused,
+}
+
+/// The send the kernel (or a write call) is working on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Send {
+    Idle,
+    /// `sending[sent..]` was handed out by [`Connection::start_send`].
+    InFlight,
+    /// The buffer itself was lent out (ownership-passing I/O) with this many bytes in it.
+    Lent(usize),
+}
+
+/// What the backend must do with the socket, from [`Connection::poll`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing beyond sending and reading as asked.
+    Wait,
+    /// Send FIN (`shutdown(SHUT_WR)`), keep reading: the machine now discards input until the
+    /// peer closes.
+    ShutdownWrite,
+    /// Close the socket once no operation on it is in flight.
+    Close(CloseReason),
+}
+
+/// One connection's state machine (see the module docs).
+#[derive(Debug)]
+pub struct Connection {
+    state: State,
+    reading: Reading,
+    send: Send,
+    session: Session,
+    /// Replies produced and not yet handed to the kernel.
+    out: Vec<u8>,
+    /// The bytes handed to the kernel, of which `sent` are sent.
+    sending: Vec<u8>,
+    sent: usize,
+    /// The last time bytes moved either way.
+    last_activity: Instant,
+    /// Since when the peer owes the rest of a line it started.
+    line_started: Option<Instant>,
+    /// When the server's shutdown deadline closes this connection.
+    drain_deadline: Option<Instant>,
+    /// The deadline a backend's timer queue holds for this connection.
+    scheduled: Option<Instant>,
+    limits: Limits,
+}
+
+impl Connection {
+    /// A connection accepted at `now` (counted as opened; allocates nothing).
+    pub fn new(limits: Limits, now: Instant, stats: &CoreStats) -> Self {
+        stats.connection_opened();
+        Self {
+            state: State::Serving,
+            reading: Reading::Active,
+            send: Send::Idle,
+            session: Session::new(),
+            out: Vec::new(),
+            sending: Vec::new(),
+            sent: 0,
+            last_activity: now,
+            line_started: None,
+            drain_deadline: None,
+            scheduled: None,
+            limits,
+        }
+    }
+
+    /// The backend released the socket: counts the connection as closed.
+    pub fn finish(self, stats: &CoreStats) {
+        stats.connection_closed();
+    }
+
+    /// Where the connection is.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Reply bytes produced and not yet sent.
+    pub fn unsent(&self) -> usize {
+        let sending = match self.send {
+            Send::Lent(len) => len,
+            Send::Idle | Send::InFlight => self.sending.len(),
+        };
+        self.out.len() + sending - self.sent
+    }
+
+    /// Whether the backend should have a read outstanding. While it is false, nothing is
+    /// read from the peer: its requests wait in the kernel and TCP's flow control stops it.
+    pub fn wants_read(&self) -> bool {
+        match self.state {
+            State::Serving | State::Draining => self.reading == Reading::Active,
+            // Discarding until the peer closes.
+            State::Desynced | State::Lingering { .. } => true,
+            State::PeerClosed | State::Closed(_) => false,
+        }
+    }
+
+    /// Whether replies wait to be sent and no send is in flight.
+    pub fn wants_send(&self) -> bool {
+        self.send == Send::Idle
+            && !matches!(self.state, State::Closed(_))
+            && (self.sent < self.sending.len() || !self.out.is_empty())
+    }
+
+    /// Whether a send (or a lent buffer) is still with the kernel.
+    pub fn send_in_flight(&self) -> bool {
+        self.send != Send::Idle
+    }
+
+    /// The bytes to send now, marked in flight until [`on_sent`](Self::on_sent); `None`
+    /// while a send is in flight or nothing is owed. The slice stays valid and unchanged
+    /// until then, so it can be handed to the kernel.
+    pub fn start_send(&mut self) -> Option<&[u8]> {
+        if !self.take_output() {
+            return None;
+        }
+        self.send = Send::InFlight;
+        Some(&self.sending[self.sent..])
+    }
+
+    /// For ownership-passing I/O: lends the send buffer (the bytes owed start at the returned
+    /// offset). Give it back with [`on_sent_lent`](Self::on_sent_lent).
+    pub fn lend_send(&mut self) -> Option<(Vec<u8>, usize)> {
+        if !self.take_output() {
+            return None;
+        }
+        let buf = mem::take(&mut self.sending);
+        self.send = Send::Lent(buf.len());
+        Some((buf, self.sent))
+    }
+
+    /// Makes `sending[sent..]` the next bytes owed; false when there are none or a send is in
+    /// flight.
+    fn take_output(&mut self) -> bool {
+        if !self.wants_send() {
+            return false;
+        }
+        if self.sent == self.sending.len() {
+            // Everything handed out before is sent: the replies produced since go next.
+            self.sending.clear();
+            self.sent = 0;
+            mem::swap(&mut self.out, &mut self.sending);
+        }
+        true
+    }
+
+    /// The buffer lent by [`lend_send`](Self::lend_send) comes back with `n` more bytes sent.
+    pub fn on_sent_lent(&mut self, buf: Vec<u8>, n: usize, now: Instant, stats: &CoreStats) {
+        debug_assert!(matches!(self.send, Send::Lent(_)), "no buffer was lent");
+        self.sending = buf;
+        self.send = Send::InFlight;
+        self.on_sent(n, now, stats);
+    }
+
+    /// The send started by [`start_send`](Self::start_send) wrote `n` bytes (0: none, e.g. the
+    /// socket buffer was full). Resumes reading once the peer has read enough.
+    pub fn on_sent(&mut self, n: usize, now: Instant, stats: &CoreStats) {
+        debug_assert!(self.send == Send::InFlight, "on_sent without a send in flight");
+        self.send = Send::Idle;
+        if n > 0 {
+            stats.bytes_out(n);
+            self.last_activity = now;
+        }
+        self.sent = (self.sent + n).min(self.sending.len());
+        if self.sent == self.sending.len() {
+            self.sending.clear();
+            self.sent = 0;
+            if self.sending.capacity() > OUT_KEEP {
+                self.sending = Vec::new();
+            }
+            if self.out.is_empty() && self.out.capacity() > OUT_KEEP {
+                self.out = Vec::new();
+            }
+        }
+        if self.reading == Reading::Paused && self.unsent() <= self.limits.max_pending_output / 2 {
+            self.reading = Reading::Active;
+        }
+    }
+
+    /// `buf[..len]` was received (`buf` extends [`super::PADDING`] bytes past `len`): every
+    /// complete request in it is answered into the output. Pauses reading once the peer owes
+    /// more than `max_pending_output` reply bytes.
+    pub fn on_recv<R: Routes>(
+        &mut self,
+        processor: &mut Processor<R>,
+        buf: &mut [u8],
+        len: usize,
+        now: Instant,
+    ) {
+        self.last_activity = now;
+        match self.state {
+            State::Serving | State::Draining => {}
+            // Discarded: the stream is out of sync, or we are waiting for the peer to close.
+            _ => {
+                processor.stats().bytes_in(len);
+                return;
+            }
+        }
+        if processor.on_recv(&mut self.session, buf, len, &mut self.out) == Flow::Close {
+            self.state = State::Desynced;
+            self.line_started = None;
+            return;
+        }
+        self.line_started =
+            if self.session.pending_bytes() > 0 { self.line_started.or(Some(now)) } else { None };
+        if self.reading == Reading::Active && self.unsent() > self.limits.max_pending_output {
+            self.reading = Reading::Paused;
+            processor.stats().backpressure_pause();
+        }
+    }
+
+    /// The peer sent FIN (a read returned 0): an unterminated last line is dropped, the
+    /// replies owed are sent, then the connection closes.
+    pub fn on_peer_closed(&mut self, now: Instant) {
+        self.last_activity = now;
+        match self.state {
+            State::Serving | State::Draining | State::Desynced => {
+                let dropped = self.session.finish();
+                if dropped > 0 {
+                    tracing::debug!(dropped, "peer closed with an unterminated line");
+                }
+                self.line_started = None;
+                self.state = State::PeerClosed;
+            }
+            State::Lingering { .. } => self.state = State::Closed(CloseReason::Finished),
+            State::PeerClosed | State::Closed(_) => {}
+        }
+    }
+
+    /// The socket failed: close at once, discarding what is unsent.
+    pub fn on_error(&mut self) {
+        if !matches!(self.state, State::Closed(_)) {
+            self.state = State::Closed(CloseReason::Error);
+        }
+    }
+
+    /// The server is shutting down at `now` and closes what is left at `deadline`: stop
+    /// taking new requests once those that arrived are answered, then FIN.
+    pub fn on_shutdown(&mut self, deadline: Instant) {
+        if self.state == State::Serving {
+            self.state = State::Draining;
+        }
+        if !matches!(self.state, State::Closed(_)) {
+            self.drain_deadline = Some(deadline);
+        }
+    }
+
+    /// The next instant [`on_timeout`](Self::on_timeout) has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let own = match self.state {
+            State::Closed(_) => return None,
+            State::Lingering { since } => Some(since + self.limits.line_timeout),
+            _ => match self.line_started {
+                Some(since) => Some(since + self.limits.line_timeout),
+                None => self.limits.idle_timeout.map(|idle| self.last_activity + idle),
+            },
+        };
+        match (own, self.drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A timer fired at `now`: closes the connection if one of its deadlines has passed, and
+    /// counts why.
+    pub fn on_timeout(&mut self, now: Instant, stats: &CoreStats) {
+        if self.poll_timeout().is_none_or(|at| at > now) {
+            return;
+        }
+        let reason = if self.drain_deadline.is_some_and(|at| at <= now) {
+            CloseReason::ShutdownDeadline
+        } else if matches!(self.state, State::Lingering { .. }) || self.line_started.is_some() {
+            stats.line_timeout();
+            CloseReason::LineTimeout
+        } else {
+            stats.idle_timeout();
+            CloseReason::IdleTimeout
+        };
+        tracing::debug!(?reason, "closing a connection at its deadline");
+        self.state = State::Closed(reason);
+    }
+
+    /// What the backend must do next with the socket. `unread` tells how many received
+    /// bytes the kernel holds that were not read yet (`FIONREAD`); it is asked only while
+    /// draining, where those bytes are requests still owed a reply.
+    pub fn poll(&mut self, now: Instant, unread: impl FnOnce() -> usize) -> Step {
+        let output_done = !self.send_in_flight() && self.unsent() == 0;
+        match self.state {
+            State::Closed(reason) => Step::Close(reason),
+            State::PeerClosed if output_done => {
+                self.state = State::Closed(CloseReason::PeerClosed);
+                Step::Close(CloseReason::PeerClosed)
+            }
+            State::Desynced if output_done => self.shutdown_write(now),
+            State::Draining if output_done && unread() == 0 => self.shutdown_write(now),
+            _ => Step::Wait,
+        }
+    }
+
+    fn shutdown_write(&mut self, now: Instant) -> Step {
+        self.state = State::Lingering { since: now };
+        Step::ShutdownWrite
+    }
+
+    /// For a backend's timer queue: the deadline to schedule for this connection, if it is
+    /// earlier than the one already scheduled (a later one is found when the earlier fires).
+    pub fn reschedule(&mut self) -> Option<Instant> {
+        let at = self.poll_timeout()?;
+        if self.scheduled.is_some_and(|scheduled| scheduled <= at) {
+            return None;
+        }
+        self.scheduled = Some(at);
+        Some(at)
+    }
+
+    /// For a backend's timer queue: the entry for `at` fired (call
+    /// [`on_timeout`](Self::on_timeout), then [`reschedule`](Self::reschedule)).
+    pub fn timer_fired(&mut self, at: Instant) {
+        if self.scheduled == Some(at) {
+            self.scheduled = None;
+        }
+    }
+}
+
+/// A per-core queue of connection deadlines, for backends that wait on one timer for all
+/// their connections. Entries are never removed early: an entry whose connection moved its
+/// deadline later fires, finds nothing due, and is scheduled again at the new deadline
+/// ([`Connection::reschedule`] only asks for an entry when the deadline moves earlier), so a
+/// busy connection costs no timer work per request.
+#[derive(Debug)]
+pub struct Timers<K> {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, K)>>,
+}
+
+impl<K: Ord + Copy> Default for Timers<K> {
+    fn default() -> Self {
+        Self { heap: std::collections::BinaryHeap::new() }
+    }
+}
+
+impl<K: Ord + Copy> Timers<K> {
+    /// Wake `key` at `at`.
+    pub fn schedule(&mut self, at: Instant, key: K) {
+        self.heap.push(std::cmp::Reverse((at, key)));
+    }
+
+    /// The earliest entry's instant.
+    pub fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|entry| entry.0.0)
+    }
+
+    /// Removes and returns an entry due at `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<(Instant, K)> {
+        if self.next()? > now {
+            return None;
+        }
+        self.heap.pop().map(|entry| entry.0)
+    }
+
+    /// Entries held (stale ones included).
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// No entries.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+}
