@@ -156,12 +156,16 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
     let mut errors = AcceptErrorLog::new(index);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) if !stop.stopping() => {
+            // Accepted while the shutdown began: it may carry requests, so it is served
+            // (draining) like the backlog.
+            Ok((stream, _)) => {
                 errors.succeeded();
                 open(&core, stream);
+                if stop.stopping() {
+                    break;
+                }
             }
-            Ok(_) | Err(_) if stop.stopping() => break,
-            Ok(_) => {}
+            Err(_) if stop.stopping() => break,
             Err(e) => {
                 errors.failed(&e, Instant::now());
                 tokio::time::sleep(ACCEPT_BACKOFF).await;

@@ -279,8 +279,9 @@ struct Worker<R: Routes> {
     accept_errors: AcceptErrorLog,
     /// When the shutdown began, and when it closes what is left.
     drain_deadline: Option<Instant>,
-    /// Draining connections must be polled once this turn's completions are all handled.
-    poll_draining: bool,
+    /// Draining connections to poll again once this turn's completions are all handled
+    /// (may repeat).
+    drain_checks: Vec<usize>,
     deadline_logged: bool,
     limits: Limits,
     shutdown_timeout: std::time::Duration,
@@ -312,7 +313,7 @@ impl<R: Routes> Worker<R> {
             accept: Accept::Stopped,
             accept_errors: AcceptErrorLog::new(setup.core),
             drain_deadline: None,
-            poll_draining: false,
+            drain_checks: Vec::new(),
             deadline_logged: false,
             limits: setup.config.limits,
             shutdown_timeout: setup.config.shutdown_timeout,
@@ -382,14 +383,14 @@ impl<R: Routes> Worker<R> {
             }
             self.completions = completions;
             self.fire_timers()?;
-            if self.poll_draining && self.ring.completion().is_empty() {
+            if !self.drain_checks.is_empty() && self.ring.completion().is_empty() {
                 // Only now, with every received byte handled, may a draining connection
                 // learn that the kernel holds nothing more for it.
-                self.poll_draining = false;
-                let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
-                for slot in slots {
+                let mut checks = std::mem::take(&mut self.drain_checks);
+                for slot in checks.drain(..) {
                     self.drive(slot, true)?;
                 }
+                self.drain_checks = checks;
             }
         }
     }
@@ -542,6 +543,7 @@ impl<R: Routes> Worker<R> {
         let Some(c) = self.conns.get_mut(slot) else { return Ok(()) };
         let fd = c.fd.as_fd();
         match c.conn.poll(self.now, || if settled { sys::unread_bytes(fd) } else { 1 }) {
+            Step::Wait if !settled && c.conn.state() == State::Draining => self.drain_checks.push(slot),
             Step::Wait => {}
             Step::ShutdownWrite => sys::shutdown(fd, Shutdown::Write),
             Step::Close(_) => return self.close(slot),
@@ -654,7 +656,6 @@ impl<R: Routes> Worker<R> {
             self.conns[slot].conn.on_shutdown(deadline);
             self.drive(slot, false)?;
         }
-        self.poll_draining = true;
         Ok(())
     }
 }

@@ -339,8 +339,12 @@ impl Connection {
             self.line_started = None;
             return;
         }
-        self.line_started =
-            if self.session.pending_bytes() > 0 { self.line_started.or(Some(now)) } else { None };
+        self.line_started = match self.session.pending_bytes() {
+            0 => None,
+            // The unfinished line began in these bytes: its clock starts now.
+            _ if self.session.partial_line_is_new() => Some(now),
+            _ => self.line_started.or(Some(now)),
+        };
         if self.reading == Reading::Active && self.unsent() > self.limits.max_pending_output {
             self.reading = Reading::Paused;
             processor.stats().backpressure_pause();
@@ -503,5 +507,295 @@ impl<K: Ord + Copy> Timers<K> {
     /// No entries.
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
+    }
+}
+
+/// Every rule, deterministically: the clock is `t0` plus offsets, never the real one.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::WithBuiltins;
+    use crate::stats::StatsRegistry;
+    use std::sync::Arc;
+
+    crate::routes! {
+        Echo { 10000 => crate::handlers::echo }
+    }
+
+    const ECHO_LINE: &[u8] = b"{\"cmdid\":10000,\"params\":{\"x\":\"0123456789\"}}\n";
+    const ECHO_REPLY: &[u8] = b"{\"code\":0,\"data\":{\"x\":\"0123456789\"}}\n";
+
+    struct Fixture {
+        stats: Arc<StatsRegistry>,
+        processor: Processor<WithBuiltins<Echo>>,
+        t0: Instant,
+    }
+
+    impl Fixture {
+        fn new(limits: Limits) -> (Self, Connection) {
+            let stats = StatsRegistry::new(1);
+            let processor = Processor::new(0, stats.clone(), limits);
+            let t0 = Instant::now();
+            let conn = Connection::new(limits, t0, stats.core(0));
+            (Self { stats, processor, t0 }, conn)
+        }
+
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+
+        fn recv(&mut self, conn: &mut Connection, bytes: &[u8], ms: u64) {
+            let mut buf = bytes.to_vec();
+            buf.resize(bytes.len() + super::super::PADDING, 0);
+            let now = self.at(ms);
+            conn.on_recv(&mut self.processor, &mut buf, bytes.len(), now);
+        }
+
+        /// Sends everything owed in one go, as a peer that reads at once would let it.
+        fn send_all(&self, conn: &mut Connection, ms: u64) -> Vec<u8> {
+            let mut wire = Vec::new();
+            let now = self.at(ms);
+            while let Some(bytes) = conn.start_send() {
+                wire.extend_from_slice(bytes);
+                let n = bytes.len();
+                conn.on_sent(n, now, self.stats.core(0));
+            }
+            wire
+        }
+
+        fn total(&self) -> crate::stats::StatsSnapshot {
+            self.stats.total()
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_line: 200,
+            max_connections_per_core: 2,
+            max_pending_output: 10 * ECHO_REPLY.len(),
+            idle_timeout: Some(Duration::from_secs(60)),
+            line_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn replies_go_out_in_order_and_a_send_in_flight_holds_later_ones_back() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &ECHO_LINE.repeat(2), 0);
+        let first = conn.start_send().expect("replies owed").to_vec();
+        assert_eq!(first, ECHO_REPLY.repeat(2));
+        assert!(conn.start_send().is_none(), "one send in flight at a time");
+        f.recv(&mut conn, b"{\"cmdid\":0}\n", 1);
+        assert!(!conn.wants_send(), "later replies wait for the send in flight");
+        // A partial send: the rest goes first, then what was produced since.
+        conn.on_sent(5, f.at(2), f.stats.core(0));
+        assert_eq!(conn.start_send().unwrap(), &first[5..]);
+        conn.on_sent(first.len() - 5, f.at(3), f.stats.core(0));
+        assert_eq!(f.send_all(&mut conn, 4), b"{\"code\":0,\"data\":\"pong\"}\n");
+        assert_eq!(conn.unsent(), 0);
+        assert_eq!(f.total().bytes_out, (first.len() + 25) as u64);
+    }
+
+    #[test]
+    fn backpressure_pauses_past_max_pending_output_and_resumes_at_half() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        // Exactly the limit: still reading.
+        f.recv(&mut conn, &ECHO_LINE.repeat(10), 0);
+        assert_eq!(conn.unsent(), limits().max_pending_output);
+        assert!(conn.wants_read());
+        // One more reply past it: paused, counted once.
+        f.recv(&mut conn, ECHO_LINE, 1);
+        assert!(!conn.wants_read());
+        assert_eq!(f.total().backpressure_pauses, 1);
+        // Bytes already received while paused (a read in flight) are still answered.
+        f.recv(&mut conn, ECHO_LINE, 2);
+        assert_eq!(conn.unsent(), 12 * ECHO_REPLY.len());
+        assert_eq!(f.total().backpressure_pauses, 1);
+        // The peer reads 6 replies: 6 left, above half (5): still paused.
+        let len = conn.start_send().unwrap().len();
+        assert_eq!(len, 12 * ECHO_REPLY.len());
+        conn.on_sent(6 * ECHO_REPLY.len(), f.at(3), f.stats.core(0));
+        assert!(!conn.wants_read());
+        // One more: 5 left, at half: reading resumes.
+        conn.start_send().unwrap();
+        conn.on_sent(ECHO_REPLY.len(), f.at(4), f.stats.core(0));
+        assert!(conn.wants_read());
+        assert_eq!(conn.unsent(), 5 * ECHO_REPLY.len());
+    }
+
+    #[test]
+    fn idle_timeout_counts_from_the_last_bytes_moved_either_way() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        assert_eq!(conn.poll_timeout(), Some(f.at(60_000)));
+        f.recv(&mut conn, ECHO_LINE, 10_000);
+        assert_eq!(conn.poll_timeout(), Some(f.at(70_000)));
+        f.send_all(&mut conn, 20_000);
+        assert_eq!(conn.poll_timeout(), Some(f.at(80_000)));
+        conn.on_timeout(f.at(79_999), f.stats.core(0));
+        assert_eq!(conn.state(), State::Serving, "not before its deadline");
+        conn.on_timeout(f.at(80_000), f.stats.core(0));
+        assert_eq!(conn.state(), State::Closed(CloseReason::IdleTimeout));
+        assert_eq!(conn.poll(f.at(80_000), || 0), Step::Close(CloseReason::IdleTimeout));
+        assert_eq!(f.total().idle_timeouts, 1);
+        assert_eq!(f.total().line_timeouts, 0);
+    }
+
+    #[test]
+    fn without_an_idle_timeout_a_silent_connection_has_no_deadline() {
+        let (_f, conn) = Fixture::new(Limits { idle_timeout: None, ..limits() });
+        assert_eq!(conn.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_started_line_must_end_within_the_line_timeout() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, b"{\"cmdid\":", 1_000);
+        assert_eq!(conn.poll_timeout(), Some(f.at(6_000)));
+        // More bytes of the same line do not move the deadline (slowloris).
+        f.recv(&mut conn, b"0", 4_000);
+        assert_eq!(conn.poll_timeout(), Some(f.at(6_000)));
+        // The line ends: back to the idle deadline.
+        f.recv(&mut conn, b"}\n{\"cm", 5_000);
+        assert_eq!(f.send_all(&mut conn, 5_000), b"{\"code\":0,\"data\":\"pong\"}\n");
+        assert_eq!(conn.poll_timeout(), Some(f.at(10_000)), "a new line started at 5 s");
+        conn.on_timeout(f.at(10_000), f.stats.core(0));
+        assert_eq!(conn.state(), State::Closed(CloseReason::LineTimeout));
+        assert_eq!(f.total().line_timeouts, 1);
+    }
+
+    #[test]
+    fn a_line_over_the_limit_gets_413_then_fin_then_discards_until_the_peer_closes() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, b"{\"cmdid\":0}\n", 0);
+        f.recv(&mut conn, &[b'x'; 201], 1);
+        assert_eq!(conn.state(), State::Desynced);
+        assert!(conn.wants_read(), "input is read and discarded");
+        assert_eq!(conn.poll(f.at(1), || 0), Step::Wait, "replies are still owed");
+        assert_eq!(
+            f.send_all(&mut conn, 2),
+            b"{\"code\":0,\"data\":\"pong\"}\n{\"code\":413,\"error\":\"request line longer than 200 bytes\"}\n"
+        );
+        assert_eq!(conn.poll(f.at(2), || 0), Step::ShutdownWrite);
+        assert_eq!(conn.state(), State::Lingering { since: f.at(2) });
+        f.recv(&mut conn, ECHO_LINE, 3);
+        assert_eq!(conn.unsent(), 0, "nothing is answered after FIN");
+        assert_eq!(conn.poll_timeout(), Some(f.at(5_002)));
+        conn.on_peer_closed(f.at(4));
+        assert_eq!(conn.poll(f.at(4), || 0), Step::Close(CloseReason::Finished));
+    }
+
+    #[test]
+    fn a_peer_that_never_closes_after_our_fin_is_closed_at_the_line_timeout() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &[b'x'; 201], 0);
+        f.send_all(&mut conn, 0);
+        assert_eq!(conn.poll(f.at(0), || 0), Step::ShutdownWrite);
+        conn.on_timeout(f.at(5_000), f.stats.core(0));
+        assert_eq!(conn.state(), State::Closed(CloseReason::LineTimeout));
+    }
+
+    #[test]
+    fn the_peers_fin_drops_an_unterminated_line_and_closes_after_the_replies() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, b"{\"cmdid\":0}\n{\"cmdid\":0", 0);
+        conn.on_peer_closed(f.at(1));
+        assert_eq!(conn.state(), State::PeerClosed);
+        assert!(!conn.wants_read());
+        assert_eq!(conn.poll(f.at(1), || 0), Step::Wait);
+        assert_eq!(f.send_all(&mut conn, 2), b"{\"code\":0,\"data\":\"pong\"}\n");
+        assert_eq!(conn.poll(f.at(2), || 0), Step::Close(CloseReason::PeerClosed));
+        conn.finish(f.stats.core(0));
+        assert_eq!(f.total().connections_open, 0);
+    }
+
+    #[test]
+    fn draining_answers_what_arrived_waits_for_unread_bytes_then_fins() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, ECHO_LINE, 0);
+        conn.on_shutdown(f.at(10_000));
+        assert_eq!(conn.state(), State::Draining);
+        assert_eq!(conn.poll(f.at(1), || panic!("not asked while replies are owed")), Step::Wait);
+        f.send_all(&mut conn, 1);
+        // The kernel still holds a request: it is owed a reply.
+        assert_eq!(conn.poll(f.at(1), || 40), Step::Wait);
+        f.recv(&mut conn, ECHO_LINE, 2);
+        assert_eq!(f.send_all(&mut conn, 2), ECHO_REPLY);
+        assert_eq!(conn.poll(f.at(2), || 0), Step::ShutdownWrite);
+        conn.on_peer_closed(f.at(3));
+        assert_eq!(conn.poll(f.at(3), || 0), Step::Close(CloseReason::Finished));
+    }
+
+    #[test]
+    fn the_shutdown_deadline_closes_whatever_is_left() {
+        let (mut f, mut conn) = Fixture::new(Limits { idle_timeout: None, ..limits() });
+        f.recv(&mut conn, ECHO_LINE, 0);
+        conn.start_send().unwrap(); // the peer never reads it
+        conn.on_shutdown(f.at(10_000));
+        assert_eq!(conn.poll_timeout(), Some(f.at(10_000)));
+        conn.on_timeout(f.at(9_999), f.stats.core(0));
+        assert_eq!(conn.state(), State::Draining);
+        conn.on_timeout(f.at(10_000), f.stats.core(0));
+        assert_eq!(conn.state(), State::Closed(CloseReason::ShutdownDeadline));
+        assert!(!conn.wants_send() && !conn.wants_read());
+        let counted = f.total();
+        assert_eq!((counted.idle_timeouts, counted.line_timeouts), (0, 0));
+    }
+
+    #[test]
+    fn the_connection_limit_refuses_with_a_503_and_counts_it() {
+        let (f, _conn) = Fixture::new(limits());
+        let stats = f.stats.core(0);
+        assert_eq!(limits().admit(1, stats), Admission::Accept);
+        assert_eq!(limits().admit(2, stats), Admission::Refuse(TOO_MANY_CONNECTIONS));
+        assert_eq!(f.total().rejected_connections, 1);
+        assert_eq!(f.total().replies_with(503), 1);
+    }
+
+    #[test]
+    fn an_error_closes_at_once_and_discards_what_is_unsent() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, ECHO_LINE, 0);
+        conn.on_error();
+        assert!(conn.start_send().is_none());
+        assert_eq!(conn.poll(f.at(0), || 0), Step::Close(CloseReason::Error));
+        assert_eq!(conn.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_lent_send_buffer_counts_as_unsent_until_it_comes_back() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, ECHO_LINE, 0);
+        let (buf, offset) = conn.lend_send().unwrap();
+        assert_eq!((&buf[offset..], conn.unsent()), (ECHO_REPLY, ECHO_REPLY.len()));
+        assert!(conn.lend_send().is_none() && conn.send_in_flight());
+        conn.on_sent_lent(buf, 10, f.at(1), f.stats.core(0));
+        let (buf, offset) = conn.lend_send().unwrap();
+        assert_eq!(&buf[offset..], &ECHO_REPLY[10..]);
+        conn.on_sent_lent(buf, ECHO_REPLY.len() - 10, f.at(2), f.stats.core(0));
+        assert_eq!(conn.unsent(), 0);
+    }
+
+    #[test]
+    fn a_busy_connection_asks_for_no_timer_work_per_request() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        let mut timers = Timers::default();
+        let first = conn.reschedule().expect("the idle deadline");
+        timers.schedule(first, 0u32);
+        for ms in 1..1_000 {
+            f.recv(&mut conn, ECHO_LINE, ms);
+            f.send_all(&mut conn, ms);
+            assert_eq!(conn.reschedule(), None, "the deadline only moved later");
+        }
+        assert_eq!(timers.len(), 1);
+        // The early entry fires, finds nothing due, and the real deadline is scheduled.
+        let (at, key) = timers.pop_due(first).unwrap();
+        assert_eq!((at, key), (first, 0));
+        conn.timer_fired(at);
+        conn.on_timeout(at, f.stats.core(0));
+        assert_eq!(conn.state(), State::Serving);
+        assert_eq!(conn.reschedule(), Some(f.at(999 + 60_000)));
+        // A line started moves the deadline earlier than the one scheduled: scheduled at once.
+        f.recv(&mut conn, b"{", 50_000);
+        assert_eq!(conn.reschedule(), Some(f.at(55_000)));
     }
 }

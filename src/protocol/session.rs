@@ -41,6 +41,8 @@ pub enum Flow {
 pub struct Session {
     carry: Vec<u8>,
     desynced: bool,
+    /// The incomplete line held in `carry` began in the last receive.
+    new_partial: bool,
 }
 
 impl Session {
@@ -52,6 +54,12 @@ impl Session {
     /// Bytes of an incomplete line held until its `\n` arrives.
     pub fn pending_bytes(&self) -> usize {
         self.carry.len()
+    }
+
+    /// Whether the incomplete line held began in the bytes of the last receive (rather than
+    /// in an earlier one): its line timeout starts then.
+    pub fn partial_line_is_new(&self) -> bool {
+        self.new_partial
     }
 
     /// The peer closed its side: an unterminated last line is not a frame and is dropped.
@@ -160,6 +168,7 @@ impl<R: Routes> Processor<R> {
         if session.carry.len() + rest.len() > self.limits.max_line {
             return self.too_long(session, out);
         }
+        session.new_partial = session.carry.is_empty();
         session.carry.extend_from_slice(rest);
         Flow::Continue
     }
