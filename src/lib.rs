@@ -45,7 +45,6 @@
 //! Design notes live in `docs/architecture.md`; the wire format in `docs/protocol.md`.
 
 pub mod backend;
-pub mod bench;
 #[doc(hidden)]
 pub mod bench_support;
 pub mod client;

@@ -1,5 +1,4 @@
-//! The client library and the load generator against live servers (every backend), and the
-//! client's error paths against fake servers that misbehave on purpose.
+//! The client library against live servers (every backend), and the client's error paths against fake servers that misbehave on purpose.
 
 #[macro_use]
 mod common;
@@ -10,7 +9,6 @@ use std::time::Duration;
 
 use common::{start, start_with};
 use ringcall::Backend;
-use ringcall::bench::{BenchConfig, StopAfter};
 use ringcall::client::{AsyncClient, Call, Client, ClientError};
 use ringcall::simd_json::prelude::*;
 
@@ -83,72 +81,10 @@ fn async_client_calls_and_pipelines(backend: Backend) {
     });
 }
 
-fn bench_totals_match_the_server_stats(backend: Backend) {
-    let Some(server) = start(backend) else { return };
-    let config = BenchConfig {
-        addr: server.local_addr(),
-        connections: 4,
-        pipeline: 8,
-        stop: StopAfter::Count(3000),
-        warmup: Duration::ZERO,
-        rate: None,
-        requests: vec![BenchConfig::echo_request(), b"{\"cmdid\":0}\n".to_vec()],
-        threads: 2,
-        cpus: Vec::new(),
-        progress: false,
-    };
-    let report = ringcall::bench::run(&config).unwrap();
-    assert_eq!(report.requests, 3000);
-    assert_eq!(report.replies_with(0), 3000);
-    assert_eq!(report.errors, 0);
-    assert_eq!(report.invalid_replies, 0);
-    let stats = server.stats().total();
-    assert_eq!(stats.requests, 3000);
-    assert_eq!(stats.replies_with(0), 3000);
-    assert_eq!(stats.bytes_in, report.bytes_sent);
-    // The server counts sent bytes when the kernel reports the send done, which may trail
-    // the client reading them: wait for the count to settle, then compare exactly.
-    for _ in 0..500 {
-        if server.stats().total().bytes_out == report.bytes_received {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(server.stats().total().bytes_out, report.bytes_received);
-    let json = report.render(ringcall::bench::OutputFormat::Json);
-    let mut bytes = json.into_bytes();
-    let parsed = ringcall::simd_json::to_owned_value(&mut bytes).unwrap();
-    assert_eq!(parsed.get("requests").and_then(|v| v.as_u64()), Some(3000));
-}
-
-fn open_loop_bench_reports_corrected_latency(backend: Backend) {
-    let Some(server) = start(backend) else { return };
-    let config = BenchConfig {
-        addr: server.local_addr(),
-        connections: 2,
-        pipeline: 1,
-        stop: StopAfter::Count(200),
-        warmup: Duration::ZERO,
-        rate: Some(2000.0),
-        requests: vec![b"{\"cmdid\":0}\n".to_vec()],
-        threads: 1,
-        cpus: Vec::new(),
-        progress: false,
-    };
-    let report = ringcall::bench::run(&config).unwrap();
-    assert_eq!(report.replies_with(0), 200);
-    assert!(report.render(ringcall::bench::OutputFormat::Text).contains("coordinated omission"));
-    let csv = report.render(ringcall::bench::OutputFormat::Csv);
-    assert_eq!(csv.lines().count(), 2);
-    assert!(csv.lines().nth(1).unwrap().contains(",200,"));
-}
-
 every_backend!(
     blocking_client_calls_and_pipelines,
     connection_closed_mid_batch_is_an_error,
     async_client_calls_and_pipelines,
-    bench_totals_match_the_server_stats,
-    open_loop_bench_reports_corrected_latency,
 );
 
 /// A fake server: runs `behave` on the first `connections` connections it accepts.

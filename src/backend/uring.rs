@@ -33,7 +33,7 @@ const BUF_SIZE: usize = super::RECV_BUF_SIZE;
 /// Receive buffers per core (a power of two, at most 32768).
 const BUF_COUNT: u16 = 512;
 /// The provided-buffer group id.
-pub(crate) const BGID: u16 = 0;
+pub const BGID: u16 = 0;
 /// Submission queue entries; the completion queue is sized larger so bursts of multishot
 /// completions do not overflow it.
 const SQ_ENTRIES: u32 = 1024;
@@ -91,7 +91,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
 }
 
 /// Creates a ring with the fastest flags this kernel accepts.
-pub(crate) fn build_ring() -> io::Result<IoUring> {
+pub fn build_ring() -> io::Result<IoUring> {
     let attempts: [fn(&mut io_uring::Builder); 3] = [
         |b| {
             b.setup_single_issuer().setup_defer_taskrun();
@@ -117,13 +117,13 @@ pub(crate) fn build_ring() -> io::Result<IoUring> {
 }
 
 /// Checks that this host can run the `uring` backend: a ring and a provided-buffer ring.
-pub(crate) fn probe() -> io::Result<()> {
+pub fn probe() -> io::Result<()> {
     let ring = build_ring()?;
     BufferPool::new(&ring).map(drop)
 }
 
 /// Why io_uring setup failed, and what to do about it.
-pub(crate) fn diagnose(err: &io::Error) -> String {
+pub fn diagnose(err: &io::Error) -> String {
     let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
@@ -155,7 +155,7 @@ pub(crate) fn diagnose(err: &io::Error) -> String {
 
 /// The per-core pool of receive buffers, shared with the kernel as a provided-buffer ring.
 /// Each buffer is `BUF_SIZE` usable bytes plus `PADDING` bytes of slack for the parser.
-pub(crate) struct BufferPool {
+pub struct BufferPool {
     ring: *mut BufRingEntry,
     ring_bytes: usize,
     storage: Box<[u8]>,
@@ -165,7 +165,11 @@ pub(crate) struct BufferPool {
 const STRIDE: usize = BUF_SIZE + PADDING;
 
 impl BufferPool {
-    pub(crate) fn new(ring: &IoUring) -> io::Result<Self> {
+    /// Registers the pool with `ring` as buffer group [`BGID`], every buffer handed to the kernel.
+    ///
+    /// # Errors
+    /// The mapping or the registration failed (old kernel, locked-memory limit).
+    pub fn new(ring: &IoUring) -> io::Result<Self> {
         let ring_bytes = usize::from(BUF_COUNT) * size_of::<BufRingEntry>();
         // SAFETY: a fresh anonymous private mapping; the kernel requires page alignment, which
         // mmap gives.
@@ -194,13 +198,13 @@ impl BufferPool {
     }
 
     /// The received bytes of buffer `bid`, followed by its padding.
-    pub(crate) fn buffer(&mut self, bid: u16) -> &mut [u8] {
+    pub fn buffer(&mut self, bid: u16) -> &mut [u8] {
         let start = usize::from(bid) * STRIDE;
         &mut self.storage[start..start + STRIDE]
     }
 
     /// Queues buffer `bid` for the kernel again; visible after [`publish`](Self::publish).
-    pub(crate) fn give_back(&mut self, bid: u16) {
+    pub fn give_back(&mut self, bid: u16) {
         let addr = self.storage.as_ptr() as u64 + (usize::from(bid) * STRIDE) as u64;
         let index = usize::from(self.tail & (BUF_COUNT - 1));
         // SAFETY: index < BUF_COUNT, inside the mapping.
@@ -212,7 +216,7 @@ impl BufferPool {
     }
 
     /// Makes every buffer given back so far visible to the kernel.
-    pub(crate) fn publish(&self) {
+    pub fn publish(&self) {
         // SAFETY: the tail field lives in the first entry of the mapping; the kernel reads it
         // with acquire semantics, so a release store orders the entries written before it.
         unsafe {

@@ -137,63 +137,6 @@ pub fn total_stat(client: &mut Client, field: &str) -> u64 {
     total[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
 }
 
-/// Starts the `ringcall serve` binary on a free port with `extra` arguments (and, if given,
-/// an open-file limit it cannot raise); returns the child and its address.
-pub fn spawn_server(
-    backend: Backend,
-    extra: &[&str],
-    nofile: Option<u64>,
-) -> (std::process::Child, SocketAddr) {
-    spawn_server_with_log(backend, extra, nofile, true)
-}
-
-/// [`spawn_server`], but the server's stderr is closed once its start-up line is read: every
-/// later log line it writes fails with EPIPE.
-pub fn spawn_server_closing_log(backend: Backend) -> (std::process::Child, SocketAddr) {
-    spawn_server_with_log(backend, &[], None, false)
-}
-
-fn spawn_server_with_log(
-    backend: Backend,
-    extra: &[&str],
-    nofile: Option<u64>,
-    keep_reading_log: bool,
-) -> (std::process::Child, SocketAddr) {
-    use std::os::unix::process::CommandExt;
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"));
-    command
-        .args(["serve", "--addr", "127.0.0.1:0", "--no-pin", "--backend", backend.name()])
-        .args(if extra.contains(&"--threads") { &[][..] } else { &["--threads", "2"][..] })
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped());
-    if let Some(limit) = nofile {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                Ok(())
-            });
-        }
-    }
-    let mut child = command.spawn().expect("spawn ringcall");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before serving");
-        if let Some(rest) = line.split(" addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().expect("address in the start-up line");
-        }
-    };
-    if keep_reading_log {
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    }
-    (child, addr)
-}
-
 /// The hard open-file limit, after raising this process's soft limit to it.
 pub fn raise_nofile() -> u64 {
     ringcall::backend::sys::raise_nofile_limit().expect("raise RLIMIT_NOFILE")

@@ -1,4 +1,5 @@
-//! The `ringcall` command: `serve` runs the shipped server (built-ins plus echo).
+//! The `ringcall` command: `serve` runs the shipped server (built-ins plus echo), `call`
+//! sends requests, `bench` loads any ringcall server, `compare` runs every backend.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -98,7 +99,7 @@ struct BenchArgs {
     cpus: Vec<usize>,
     /// Output format.
     #[arg(long, default_value = "text")]
-    output: ringcall::bench::OutputFormat,
+    output: ringcall_cli::bench::OutputFormat,
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,8 +108,8 @@ struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = "uring,tokio-uring,epoll,epoll-mt")]
     backends: Vec<Backend>,
     /// Workloads, CONNECTIONSxINFLIGHT.
-    #[arg(long, value_delimiter = ',', default_value = ringcall::bench::compare::DEFAULT_WORKLOADS)]
-    workloads: Vec<ringcall::bench::compare::Workload>,
+    #[arg(long, value_delimiter = ',', default_value = ringcall_cli::bench::compare::DEFAULT_WORKLOADS)]
+    workloads: Vec<ringcall_cli::bench::compare::Workload>,
     /// Interleaved rounds; the table shows medians.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -178,6 +179,10 @@ struct ServeArgs {
     /// Do not pin worker threads to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Also write the address the server listens on (with the real port when 0 was asked
+    /// for) to this file once it is serving; it is always printed to stdout.
+    #[arg(long)]
+    addr_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -221,6 +226,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = ringcall::ServerBuilder::config(config.clone())
         .start::<ShippedRoutes>()
         .with_context(|| format!("cannot start the {} server", config.backend))?;
+    announce_address(server.local_addr(), args.addr_file.as_deref())?;
     tracing::info!(
         backend = %server.backend(),
         threads = server.threads(),
@@ -245,6 +251,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot spawn the signal thread")?;
     server.wait()?;
     tracing::info!("ringcall stopped");
+    Ok(())
+}
+
+/// Tells whoever started the server where it listens: the address alone on one line of
+/// stdout (the only thing `serve` prints there), and, if asked, in a file written whole
+/// (renamed into place) so a reader never sees half of it.
+fn announce_address(addr: SocketAddr, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::io::Write;
+    if let Some(path) = file {
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, format!("{addr}\n"))
+            .and_then(|()| std::fs::rename(&partial, path))
+            .with_context(|| format!("cannot write the address to {}", path.display()))?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    // Nobody reading stdout is no reason to stop serving.
+    let _ = writeln!(stdout, "{addr}").and_then(|()| stdout.flush());
     Ok(())
 }
 
@@ -315,7 +338,7 @@ fn call_stdin(addr: &str, timeout: Duration) -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use ringcall::bench::{BenchConfig, StopAfter};
+    use ringcall_cli::bench::{BenchConfig, StopAfter};
     let requests = match &args.requests {
         Some(path) => {
             let text =
@@ -354,13 +377,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         cpus: args.cpus,
         progress: std::io::stderr().is_terminal(),
     };
-    let report = ringcall::bench::run(&config)?;
+    let report = ringcall_cli::bench::run(&config)?;
     print!("{}", report.render(args.output));
     Ok(())
 }
 
 fn compare(args: CompareArgs) -> anyhow::Result<()> {
-    use ringcall::bench::compare::{self, CompareConfig};
+    use ringcall_cli::bench::compare::{self, CompareConfig};
     let config = CompareConfig {
         server_binary: std::env::current_exe().context("cannot find the ringcall executable")?,
         backends: args.backends,

@@ -23,8 +23,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::{BenchConfig, BenchError, StopAfter};
-use crate::protocol::Reply;
-use crate::server::Backend;
+use ringcall::Backend;
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
 
 /// A load shape: connections x requests in flight per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,19 +62,24 @@ impl FromStr for Workload {
 pub const DEFAULT_WORKLOADS: &str = "1x1,64x1,16x16,1000x1";
 
 /// What to compare.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct CompareConfig {
     /// The `ringcall` executable to start servers from.
+    #[serde(skip)]
     pub server_binary: PathBuf,
     /// Backends to compare.
+    #[serde(skip)]
     pub backends: Vec<Backend>,
     /// Workloads.
+    #[serde(skip)]
     pub workloads: Vec<Workload>,
     /// Interleaved rounds (medians are taken over them).
     pub rounds: usize,
     /// Measured time per run.
+    #[serde(rename = "duration_secs", serialize_with = "secs")]
     pub duration: Duration,
     /// Warm-up per run.
+    #[serde(rename = "warmup_secs", serialize_with = "secs")]
     pub warmup: Duration,
     /// CPUs the servers run on (one worker per CPU).
     pub server_cpus: Vec<usize>,
@@ -83,14 +91,27 @@ pub struct CompareConfig {
     pub retries: usize,
 }
 
+/// Serializes a value by its `Display` form (backends and workloads as on the command line).
+fn display<T: std::fmt::Display, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+/// Serializes a 0-based round as the 1-based number the table and the log show.
+fn one_based<S: serde::Serializer>(round: &usize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(*round as u64 + 1)
+}
+
 /// One run of one workload against one backend.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Measurement {
     /// Backend.
+    #[serde(serialize_with = "display")]
     pub backend: Backend,
     /// Workload.
+    #[serde(serialize_with = "display")]
     pub workload: Workload,
-    /// Round.
+    /// Round (0-based; 1-based in JSON).
+    #[serde(serialize_with = "one_based")]
     pub round: usize,
     /// Requests/s.
     pub requests_per_sec: f64,
@@ -108,11 +129,13 @@ pub struct Measurement {
 }
 
 /// Medians of one backend on one workload.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// Backend.
+    #[serde(serialize_with = "display")]
     pub backend: Backend,
     /// Workload.
+    #[serde(serialize_with = "display")]
     pub workload: Workload,
     /// Median requests/s.
     pub requests_per_sec: f64,
@@ -130,7 +153,7 @@ pub struct Summary {
 }
 
 /// Everything a comparison produced.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Comparison {
     /// The host, as the kernel describes it.
     pub machine: String,
@@ -169,10 +192,11 @@ impl ServerProcess {
         command
             .args(["serve", "--addr", "127.0.0.1:0", "--backend", backend.name()])
             .args(["--threads", &cpus.len().to_string(), "--shutdown-timeout", "2"])
-            .env("RUST_LOG", "info")
+            // Warnings and errors reach the terminal; the address comes on stdout.
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let cpus = cpus.to_vec();
         // SAFETY: only async-signal-safe calls (sched_setaffinity) between fork and exec.
         unsafe {
@@ -186,22 +210,14 @@ impl ServerProcess {
             });
         }
         let mut child = command.spawn().map_err(|e| fail(format!("cannot run {}: {e}", binary.display())))?;
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+        // `serve` prints the address it listens on, alone on the first line of stdout.
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
-                let _ = child.wait();
-                return Err(fail("it exited before serving (see its log above)".into()));
-            }
-            if let Some(addr) = line.split(" addr=").nth(1).and_then(|r| r.split_whitespace().next()) {
-                break addr.parse().map_err(|_| fail(format!("unreadable start-up line: {line}")))?;
-            }
-            if line.contains("ERROR") || line.contains("Error") {
-                eprint!("{line}");
-            }
-        };
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = child.wait();
+            return Err(fail("it exited before serving (see its log above)".into()));
+        }
+        let addr = line.trim().parse().map_err(|_| fail(format!("unreadable address line: {line:?}")))?;
         Ok(Self { backend, child, addr })
     }
 
@@ -465,142 +481,110 @@ impl Comparison {
         s
     }
 
-    /// Every run and the medians as one JSON document.
+    /// Every run and the medians as one JSON document, with the configuration they ran with.
     pub fn json(&self, config: &CompareConfig) -> String {
-        let mut out = Vec::new();
-        {
-            let mut o = Reply::new(&mut out).object();
-            o.str("machine", &self.machine);
-            {
-                let mut c = o.object("config");
-                c.u64("rounds", config.rounds as u64)
-                    .f64("duration_secs", config.duration.as_secs_f64())
-                    .f64("warmup_secs", config.warmup.as_secs_f64());
-                let cpus = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-                c.str("server_cpus", &cpus(&config.server_cpus))
-                    .str("client_cpus", &cpus(&config.client_cpus))
-                    .f64("max_steal_percent", config.max_steal_percent)
-                    .u64("retries", config.retries as u64);
-            }
-            {
-                let mut rows = o.array("summary");
-                for r in &self.summary {
-                    let mut row = rows.object();
-                    row.str("workload", &r.workload.to_string())
-                        .str("backend", r.backend.name())
-                        .f64("requests_per_sec", r.requests_per_sec)
-                        .f64("p99_us", r.p99_us)
-                        .f64("server_cpu_us_per_request", r.server_cpu_us_per_request)
-                        .f64("steal_percent", r.steal_percent)
-                        .u64("vs_epoll_rounds", r.vs_epoll_rounds as u64);
-                    match r.vs_epoll {
-                        Some(v) => row.f64("vs_epoll", v),
-                        None => row.raw("vs_epoll", b"null"),
-                    };
-                }
-            }
-            let mut runs = o.array("measurements");
-            for m in &self.measurements {
-                let mut row = runs.object();
-                row.str("workload", &m.workload.to_string())
-                    .str("backend", m.backend.name())
-                    .u64("round", m.round as u64 + 1)
-                    .f64("requests_per_sec", m.requests_per_sec)
-                    .f64("p99_us", m.p99_us)
-                    .f64("server_cpu_us_per_request", m.server_cpu_us_per_request)
-                    .u64("errors", m.errors)
-                    .f64("steal_percent", m.steal_percent)
-                    .u64("attempts", m.attempts as u64);
-            }
+        #[derive(serde::Serialize)]
+        struct Document<'a> {
+            machine: &'a str,
+            config: &'a CompareConfig,
+            summary: &'a [Summary],
+            measurements: &'a [Measurement],
         }
-        out.push(b'\n');
-        String::from_utf8(out).expect("JSON is UTF-8")
+        let document = Document {
+            machine: &self.machine,
+            config,
+            summary: &self.summary,
+            measurements: &self.measurements,
+        };
+        let mut json = serde_json::to_string_pretty(&document).expect("a comparison serializes");
+        json.push('\n');
+        json
     }
 
     /// A bar chart of median requests/s: one panel per workload (each with its own scale),
-    /// one bar per backend.
+    /// one bar per backend, drawn with plotters.
     pub fn svg(&self) -> String {
-        const COLORS: [&str; 5] = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd"];
-        let workloads: Vec<Workload> = self.summary.iter().fold(Vec::new(), |mut v, r| {
-            if !v.contains(&r.workload) {
-                v.push(r.workload);
+        use plotters::prelude::*;
+        const COLORS: [RGBColor; 5] = [
+            RGBColor(0xd6, 0x27, 0x28),
+            RGBColor(0xff, 0x7f, 0x0e),
+            RGBColor(0x1f, 0x77, 0xb4),
+            RGBColor(0x2c, 0xa0, 0x2c),
+            RGBColor(0x94, 0x67, 0xbd),
+        ];
+        let mut workloads: Vec<Workload> = Vec::new();
+        let mut backends: Vec<Backend> = Vec::new();
+        for row in &self.summary {
+            if !workloads.contains(&row.workload) {
+                workloads.push(row.workload);
             }
-            v
-        });
-        let backends: Vec<Backend> = self.summary.iter().fold(Vec::new(), |mut v, r| {
-            if !v.contains(&r.backend) {
-                v.push(r.backend);
-            }
-            v
-        });
-        let (panel_w, panel_h, top, bottom) = (230.0, 260.0, 60.0, 40.0);
-        let width = panel_w * workloads.len() as f64 + 20.0;
-        let height = top + panel_h + bottom + 30.0;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">"
-        );
-        let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-        let _ = writeln!(
-            s,
-            "<text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">ringcall compare: median requests/s (higher is better)</text>"
-        );
-        let _ = writeln!(s, "<text x=\"10\" y=\"38\" fill=\"#555\">{}</text>", xml_escape(&self.machine));
-        for (i, backend) in backends.iter().enumerate() {
-            let x = 10.0 + 120.0 * i as f64;
-            let _ = writeln!(
-                s,
-                "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>",
-                height - 22.0,
-                COLORS[i % COLORS.len()],
-                x + 16.0,
-                height - 12.0,
-                backend
-            );
-        }
-        for (p, workload) in workloads.iter().enumerate() {
-            let x0 = 10.0 + panel_w * p as f64;
-            let rows: Vec<&Summary> = self.summary.iter().filter(|r| r.workload == *workload).collect();
-            let max = rows.iter().map(|r| r.requests_per_sec).fold(0.0, f64::max).max(1.0);
-            let bar_w = (panel_w - 40.0) / rows.len().max(1) as f64;
-            let base = top + panel_h;
-            let _ = writeln!(
-                s,
-                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-weight=\"bold\">{} conns x {} in flight</text>",
-                x0 + panel_w / 2.0,
-                base + 18.0,
-                workload.connections,
-                workload.pipeline
-            );
-            let _ = writeln!(
-                s,
-                "<line x1=\"{}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#333\"/>",
-                x0 + 10.0,
-                x0 + panel_w - 20.0
-            );
-            for (i, row) in rows.iter().enumerate() {
-                let color =
-                    COLORS[backends.iter().position(|b| *b == row.backend).unwrap_or(0) % COLORS.len()];
-                let h = (panel_h - 30.0) * row.requests_per_sec / max;
-                let x = x0 + 15.0 + bar_w * i as f64;
-                let _ = writeln!(
-                    s,
-                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"/>",
-                    base - h,
-                    bar_w - 6.0
-                );
-                let _ = writeln!(
-                    s,
-                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>",
-                    x + (bar_w - 6.0) / 2.0,
-                    base - h - 4.0,
-                    human(row.requests_per_sec)
-                );
+            if !backends.contains(&row.backend) {
+                backends.push(row.backend);
             }
         }
-        s.push_str("</svg>\n");
-        s
+        let color = |backend: Backend| {
+            COLORS[backends.iter().position(|b| *b == backend).unwrap_or(0) % COLORS.len()]
+        };
+        let width = 240 * workloads.len().max(1) as u32 + 20;
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (width, 400)).into_drawing_area();
+            let drawn = (|| -> Result<(), Box<dyn std::error::Error + '_>> {
+                root.fill(&WHITE)?;
+                let title =
+                    format!("ringcall compare: median requests/s (higher is better) — {}", self.machine);
+                let root = root.titled(&title, ("sans-serif", 14))?;
+                let (panels, legend) = root.split_vertically(340);
+                for (panel, workload) in
+                    panels.split_evenly((1, workloads.len().max(1))).iter().zip(&workloads)
+                {
+                    let rows: Vec<&Summary> =
+                        self.summary.iter().filter(|r| r.workload == *workload).collect();
+                    let max = rows.iter().map(|r| r.requests_per_sec).fold(1.0, f64::max) * 1.15;
+                    let mut chart = ChartBuilder::on(panel)
+                        .caption(
+                            format!("{} conns x {} in flight", workload.connections, workload.pipeline),
+                            ("sans-serif", 12),
+                        )
+                        .margin(8)
+                        .x_label_area_size(10)
+                        .y_label_area_size(40)
+                        .build_cartesian_2d(0.0..rows.len() as f64, 0.0..max)?;
+                    chart
+                        .configure_mesh()
+                        .disable_x_mesh()
+                        .disable_x_axis()
+                        .y_labels(5)
+                        .y_label_formatter(&|v| human(*v))
+                        .draw()?;
+                    chart.draw_series(rows.iter().enumerate().map(|(i, row)| {
+                        let x = i as f64;
+                        Rectangle::new(
+                            [(x + 0.1, 0.0), (x + 0.9, row.requests_per_sec)],
+                            color(row.backend).filled(),
+                        )
+                    }))?;
+                    chart.draw_series(rows.iter().enumerate().map(|(i, row)| {
+                        Text::new(
+                            human(row.requests_per_sec),
+                            (i as f64 + 0.2, row.requests_per_sec * 1.08),
+                            ("sans-serif", 10),
+                        )
+                    }))?;
+                }
+                for (i, backend) in backends.iter().enumerate() {
+                    let x = 10 + 130 * i as i32;
+                    legend.draw(&Rectangle::new([(x, 20), (x + 12, 32)], color(*backend).filled()))?;
+                    legend.draw(&Text::new(backend.to_string(), (x + 16, 22), ("sans-serif", 12)))?;
+                }
+                root.present()?;
+                Ok(())
+            })();
+            if let Err(e) = drawn {
+                tracing::warn!("cannot draw the chart: {e}");
+            }
+        }
+        svg
     }
 }
 
@@ -612,10 +596,6 @@ fn human(n: f64) -> String {
     } else {
         format!("{n:.0}")
     }
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 
 pub use report::{BenchReport, Latency, OutputFormat};
 
-use crate::backend::sys;
+use ringcall::backend::sys;
 
 /// When a run stops.
 #[derive(Debug, Clone, Copy, PartialEq)]

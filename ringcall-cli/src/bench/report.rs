@@ -10,7 +10,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{BenchConfig, Shared, ThreadResult};
-use crate::protocol::Reply;
 
 /// How to print a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -38,7 +37,7 @@ impl FromStr for OutputFormat {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
 pub struct Latency {
     /// Median.
     pub p50: f64,
@@ -47,6 +46,7 @@ pub struct Latency {
     /// 99th percentile.
     pub p99: f64,
     /// 99.9th percentile.
+    #[serde(rename = "p99_9")]
     pub p999: f64,
     /// Largest.
     pub max: f64,
@@ -54,8 +54,8 @@ pub struct Latency {
     pub mean: f64,
 }
 
-/// The result of one run.
-#[derive(Debug, Clone, PartialEq)]
+/// The result of one run (its JSON form is this struct, serialized).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BenchReport {
     /// The server.
     pub addr: String,
@@ -71,8 +71,8 @@ pub struct BenchReport {
     pub requests: u64,
     /// `requests / duration`.
     pub requests_per_sec: f64,
-    /// Replies by code, ascending, codes that occurred only.
-    pub codes: Vec<(u16, u64)>,
+    /// Replies by code, codes that occurred only.
+    pub codes: std::collections::BTreeMap<u16, u64>,
     /// Replies with a code of 1000 or more.
     pub other_codes: u64,
     /// Reply lines that were not replies (no `{"code":N` prefix, or nothing was in flight).
@@ -84,7 +84,10 @@ pub struct BenchReport {
     /// Bytes read.
     pub bytes_received: u64,
     /// Latency of measured requests.
+    #[serde(rename = "latency_us")]
     pub latency: Latency,
+    /// Open loop: latency counts from each request's intended send time.
+    pub coordinated_omission_corrected: bool,
 }
 
 impl BenchReport {
@@ -103,10 +106,9 @@ impl BenchReport {
                 mean: h.mean() / 1000.0,
             }
         };
-        let codes: Vec<(u16, u64)> =
+        let codes: std::collections::BTreeMap<u16, u64> =
             result.codes.iter().enumerate().filter(|(_, n)| **n > 0).map(|(c, n)| (c as u16, *n)).collect();
-        let requests =
-            codes.iter().map(|(_, n)| n).sum::<u64>() + result.other_codes + result.invalid_replies;
+        let requests = codes.values().sum::<u64>() + result.other_codes + result.invalid_replies;
         let secs = elapsed.as_secs_f64();
         Self {
             addr: config.addr.to_string(),
@@ -123,12 +125,13 @@ impl BenchReport {
             bytes_sent: result.bytes_sent,
             bytes_received: result.bytes_received,
             latency,
+            coordinated_omission_corrected: config.rate.is_some(),
         }
     }
 
     /// Replies with `code`.
     pub fn replies_with(&self, code: u16) -> u64 {
-        self.codes.iter().find(|(c, _)| *c == code).map_or(0, |(_, n)| *n)
+        self.codes.get(&code).copied().unwrap_or(0)
     }
 
     fn latency_note(&self) -> &'static str {
@@ -178,44 +181,9 @@ impl BenchReport {
     }
 
     fn json(&self) -> String {
-        let mut out = Vec::new();
-        {
-            let mut o = Reply::new(&mut out).object();
-            o.str("addr", &self.addr)
-                .u64("connections", self.connections as u64)
-                .u64("pipeline", self.pipeline as u64);
-            match self.rate {
-                Some(rate) => o.f64("rate", rate),
-                None => o.raw("rate", b"null"),
-            };
-            o.f64("duration_secs", self.duration_secs)
-                .u64("requests", self.requests)
-                .f64("requests_per_sec", self.requests_per_sec);
-            {
-                let mut codes = o.object("codes");
-                for (code, n) in &self.codes {
-                    codes.u64(&code.to_string(), *n);
-                }
-            }
-            o.u64("other_codes", self.other_codes)
-                .u64("invalid_replies", self.invalid_replies)
-                .u64("errors", self.errors)
-                .u64("bytes_sent", self.bytes_sent)
-                .u64("bytes_received", self.bytes_received);
-            {
-                let l = &self.latency;
-                let mut lat = o.object("latency_us");
-                lat.f64("p50", l.p50)
-                    .f64("p90", l.p90)
-                    .f64("p99", l.p99)
-                    .f64("p99_9", l.p999)
-                    .f64("max", l.max);
-                lat.f64("mean", l.mean);
-            }
-            o.bool("coordinated_omission_corrected", self.rate.is_some());
-        }
-        out.push(b'\n');
-        String::from_utf8(out).expect("JSON output is UTF-8")
+        let mut json = serde_json::to_string(self).expect("a report serializes");
+        json.push('\n');
+        json
     }
 
     /// The CSV header matching [`csv_row`](Self::csv_row).

@@ -13,7 +13,7 @@ use io_uring::types::{Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
 use super::{BenchConfig, DRAIN_WAIT, Flight, Reply, Shared, ThreadResult};
-use crate::backend::uring::{BGID, BufferPool, build_ring};
+use ringcall::backend::uring::{BGID, BufferPool, build_ring};
 
 const RECV: u64 = 1;
 const SEND: u64 = 2;
