@@ -30,19 +30,25 @@
 //!
 //! - [`protocol`]: the sans-I/O core. [`protocol::frame`] splits lines with memchr,
 //!   [`protocol::request`] reads the envelope off simd-json's tape, [`protocol::reply`]
-//!   encodes replies, [`protocol::session`] turns received bytes into reply bytes.
+//!   encodes replies, [`protocol::session`] turns received bytes into reply bytes, and
+//!   [`protocol::connection`] holds every rule of a connection — backpressure, deadlines,
+//!   FIN and linger, draining, the connection limit — as one state machine every backend
+//!   drives.
 //! - [`dispatch`]: the [`Routes`] trait and the [`routes!`] macro (compile-time tables).
-//! - [`handlers`]: the built-in commands (ping, stats, echo).
+//! - [`handlers`]: the built-in commands (ping, stats, echo) and
+//!   [`WithBuiltins`](handlers::WithBuiltins), which puts them in front of a table.
 //! - [`stats`]: per-core counters, merged on read.
 //! - [`server`]: configuration, the builder, start-up and shutdown fan-out.
-//! - [`backend`]: the I/O drivers that move bytes for the core: `uring` (native io_uring),
-//!   `tokio_uring`, `epoll`, `epoll_mt`, the connection loop the epoll drivers share, and the
-//!   socket, affinity and limit helpers (`sys`).
+//! - [`backend`]: the I/O drivers that turn the connection machine's answers into system
+//!   calls: `uring` (native io_uring), `tokio_uring`, `epoll`, `epoll_mt` and the connection
+//!   loop the epoll drivers share; [`backend::worker`], the contract between the server and a
+//!   worker thread; [`backend::sys`], sockets and fds (socket2, rustix), affinity, limits.
 //! - [`client`]: blocking and async clients with pipelining and id correlation.
-//! - [`bench`](mod@bench): the load generator behind `ringcall bench`, and `ringcall compare`.
 //! - `bench_support`: hooks the criterion benches use to time one stage alone (hidden).
 //!
-//! Design notes live in `docs/architecture.md`; the wire format in `docs/protocol.md`.
+//! The `ringcall` command (`serve`, `call`, `bench`, `compare`) and its load generator live
+//! in the `ringcall-cli` member of the workspace, not in this library. Design notes live in
+//! `docs/architecture.md`; the wire format in `docs/protocol.md`.
 
 pub mod backend;
 #[doc(hidden)]

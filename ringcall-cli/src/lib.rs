@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //!
-//! - [`bench`]: the load generator behind `ringcall bench` (closed loop on io_uring, open
+//! - [`bench`](mod@bench): the load generator behind `ringcall bench` (closed loop on io_uring, open
 //!   loop with coordinated-omission correction, HdrHistogram percentiles, text/JSON/CSV
 //!   reports).
 //! - [`bench::compare`]: `ringcall compare`, the same workloads against every backend in

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""What a peer that sends requests and never reads its replies costs a ringcall server.
+
+For each backend: start `ringcall serve` (one worker, on a free port), warm the core up with
+a connection that exchanges 32 MiB of 1 KiB echo requests and reads every reply (so the
+receive pool and the allocator's working set are already resident), read the server's RSS,
+then let a second peer write up to 64 MiB of the same requests and never read. Once the
+server has stopped reading (the peer's writes block for 3 s), read the RSS again and the
+server's own counters, and check that a fresh connection is still answered.
+
+    cargo build --release
+    scripts/never_reading_peer.py [--binary target/release/ringcall] [BACKEND ...]
+"""
+
+import argparse
+import json
+import socket
+import subprocess
+import threading
+import time
+
+LINE = b'{"cmdid":10000,"params":{"f":"' + b"x" * (1024 - 34) + b'"}}\n'
+assert len(LINE) == 1024
+CHUNK = LINE * 64
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def warm_up(addr):
+    conn = socket.create_connection(addr)
+    lines = 512 * 64
+
+    def reader():
+        got = 0
+        while got < lines:
+            data = conn.recv(1 << 20)
+            assert data, "server closed the warm-up connection"
+            got += data.count(b"\n")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(512):
+        conn.sendall(CHUNK)
+    thread.join()
+    return conn
+
+
+def stats(addr):
+    conn = socket.create_connection(addr)
+    conn.sendall(b'{"cmdid":1}\n')
+    reply = b""
+    while not reply.endswith(b"\n"):
+        reply += conn.recv(1 << 16)
+    conn.close()
+    return json.loads(reply)["data"]["total"]
+
+
+def measure(binary, backend):
+    server = subprocess.Popen(
+        [binary, "serve", "--addr", "127.0.0.1:0", "--backend", backend, "--threads", "1", "--no-pin"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        host, port = server.stdout.readline().decode().strip().rsplit(":", 1)
+        addr = (host, int(port))
+        warm = warm_up(addr)
+        time.sleep(0.5)
+        before = rss_kib(server.pid)
+        hog = socket.create_connection(addr)
+        hog.settimeout(3.0)
+        sent = 0
+        try:
+            while sent < 64 << 20:
+                sent += hog.send(CHUNK)
+        except socket.timeout:
+            pass
+        time.sleep(1.0)
+        after = rss_kib(server.pid)
+        total = stats(addr)
+        print(
+            f"{backend:12} peer wrote {sent / 2**20:5.1f} MiB before its writes blocked; "
+            f"server read {(total['bytes_in'] - 32 * 2**20) / 2**20:5.2f} MiB of it; "
+            f"RSS {before} -> {after} KiB ({after - before:+} KiB); "
+            f"backpressure pauses {total['backpressure_pauses']}; other connections answered"
+        )
+        hog.close()
+        warm.close()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--binary", default="target/release/ringcall")
+    parser.add_argument("backends", nargs="*", default=["uring", "tokio-uring", "epoll", "epoll-mt"])
+    args = parser.parse_args()
+    for backend in args.backends:
+        measure(args.binary, backend)
+
+
+if __name__ == "__main__":
+    main()
