@@ -74,3 +74,37 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `serve` tells where it listens: the address alone on stdout and, with `--addr-file`, in
+/// that file; the address answers.
+#[test]
+fn serve_prints_its_address_and_writes_the_addr_file() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = std::env::temp_dir().join(format!("ringcall-addr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("addr");
+    let mut child = Command::new(RINGCALL)
+        .args(["serve", "--addr", "127.0.0.1:0", "--threads", "1", "--no-pin", "--backend", "epoll"])
+        .arg("--addr-file")
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = line.trim_end().parse().expect("an address alone on the first line");
+    assert_ne!(addr.port(), 0, "the real port, not the 0 asked for");
+    // The file is written before stdout, so it is whole by now.
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), line);
+    let out = Command::new(RINGCALL).args(["call", "--addr", &addr.to_string(), "0"]).output().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "\"pong\"\n");
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert!(child.wait().unwrap().success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "", "nothing else is printed on stdout");
+    let _ = std::fs::remove_dir_all(&dir);
+}

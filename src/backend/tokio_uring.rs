@@ -5,11 +5,11 @@
 //! read), there is no multishot or provided-buffer ring, and the ring is waited on through
 //! tokio's epoll reactor: the reasons it trails the native `uring` backend.
 //!
-//! Every rule is the connection's state machine ([`Connection`]). Each connection runs two
-//! tasks — a reader that reads while the machine wants to, and a driver that sends what it
-//! owes, half-closes and closes — and one timer task per core wakes connections at their
-//! deadlines. tokio-uring cannot cancel an operation by dropping its future, so a pending
-//! read or a stuck write is ended by shutting the socket down. For the same reason a
+//! Every rule is the connection's state machine ([`Connection`]). Each connection is one
+//! task that keeps a read in flight while the machine wants to read and a write in flight
+//! while it owes bytes, both at once, and acts on whichever completes; one timer task per core
+//! wakes connections at their deadlines. tokio-uring cannot cancel an operation by dropping
+//! its future, so a pending read or a stuck write is ended by shutting the socket down. For the same reason a
 //! draining connection cannot learn that nothing more is unread while a read is pending:
 //! at shutdown its read side is shut, the pending read returns what the kernel holds and
 //! then end of file, and the connection closes once those requests are answered (the other
@@ -31,6 +31,14 @@ use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, sys, uring};
 use crate::dispatch::Routes;
 use crate::protocol::{Admission, Connection, Limits, PADDING, Processor, State, Step, Timers};
 
+/// How long a read waits for the write in flight before it is issued anyway. Reading only
+/// after the write completes lets requests accumulate in the kernel, so one read takes a
+/// batch of them (a read issued at once would return every request alone: a third fewer
+/// requests per second with 16 pipelined per connection); a write that takes longer means
+/// the peer is slow to read, and then reading goes on alongside it, up to the connection's
+/// `max_pending_output`, as on every backend.
+const READ_DEFER: std::time::Duration = std::time::Duration::from_millis(1);
+
 pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     // Runtime::new reports a ring that cannot be created; tokio_uring::start would panic.
     let runtime = match tokio_uring::Runtime::new(&tokio_uring::builder()) {
@@ -49,10 +57,8 @@ struct Conn {
     stream: TcpStream,
     generation: u32,
     conn: RefCell<Connection>,
-    /// Wakes the driver: something changed (bytes received, a deadline, shutdown).
-    to_driver: Notify,
-    /// Wakes the reader: reading may resume, or the connection closed.
-    to_reader: Notify,
+    /// Wakes the connection's task: a deadline passed or the shutdown began.
+    wake: Notify,
 }
 
 /// The descriptor of a tokio-uring stream (which implements only `AsRawFd`).
@@ -67,11 +73,10 @@ impl Conn {
     }
 
     /// Ends the operations in flight (a pending read, a write stuck on a peer that does not
-    /// read) and wakes both tasks.
+    /// read) and wakes the connection's task.
     fn end(&self) {
         sys::shutdown(fd_of(&self.stream), Shutdown::Both);
-        self.to_driver.notify_one();
-        self.to_reader.notify_one();
+        self.wake.notify_one();
     }
 }
 
@@ -149,7 +154,7 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
             // A pending read returns what the kernel holds, then end of file.
             sys::shutdown(fd_of(&conn.stream), Shutdown::Read);
             core.schedule(slot, &conn);
-            conn.to_driver.notify_one();
+            conn.wake.notify_one();
         }
     });
 
@@ -203,16 +208,15 @@ fn open<R: Routes>(core: &Rc<Core<R>>, stream: TcpStream) {
         stream,
         generation: core.next_generation.get(),
         conn: RefCell::new(connection),
-        to_driver: Notify::new(),
-        to_reader: Notify::new(),
+        wake: Notify::new(),
     });
     let slot = core.conns.borrow_mut().insert(conn.clone());
-    let reader = tokio_uring::spawn(read_loop(core.clone(), conn.clone()));
     let core = core.clone();
     tokio_uring::spawn(async move {
-        drive(&core, slot, &conn).await;
+        serve_connection(&core, slot, &conn).await;
+        // Ends whatever is still in flight; dropping those operations is safe (tokio-uring
+        // keeps their buffers until the kernel is done with them).
         conn.end();
-        let _ = reader.await;
         core.conns.borrow_mut().remove(slot);
         if let Ok(connection) = Rc::try_unwrap(conn).map(|c| c.conn.into_inner()) {
             connection.finish(core.processor.borrow().stats());
@@ -221,44 +225,33 @@ fn open<R: Routes>(core: &Rc<Core<R>>, stream: TcpStream) {
     });
 }
 
-/// Reads while the connection wants to, and feeds what arrives to it.
-async fn read_loop<R: Routes>(core: Rc<Core<R>>, conn: Rc<Conn>) {
-    let mut buf = vec![0u8; RECV_BUF_SIZE + PADDING];
-    loop {
-        loop {
-            if conn.closed() {
-                return;
-            }
-            if conn.conn.borrow().wants_read() {
-                break;
-            }
-            conn.to_reader.notified().await;
-        }
-        let (read, slice) = conn.stream.read(buf.slice(..RECV_BUF_SIZE)).await;
-        buf = slice.into_inner();
-        let now = Instant::now();
-        {
-            let mut c = conn.conn.borrow_mut();
-            match read {
-                Ok(0) => c.on_peer_closed(now),
-                Ok(n) => c.on_recv(&mut core.processor.borrow_mut(), &mut buf, n, now),
-                Err(e) => {
-                    tracing::debug!("recv failed: {e}");
-                    c.on_error();
-                }
-            }
-        }
-        conn.to_driver.notify_one();
-    }
+async fn read_op(stream: &TcpStream, buf: Vec<u8>) -> (std::io::Result<usize>, Vec<u8>) {
+    let (read, slice) = stream.read(buf.slice(..RECV_BUF_SIZE)).await;
+    (read, slice.into_inner())
 }
 
-/// Sends what the connection owes, half-closes and closes it as it asks; returns once it
-/// is closed.
-async fn drive<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
+async fn write_op(stream: &TcpStream, buf: Vec<u8>, offset: usize) -> (std::io::Result<usize>, Vec<u8>) {
+    let (written, slice) = stream.write(buf.slice(offset..)).submit().await;
+    (written, slice.into_inner())
+}
+
+/// Serves one connection until its state machine closes it: a read in flight while it wants
+/// to read, a write in flight while it owes bytes, both at once, and the events fed back.
+async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
+    let mut recv_buf = Some(vec![0u8; RECV_BUF_SIZE + PADDING]);
+    let mut reading = std::pin::pin!(None);
+    let mut writing = std::pin::pin!(None);
+    // While a write is in flight, the next read waits for it (or for READ_DEFER to pass).
+    // The timer and the wake-up are made once and re-armed: a select! builds the futures of
+    // disabled branches too, and building a timer touches the runtime's shared handle.
+    let mut read_deferred_until: Option<Instant> = None;
+    let mut defer = std::pin::pin!(tokio::time::sleep(READ_DEFER));
+    let mut wake = std::pin::pin!(conn.wake.notified());
     loop {
+        let now = Instant::now();
         // A pending read may hold received bytes not yet handed over: the kernel's count of
         // unread bytes is never the whole truth here, so draining ends with end of file.
-        let step = conn.conn.borrow_mut().poll(Instant::now(), || 1);
+        let step = conn.conn.borrow_mut().poll(now, || 1);
         match step {
             Step::Wait => {}
             Step::ShutdownWrite => sys::shutdown(fd_of(&conn.stream), Shutdown::Write),
@@ -267,26 +260,56 @@ async fn drive<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
                 return;
             }
         }
+        if writing.is_none() {
+            let lent = conn.conn.borrow_mut().lend_send();
+            if let Some((buf, offset)) = lent {
+                writing.set(Some(write_op(&conn.stream, buf, offset)));
+            }
+        }
+        if reading.is_none() && recv_buf.is_some() && conn.conn.borrow().wants_read() {
+            if writing.is_none() || read_deferred_until.is_some_and(|at| at <= now) {
+                read_deferred_until = None;
+                reading.set(recv_buf.take().map(|buf| read_op(&conn.stream, buf)));
+            } else if read_deferred_until.is_none() {
+                read_deferred_until = Some(now + READ_DEFER);
+                defer.as_mut().reset((now + READ_DEFER).into());
+            }
+        }
         core.schedule(slot, conn);
-        // Reading may have resumed (backpressure released).
-        conn.to_reader.notify_one();
-        let lent = conn.conn.borrow_mut().lend_send();
-        match lent {
-            Some((buf, offset)) => {
-                let (written, slice) = conn.stream.write(buf.slice(offset..)).submit().await;
-                let buf = slice.into_inner();
-                let stats = core.processor.borrow();
+        tokio::select! {
+            (read, mut buf) = async { reading.as_mut().as_pin_mut().expect("a read in flight").await },
+                if reading.is_some() =>
+            {
+                reading.set(None);
+                let now = Instant::now();
+                let mut c = conn.conn.borrow_mut();
+                match read {
+                    Ok(0) => c.on_peer_closed(now),
+                    Ok(n) => c.on_recv(&mut core.processor.borrow_mut(), &mut buf, n, now),
+                    Err(e) => {
+                        tracing::debug!("recv failed: {e}");
+                        c.on_error();
+                    }
+                }
+                recv_buf = Some(buf);
+            }
+            (written, buf) = async { writing.as_mut().as_pin_mut().expect("a write in flight").await },
+                if writing.is_some() =>
+            {
+                writing.set(None);
+                let processor = core.processor.borrow();
                 let mut c = conn.conn.borrow_mut();
                 match written {
-                    Ok(n) => c.on_sent_lent(buf, n, Instant::now(), stats.stats()),
+                    Ok(n) => c.on_sent_lent(buf, n, Instant::now(), processor.stats()),
                     Err(e) => {
                         tracing::debug!("send failed: {e}");
-                        c.on_sent_lent(buf, 0, Instant::now(), stats.stats());
+                        c.on_sent_lent(buf, 0, Instant::now(), processor.stats());
                         c.on_error();
                     }
                 }
             }
-            None => conn.to_driver.notified().await,
+            () = defer.as_mut(), if read_deferred_until.is_some() => {}
+            () = wake.as_mut() => wake.set(conn.wake.notified()),
         }
     }
 }
