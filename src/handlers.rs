@@ -35,7 +35,7 @@ impl<R: Routes> Routes for WithBuiltins<R> {
 }
 
 /// Runs the built-in command `cmdid`, if there is one.
-pub fn call_builtin(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
+pub(crate) fn call_builtin(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
     match cmdid {
         PING => Some(ping(request, reply)),
         STATS => Some(stats(request, reply)),

@@ -133,7 +133,7 @@ impl AcceptErrorLog {
 }
 
 /// Resolves `auto` to the backend this host supports, logging the choice and why.
-pub fn resolve(backend: Backend) -> Backend {
+pub(crate) fn resolve(backend: Backend) -> Backend {
     if backend != Backend::Auto {
         return backend;
     }

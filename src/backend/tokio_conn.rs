@@ -192,16 +192,17 @@ pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
 ) {
     let _ = stream.set_nodelay(true);
     let Drain { mut stop, timeout } = drain;
-    let mut conn =
-        access.with(|core| Connection::new(core.processor.limits(), Instant::now(), core.processor.stats()));
+    // One clock read per wake-up: the events handled together share it.
+    let mut now = Instant::now();
+    let mut conn = access.with(|core| Connection::new(core.processor.limits(), now, core.processor.stats()));
     let mut draining = false;
     loop {
         if !draining && *stop.borrow() {
             draining = true;
-            conn.on_shutdown(Instant::now() + timeout);
+            conn.on_shutdown(now + timeout);
         }
-        flush(&stream, &mut conn, &access);
-        match conn.poll(Instant::now(), || sys::unread_bytes(stream.as_fd())) {
+        flush(&stream, &mut conn, &access, now);
+        match conn.poll(now, || sys::unread_bytes(stream.as_fd())) {
             Step::Wait => {}
             Step::ShutdownWrite => sys::shutdown(stream.as_fd(), Shutdown::Write),
             Step::Close(reason) => {
@@ -211,23 +212,29 @@ pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
         }
         let deadline = conn.poll_timeout();
         let (read, write) = (conn.wants_read(), conn.wants_send());
-        tokio::select! {
-            ready = stream.readable(), if read => match ready {
-                Ok(()) => receive(&stream, &mut conn, &access),
-                Err(_) => conn.on_error(),
-            },
-            ready = stream.writable(), if write => {
-                if ready.is_err() {
-                    conn.on_error();
-                }
-            }
-            () = sleep_until(deadline), if deadline.is_some() => {
-                access.with(|core| conn.on_timeout(Instant::now(), core.processor.stats()));
-            }
-            _ = stop.wait_for(|stopping| *stopping), if !draining => {}
+        let event = tokio::select! {
+            ready = stream.readable(), if read => Wake::Readable(ready.is_ok()),
+            ready = stream.writable(), if write => Wake::Writable(ready.is_ok()),
+            () = sleep_until(deadline), if deadline.is_some() => Wake::Deadline,
+            _ = stop.wait_for(|stopping| *stopping), if !draining => Wake::Stop,
+        };
+        now = Instant::now();
+        match event {
+            Wake::Readable(true) => receive(&stream, &mut conn, &access, now),
+            Wake::Readable(false) | Wake::Writable(false) => conn.on_error(),
+            Wake::Deadline => access.with(|core| conn.on_timeout(now, core.processor.stats())),
+            Wake::Writable(true) | Wake::Stop => {}
         }
     }
     access.with(|core| conn.finish(core.processor.stats()));
+}
+
+/// What ended a connection's wait (`false`: the readiness wait failed).
+enum Wake {
+    Readable(bool),
+    Writable(bool),
+    Deadline,
+    Stop,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -238,15 +245,15 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Reads what the kernel holds, while the connection wants to read, into the core's buffer
 /// and feeds it to the connection.
-fn receive<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A) {
+fn receive<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A, now: Instant) {
     while conn.wants_read() {
         let more = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
             Ok(0) => {
-                conn.on_peer_closed(Instant::now());
+                conn.on_peer_closed(now);
                 false
             }
             Ok(n) => {
-                conn.on_recv(&mut core.processor, &mut core.buf, n, Instant::now());
+                conn.on_recv(&mut core.processor, &mut core.buf, n, now);
                 true
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
@@ -263,18 +270,18 @@ fn receive<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connectio
 }
 
 /// Writes what the connection owes until done or the socket buffer is full.
-fn flush<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A) {
+fn flush<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A, now: Instant) {
     while let Some(bytes) = conn.start_send() {
         let written = stream.try_write(bytes);
         let progressed = access.with(|core| {
             let stats = core.processor.stats();
             match written {
                 Ok(n) => {
-                    conn.on_sent(n, Instant::now(), stats);
+                    conn.on_sent(n, now, stats);
                     n > 0
                 }
                 Err(e) => {
-                    conn.on_sent(0, Instant::now(), stats);
+                    conn.on_sent(0, now, stats);
                     if e.kind() != io::ErrorKind::WouldBlock {
                         tracing::debug!("send failed: {e}");
                         conn.on_error();

@@ -117,13 +117,13 @@ pub fn build_ring() -> io::Result<IoUring> {
 }
 
 /// Checks that this host can run the `uring` backend: a ring and a provided-buffer ring.
-pub fn probe() -> io::Result<()> {
+pub(crate) fn probe() -> io::Result<()> {
     let ring = build_ring()?;
     BufferPool::new(&ring).map(drop)
 }
 
 /// Why io_uring setup failed, and what to do about it.
-pub fn diagnose(err: &io::Error) -> String {
+pub(crate) fn diagnose(err: &io::Error) -> String {
     let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
