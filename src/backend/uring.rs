@@ -445,9 +445,9 @@ impl<R: Routes> Worker<R> {
             // SAFETY: the kernel just created this descriptor for us.
             let fd = unsafe { OwnedFd::from_raw_fd(res) };
             self.accept_errors.succeeded();
-            if self.drain_deadline.is_none() {
-                self.admit(fd)?;
-            }
+            // Accepted while the shutdown began (before the cancel took effect): it may carry
+            // requests, so it is served, draining, like the backlog.
+            self.admit(fd)?;
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
             self.accept_errors.failed(&err, Instant::now());
