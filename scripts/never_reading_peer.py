@@ -4,12 +4,12 @@
 For each backend: start `ringcall serve` (one worker, on a free port), warm the core up with
 a connection that exchanges 32 MiB of 1 KiB echo requests and reads every reply (so the
 receive pool and the allocator's working set are already resident), read the server's RSS,
-then let a second peer write up to 64 MiB of the same requests and never read. Once the
-server has stopped reading (the peer's writes block for 3 s), read the RSS again and the
-server's own counters, and check that a fresh connection is still answered.
+then let --peers more peers (default 1) each write up to 64 MiB of the same requests and
+never read. Once the server has stopped reading (each peer's writes block for 3 s), read the
+RSS again and the server's own counters, and check that a fresh connection is still answered.
 
     cargo build --release
-    scripts/never_reading_peer.py [--binary target/release/ringcall] [BACKEND ...]
+    scripts/never_reading_peer.py [--binary target/release/ringcall] [--peers N] [BACKEND ...]
 """
 
 import argparse
@@ -61,7 +61,7 @@ def stats(addr):
     return json.loads(reply)["data"]["total"]
 
 
-def measure(binary, backend):
+def measure(binary, backend, peers):
     server = subprocess.Popen(
         [binary, "serve", "--addr", "127.0.0.1:0", "--backend", backend, "--threads", "1", "--no-pin"],
         stdout=subprocess.PIPE,
@@ -73,24 +73,30 @@ def measure(binary, backend):
         warm = warm_up(addr)
         time.sleep(0.5)
         before = rss_kib(server.pid)
-        hog = socket.create_connection(addr)
-        hog.settimeout(3.0)
+        hogs = []
         sent = 0
-        try:
-            while sent < 64 << 20:
-                sent += hog.send(CHUNK)
-        except socket.timeout:
-            pass
+        for _ in range(peers):
+            hog = socket.create_connection(addr)
+            hog.settimeout(3.0)
+            hogs.append(hog)
+            written = 0
+            try:
+                while written < 64 << 20:
+                    written += hog.send(CHUNK)
+            except socket.timeout:
+                pass
+            sent += written
         time.sleep(1.0)
         after = rss_kib(server.pid)
         total = stats(addr)
         print(
-            f"{backend:12} peer wrote {sent / 2**20:5.1f} MiB before its writes blocked; "
+            f"{backend:12} {peers} peer(s) wrote {sent / 2**20:5.1f} MiB before their writes blocked; "
             f"server read {(total['bytes_in'] - 32 * 2**20) / 2**20:5.2f} MiB of it; "
             f"RSS {before} -> {after} KiB ({after - before:+} KiB); "
             f"backpressure pauses {total['backpressure_pauses']}; other connections answered"
         )
-        hog.close()
+        for hog in hogs:
+            hog.close()
         warm.close()
     finally:
         server.terminate()
@@ -100,10 +106,11 @@ def measure(binary, backend):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", default="target/release/ringcall")
+    parser.add_argument("--peers", type=int, default=1, help="peers that never read")
     parser.add_argument("backends", nargs="*", default=["uring", "tokio-uring", "epoll", "epoll-mt"])
     args = parser.parse_args()
     for backend in args.backends:
-        measure(args.binary, backend)
+        measure(args.binary, backend, args.peers)
 
 
 if __name__ == "__main__":
