@@ -222,6 +222,17 @@ impl Connection {
         self.out.len() + sending - self.sent
     }
 
+    /// Reply bytes the connection holds in memory: those not yet handed to the kernel, and the
+    /// whole batch of the send in flight (its buffer is freed only once all of it is sent).
+    /// Backpressure counts these, so the limit bounds the memory, not only the unsent bytes.
+    fn held(&self) -> usize {
+        let sending = match self.send {
+            Send::Lent(len) => len,
+            Send::Idle | Send::InFlight => self.sending.len(),
+        };
+        self.out.len() + sending
+    }
+
     /// Whether the backend should have a read outstanding. While it is false, nothing is
     /// read from the peer: its requests wait in the kernel and TCP's flow control stops it.
     pub fn wants_read(&self) -> bool {
@@ -291,7 +302,8 @@ impl Connection {
     }
 
     /// The send started by [`start_send`](Self::start_send) wrote `n` bytes (0: none, e.g. the
-    /// socket buffer was full). Resumes reading once the peer has read enough.
+    /// socket buffer was full). Resumes reading once the connection holds at most half of
+    /// `max_pending_output` (so the batch in flight must be sent whole first).
     pub fn on_sent(&mut self, n: usize, now: Instant, stats: &CoreStats) {
         debug_assert!(self.send == Send::InFlight, "on_sent without a send in flight");
         self.send = Send::Idle;
@@ -310,14 +322,14 @@ impl Connection {
                 self.out = Vec::new();
             }
         }
-        if self.reading == Reading::Paused && self.unsent() <= self.limits.max_pending_output / 2 {
+        if self.reading == Reading::Paused && self.held() <= self.limits.max_pending_output / 2 {
             self.reading = Reading::Active;
         }
     }
 
     /// `buf[..len]` was received (`buf` extends [`super::PADDING`] bytes past `len`): every
-    /// complete request in it is answered into the output. Pauses reading once the peer owes
-    /// more than `max_pending_output` reply bytes.
+    /// complete request in it is answered into the output. Pauses reading once the connection
+    /// holds more than `max_pending_output` reply bytes.
     pub fn on_recv<R: Routes>(
         &mut self,
         processor: &mut Processor<R>,
@@ -345,7 +357,7 @@ impl Connection {
             _ if self.session.partial_line_is_new() => Some(now),
             _ => self.line_started.or(Some(now)),
         };
-        if self.reading == Reading::Active && self.unsent() > self.limits.max_pending_output {
+        if self.reading == Reading::Active && self.held() > self.limits.max_pending_output {
             self.reading = Reading::Paused;
             processor.stats().backpressure_pause();
         }
@@ -611,14 +623,39 @@ mod tests {
         f.recv(&mut conn, ECHO_LINE, 2);
         assert_eq!(conn.unsent(), 12 * ECHO_REPLY.len());
         assert_eq!(f.total().backpressure_pauses, 1);
-        // The peer reads 6 replies: 6 left, above half (5): still paused.
+        // The 12 replies go out as one batch, and 6 more are answered meanwhile.
         let len = conn.start_send().unwrap().len();
         assert_eq!(len, 12 * ECHO_REPLY.len());
-        conn.on_sent(6 * ECHO_REPLY.len(), f.at(3), f.stats.core(0));
+        f.recv(&mut conn, &ECHO_LINE.repeat(6), 3);
+        // The peer reads half the batch: the batch's buffer is held until it is all sent.
+        conn.on_sent(6 * ECHO_REPLY.len(), f.at(4), f.stats.core(0));
         assert!(!conn.wants_read());
-        // One more: 5 left, at half: reading resumes.
+        // The batch is done; 6 replies are held, above half (5): still paused.
         conn.start_send().unwrap();
-        conn.on_sent(ECHO_REPLY.len(), f.at(4), f.stats.core(0));
+        conn.on_sent(6 * ECHO_REPLY.len(), f.at(5), f.stats.core(0));
+        assert!(!conn.wants_read());
+        // Those 6 go out as the next batch; one is read: the batch is still held.
+        conn.start_send().unwrap();
+        conn.on_sent(ECHO_REPLY.len(), f.at(6), f.stats.core(0));
+        assert!(!conn.wants_read());
+        assert_eq!(conn.unsent(), 5 * ECHO_REPLY.len());
+        // The rest is read: nothing held, reading resumes.
+        conn.start_send().unwrap();
+        conn.on_sent(5 * ECHO_REPLY.len(), f.at(7), f.stats.core(0));
+        assert!(conn.wants_read());
+        assert_eq!(f.total().backpressure_pauses, 1);
+    }
+
+    #[test]
+    fn reading_resumes_at_half_the_limit_held() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &ECHO_LINE.repeat(11), 0);
+        assert!(!conn.wants_read());
+        conn.start_send().unwrap();
+        // 5 replies answered while the batch is in flight: exactly half the limit once the
+        // batch is sent.
+        f.recv(&mut conn, &ECHO_LINE.repeat(5), 1);
+        conn.on_sent(11 * ECHO_REPLY.len(), f.at(2), f.stats.core(0));
         assert!(conn.wants_read());
         assert_eq!(conn.unsent(), 5 * ECHO_REPLY.len());
     }
