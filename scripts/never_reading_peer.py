@@ -72,6 +72,7 @@ def measure(binary, backend, peers):
         addr = (host, int(port))
         warm = warm_up(addr)
         time.sleep(0.5)
+        warmed = stats(addr)
         before = rss_kib(server.pid)
         hogs = []
         sent = 0
@@ -89,10 +90,15 @@ def measure(binary, backend, peers):
         time.sleep(1.0)
         after = rss_kib(server.pid)
         total = stats(addr)
+        # Echo replies are all the same size: the warm-up tells it.
+        reply_len = warmed["bytes_out"] / (warmed["requests"] - 1)
+        requests = total["requests"] - warmed["requests"] - 1
+        held = requests * reply_len - (total["bytes_out"] - warmed["bytes_out"])
         print(
             f"{backend:12} {peers} peer(s) wrote {sent / 2**20:5.1f} MiB before their writes blocked; "
             f"server read {(total['bytes_in'] - 32 * 2**20) / 2**20:5.2f} MiB of it; "
             f"RSS {before} -> {after} KiB ({after - before:+} KiB); "
+            f"replies held unsent {held / 2**10 / peers:,.0f} KiB per peer; "
             f"backpressure pauses {total['backpressure_pauses']}; other connections answered"
         )
         for hog in hogs:

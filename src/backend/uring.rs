@@ -73,6 +73,21 @@ fn split_user_data(ud: u64) -> (Option<Op>, u32, usize) {
     (Op::from_u8((ud >> 56) as u8), ((ud >> 32) & 0x00ff_ffff) as u32, ud as u32 as usize)
 }
 
+/// Byte offset of `optlen` in `struct io_uring_sqe` (the union with `splice_fd_in` and
+/// `file_index`), which the kernel reads as a multishot recv's total byte limit.
+const SQE_OPTLEN: usize = 44;
+const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+
+/// A multishot recv that ends (a completion without `IORING_CQE_F_MORE`) once `limit` bytes
+/// have arrived. io-uring 0.7 has no setter for this field, so it is written into the SQE.
+fn with_total_limit(entry: squeue::Entry, limit: u32) -> squeue::Entry {
+    // SAFETY: `Entry` is `#[repr(C)]` around the 64-byte `io_uring_sqe` (size asserted
+    // above), every bit pattern of which is a valid value; only the `optlen` bytes change.
+    let mut sqe: [u8; 64] = unsafe { std::mem::transmute(entry) };
+    sqe[SQE_OPTLEN..SQE_OPTLEN + 4].copy_from_slice(&limit.to_ne_bytes());
+    unsafe { std::mem::transmute(sqe) }
+}
+
 /// Starts a worker: sets up its ring, reports readiness, serves until shut down.
 pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     let ready = setup.ready.clone();
@@ -287,6 +302,9 @@ struct Worker<R: Routes> {
     /// (may repeat).
     drain_checks: Vec<usize>,
     deadline_logged: bool,
+    /// Whether the kernel takes a total byte limit on a multishot recv (6.16 and later);
+    /// cleared by the first recv that fails with EINVAL.
+    recv_limit: bool,
     limits: Limits,
     shutdown_timeout: std::time::Duration,
     /// The time at the start of this loop turn (one clock read per turn).
@@ -319,6 +337,7 @@ impl<R: Routes> Worker<R> {
             drain_deadline: None,
             drain_checks: Vec::new(),
             deadline_logged: false,
+            recv_limit: true,
             limits: setup.config.limits,
             shutdown_timeout: setup.config.shutdown_timeout,
             now: Instant::now(),
@@ -511,9 +530,14 @@ impl<R: Routes> Worker<R> {
             return Ok(());
         };
         if !cqueue::more(cqe.flags()) {
+            // Also where a recv's byte limit was reached: drive() arms the next one.
             c.recv = Recv::Off;
         }
-        if res > 0 {
+        if res == -libc::EINVAL && self.recv_limit {
+            // A kernel before 6.16 refuses the byte limit: read without it from now on.
+            tracing::debug!(core = self.core, "multishot recv without a byte limit (kernel before 6.16)");
+            self.recv_limit = false;
+        } else if res > 0 {
             let bid = bid.expect("recv completion with data carries a buffer id");
             c.conn.on_recv(&mut self.processor, self.pool.buffer(bid), res as usize, self.now);
             self.pool.give_back(bid);
@@ -556,8 +580,14 @@ impl<R: Routes> Worker<R> {
         match (c.conn.wants_read(), c.recv) {
             (true, Recv::Off) => {
                 c.recv = Recv::Armed;
-                let entry = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID).build().user_data(target);
-                self.push(entry)?;
+                let mut entry = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID).build();
+                if self.recv_limit {
+                    // Ends by itself near the backpressure limit, instead of reading on for as
+                    // many buffers as arrive before a cancel lands.
+                    let budget = c.conn.read_budget().try_into().unwrap_or(u32::MAX);
+                    entry = with_total_limit(entry, budget);
+                }
+                self.push(entry.user_data(target))?;
             }
             (false, Recv::Armed) => {
                 // Backpressure or the peer's FIN: stop reading.

@@ -233,6 +233,14 @@ impl Connection {
         self.out.len() + sending
     }
 
+    /// How many more request bytes a read may bring before reading would pause, taking a
+    /// reply to be about as long as its request (at least 1). A backend whose reads keep
+    /// going until cancelled (a multishot recv) bounds them by this, so that reading stops
+    /// near the limit, not however many reads later the cancel lands.
+    pub fn read_budget(&self) -> usize {
+        self.limits.max_pending_output.saturating_sub(self.held()).max(1)
+    }
+
     /// Whether the backend should have a read outstanding. While it is false, nothing is
     /// read from the peer: its requests wait in the kernel and TCP's flow control stops it.
     pub fn wants_read(&self) -> bool {
@@ -644,6 +652,26 @@ mod tests {
         conn.on_sent(5 * ECHO_REPLY.len(), f.at(7), f.stats.core(0));
         assert!(conn.wants_read());
         assert_eq!(f.total().backpressure_pauses, 1);
+    }
+
+    #[test]
+    fn the_read_budget_is_what_the_limit_leaves_of_the_replies_held() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        let max = limits().max_pending_output;
+        assert_eq!(conn.read_budget(), max);
+        f.recv(&mut conn, &ECHO_LINE.repeat(4), 0);
+        assert_eq!(conn.read_budget(), max - 4 * ECHO_REPLY.len());
+        // A batch in flight still counts, whole, until it is all sent.
+        conn.start_send().unwrap();
+        conn.on_sent(ECHO_REPLY.len(), f.at(1), f.stats.core(0));
+        assert_eq!(conn.read_budget(), max - 4 * ECHO_REPLY.len());
+        conn.start_send().unwrap();
+        conn.on_sent(3 * ECHO_REPLY.len(), f.at(2), f.stats.core(0));
+        assert_eq!(conn.read_budget(), max);
+        // Past the limit the budget is 1, never 0 (a byte limit of 0 means none).
+        f.recv(&mut conn, &ECHO_LINE.repeat(11), 3);
+        assert!(!conn.wants_read());
+        assert_eq!(conn.read_budget(), 1);
     }
 
     #[test]
