@@ -221,6 +221,23 @@ fn graceful_stop_answers_what_was_sent(backend: Backend) {
     server.wait().expect("clean exit");
 }
 
+/// At shutdown a connection with nothing owed gets FIN, and the server keeps its side open
+/// (discarding what arrives) until the peer closes: a peer that writes after the FIN gets no
+/// reset that could destroy replies it has not read yet.
+fn shutdown_sends_fin_and_waits_for_the_peer_to_close(backend: Backend) {
+    let Some(server) = start(backend) else { return };
+    let mut c = Client::connect(server.local_addr());
+    assert_eq!(c.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
+    server.stop();
+    c.expect_eof();
+    assert_eq!(server.stats().total().connections_open, 1, "the server closed before the peer");
+    // Past the FIN: discarded, not answered, no reset.
+    c.send(b"{\"cmdid\":0}\n");
+    c.shutdown_write();
+    c.expect_eof();
+    server.wait().expect("clean exit");
+}
+
 every_backend!(
     ping_echo_and_stats,
     tornado_client_request_bytes,
@@ -232,4 +249,5 @@ every_backend!(
     hundred_concurrent_connections,
     half_close_after_a_pipeline_gets_every_reply,
     graceful_stop_answers_what_was_sent,
+    shutdown_sends_fin_and_waits_for_the_peer_to_close,
 );

@@ -9,11 +9,14 @@
 //! task that keeps a read in flight while the machine wants to read and a write in flight
 //! while it owes bytes, both at once, and acts on whichever completes; one timer task per core
 //! wakes connections at their deadlines. tokio-uring cannot cancel an operation by dropping
-//! its future, so a pending read or a stuck write is ended by shutting the socket down. For the same reason a
-//! draining connection cannot learn that nothing more is unread while a read is pending:
-//! at shutdown its read side is shut, the pending read returns what the kernel holds and
-//! then end of file, and the connection closes once those requests are answered (the other
-//! backends send FIN and wait for the peer's close instead).
+//! its future, so a pending read or a stuck write is ended by shutting the socket down.
+//!
+//! Draining asks whether the kernel holds unread requests (`FIONREAD`), which is the whole
+//! truth only if the pending read has not taken bytes whose completion is still to be
+//! handled. So a count of 0 is confirmed by a no-op submitted after it: the ring completes
+//! in order, so once the no-op is back, a read that took bytes before the count has
+//! completed too, and is handled first. Then the connection sends FIN and waits for the
+//! peer's close, as on every backend.
 
 use std::cell::RefCell;
 use std::net::Shutdown;
@@ -151,8 +154,6 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
         let conns: Vec<(usize, Rc<Conn>)> = core.conns.borrow().iter().map(|(s, c)| (s, c.clone())).collect();
         for (slot, conn) in conns {
             conn.conn.borrow_mut().on_shutdown(deadline);
-            // A pending read returns what the kernel holds, then end of file.
-            sys::shutdown(fd_of(&conn.stream), Shutdown::Read);
             core.schedule(slot, &conn);
             conn.wake.notify_one();
         }
@@ -201,7 +202,6 @@ fn open<R: Routes>(core: &Rc<Core<R>>, stream: TcpStream) {
     let mut connection = Connection::new(core.limits, Instant::now(), core.processor.borrow().stats());
     if let Some(deadline) = core.drain_deadline.get() {
         connection.on_shutdown(deadline);
-        sys::shutdown(fd_of(&stream), Shutdown::Read);
     }
     core.next_generation.set(core.next_generation.get().wrapping_add(1));
     let conn = Rc::new(Conn {
@@ -247,11 +247,29 @@ async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
     let mut read_deferred_until: Option<Instant> = None;
     let mut defer = std::pin::pin!(tokio::time::sleep(READ_DEFER));
     let mut wake = std::pin::pin!(conn.wake.notified());
+    // Draining: a no-op confirming that the kernel held nothing unread (see the module docs).
+    let mut settling = std::pin::pin!(None);
+    let mut unread = Unread::Unknown;
     loop {
         let now = Instant::now();
-        // A pending read may hold received bytes not yet handed over: the kernel's count of
-        // unread bytes is never the whole truth here, so draining ends with end of file.
-        let step = conn.conn.borrow_mut().poll(now, || 1);
+        let mut asked = false;
+        let step = conn.conn.borrow_mut().poll(now, || {
+            asked = true;
+            match unread {
+                Unread::Confirmed => 0,
+                Unread::Unknown | Unread::Confirming => 1,
+            }
+        });
+        // If the count is not 0, the pending read brings those bytes and the machine asks
+        // again.
+        if asked
+            && unread == Unread::Unknown
+            && settling.is_none()
+            && sys::unread_bytes(fd_of(&conn.stream)) == 0
+        {
+            unread = Unread::Confirming;
+            settling.set(Some(tokio_uring::no_op()));
+        }
         match step {
             Step::Wait => {}
             Step::ShutdownWrite => sys::shutdown(fd_of(&conn.stream), Shutdown::Write),
@@ -277,10 +295,14 @@ async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
         }
         core.schedule(slot, conn);
         tokio::select! {
+            // A read that completed before a no-op is handled before it.
+            biased;
             (read, mut buf) = async { reading.as_mut().as_pin_mut().expect("a read in flight").await },
                 if reading.is_some() =>
             {
                 reading.set(None);
+                // What the kernel held may have changed: count again.
+                unread = Unread::Unknown;
                 let now = Instant::now();
                 let mut c = conn.conn.borrow_mut();
                 match read {
@@ -308,10 +330,28 @@ async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
                     }
                 }
             }
+            _ = async { settling.as_mut().as_pin_mut().expect("a no-op in flight").await },
+                if settling.is_some() =>
+            {
+                settling.set(None);
+                if unread == Unread::Confirming {
+                    unread = Unread::Confirmed;
+                }
+            }
             () = defer.as_mut(), if read_deferred_until.is_some() => {}
             () = wake.as_mut() => wake.set(conn.wake.notified()),
         }
     }
+}
+
+/// While draining: what is known of the bytes the kernel holds unread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unread {
+    Unknown,
+    /// Counted 0; a no-op submitted since must come back before that is sure.
+    Confirming,
+    /// Counted 0, and no read completed since.
+    Confirmed,
 }
 
 /// Wakes connections at their deadlines; one task per core.
