@@ -1,6 +1,7 @@
 //! A small custom service on ringcall: a per-core counter and a greeting, in a few lines.
 //!
-//! Run it with `cargo run --release --example kv_service`, then:
+//! Run it with `cargo run --release --example kv_service [ADDR]` (it prints the address it
+//! listens on; SIGINT or SIGTERM drains it gracefully), then:
 //! `printf '{"cmdid":2000,"params":{"name":"ops"}}\n{"cmdid":2001,"params":{"by":5}}\n' | nc -q1 127.0.0.1 8890`
 
 use std::cell::Cell;
@@ -41,8 +42,19 @@ ringcall::routes! {
 }
 
 fn main() -> Result<(), ringcall::ServerError> {
-    tracing_subscriber::fmt().init();
-    let server = Server::builder().addr("127.0.0.1:8890").start::<KvService>()?;
+    // Logs to stderr (stdout carries the address), coloured only on a terminal.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // `kv_service [ADDR]`: 127.0.0.1:8890 unless told otherwise (port 0 picks a free one).
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8890".to_owned());
+    // SIGINT/SIGTERM drain the server as `ringcall serve` does: stop accepting, answer every
+    // request received, then return from wait().
+    let server = Server::builder().addr(addr).start::<KvService>()?;
+    println!("{}", server.local_addr());
     tracing::info!(addr = %server.local_addr(), "kv_service listening");
-    server.wait()
+    server.wait()?;
+    tracing::info!("kv_service stopped");
+    Ok(())
 }

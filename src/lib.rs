@@ -39,6 +39,8 @@
 //!   [`WithBuiltins`](handlers::WithBuiltins), which puts them in front of a table.
 //! - [`stats`]: per-core counters, merged on read.
 //! - [`server`]: configuration, the builder, start-up and shutdown fan-out.
+//! - `signals`: graceful shutdown on SIGINT/SIGTERM for every server of the process (on by
+//!   default, [`ServerBuilder::handle_signals`]).
 //! - [`backend`]: the I/O drivers that turn the connection machine's answers into system
 //!   calls: `uring` (native io_uring), `tokio_uring`, `epoll`, `epoll_mt` and the connection
 //!   loop the epoll drivers share; [`backend::worker`], the contract between the server and a
@@ -58,6 +60,7 @@ pub mod dispatch;
 pub mod handlers;
 pub mod protocol;
 pub mod server;
+mod signals;
 pub mod stats;
 
 pub use dispatch::{Handler, HandlerError, HandlerResult, NoRoutes, Routes};

@@ -14,6 +14,7 @@ use crate::backend::{self, sys};
 use crate::dispatch::Routes;
 use crate::handlers::WithBuiltins;
 use crate::protocol::Limits;
+use crate::signals;
 use crate::stats::StatsRegistry;
 
 /// Everything a server needs to start.
@@ -31,6 +32,9 @@ pub struct ServerConfig {
     pub pin_threads: bool,
     /// How long a graceful shutdown waits for connections to drain.
     pub shutdown_timeout: Duration,
+    /// Begin a graceful shutdown at the first SIGINT or SIGTERM, and exit with status 130 at
+    /// a second one (see [`ServerBuilder::handle_signals`]).
+    pub handle_signals: bool,
 }
 
 /// The default listen address.
@@ -45,6 +49,7 @@ impl Default for ServerConfig {
             backend: Backend::default(),
             pin_threads: true,
             shutdown_timeout: Duration::from_secs(10),
+            handle_signals: true,
         }
     }
 }
@@ -98,7 +103,8 @@ impl ServerError {
     pub(crate) fn listen(addr: SocketAddr, source: io::Error) -> Self {
         let hint = match source.raw_os_error() {
             Some(libc::EADDRINUSE) => {
-                " (the port is in use: stop the process listening there or pick another --addr)"
+                " (the port stayed in use: another process listens there; stop it or pick another \
+                 --addr)"
             }
             Some(libc::EACCES) => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
             Some(libc::EADDRNOTAVAIL) => " (that IP address is not configured on this host)",
@@ -192,6 +198,20 @@ impl ServerBuilder {
         self
     }
 
+    /// Whether SIGINT and SIGTERM shut the server down gracefully (default on): the first
+    /// signal stops accepting, answers every request received and closes each connection
+    /// once its peer has closed or the shutdown timeout has passed, after which
+    /// [`ServerHandle::wait`] returns; a second signal exits the process at once with status
+    /// 130. Every server of the process that has it on stops at the same signal. A signal
+    /// that arrives while no such server runs has its default effect.
+    ///
+    /// Turn it off to handle signals yourself, and stop the server from code with
+    /// [`ServerHandle::stop`] or a [`Stopper`].
+    pub fn handle_signals(mut self, on: bool) -> Self {
+        self.config.handle_signals = on;
+        self
+    }
+
     /// Binds, starts one worker per core and returns once every worker is serving.
     ///
     /// # Errors
@@ -222,6 +242,13 @@ impl ServerBuilder {
         let stats = StatsRegistry::new(threads);
         let cpus = sys::allowed_cpus();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let signals = match config.handle_signals {
+            true => Some(
+                signals::register(control.clone())
+                    .map_err(|source| ServerError::Io { what: "cannot install signal handlers", source })?,
+            ),
+            false => None,
+        };
         let mut handle = ServerHandle {
             local_addr,
             backend: config.backend,
@@ -229,6 +256,7 @@ impl ServerBuilder {
             stats: stats.clone(),
             control: control.clone(),
             workers: Vec::with_capacity(workers_wanted),
+            _signals: signals,
         };
         for (core, listener) in listeners.into_iter().enumerate() {
             let setup = WorkerSetup {
@@ -299,6 +327,8 @@ pub struct ServerHandle {
     stats: Arc<StatsRegistry>,
     control: Arc<StopSignal>,
     workers: Vec<JoinHandle<()>>,
+    /// Unregisters the server from the signal handlers when the handle goes.
+    _signals: Option<signals::Registration>,
 }
 
 impl ServerHandle {

@@ -238,6 +238,32 @@ fn shutdown_sends_fin_and_waits_for_the_peer_to_close(backend: Backend) {
     server.wait().expect("clean exit");
 }
 
+/// A second server on the port of a live one waits the bind retry out, then fails naming
+/// the port in use (it must not join the first one's SO_REUSEPORT group); the first one goes
+/// on serving.
+fn a_port_held_by_a_live_server_is_refused(backend: Backend) {
+    let Some(server) = start(backend) else { return };
+    let addr = server.local_addr();
+    let second = ringcall::Server::builder()
+        .addr(addr.to_string())
+        .backend(backend)
+        .threads(1)
+        .pin_threads(false)
+        .handle_signals(false)
+        .start::<common::TestRoutes>();
+    match second {
+        Err(ringcall::ServerError::Listen { addr: refused, source, hint }) => {
+            assert_eq!(refused, addr);
+            assert_eq!(source.raw_os_error(), Some(libc::EADDRINUSE));
+            assert!(hint.contains("another process listens there"), "{hint}");
+        }
+        Err(e) => panic!("expected the port in use, got {e}"),
+        Ok(_) => panic!("a second server bound {addr}"),
+    }
+    let mut c = Client::connect(addr);
+    assert_eq!(c.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
+}
+
 every_backend!(
     ping_echo_and_stats,
     tornado_client_request_bytes,
@@ -250,4 +276,5 @@ every_backend!(
     half_close_after_a_pipeline_gets_every_reply,
     graceful_stop_answers_what_was_sent,
     shutdown_sends_fin_and_waits_for_the_peer_to_close,
+    a_port_held_by_a_live_server_is_refused,
 );

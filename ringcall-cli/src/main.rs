@@ -204,7 +204,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let signals = block_shutdown_signals();
     let open_files = sys::raise_nofile_limit().unwrap_or_else(|e| {
         tracing::warn!("cannot raise the open-file limit: {e}");
         0
@@ -222,6 +221,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         backend: args.backend,
         pin_threads: !args.no_pin,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        // SIGINT/SIGTERM drain the server, a second one exits with 130: the library does it.
+        handle_signals: true,
     };
     let server = ringcall::ServerBuilder::config(config.clone())
         .start::<ShippedRoutes>()
@@ -244,11 +245,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .name("ringcall-stats".into())
         .spawn(move || log_stats(&stats, interval, level))
         .context("cannot spawn the stats thread")?;
-    let stopper = server.stopper();
-    std::thread::Builder::new()
-        .name("ringcall-signals".into())
-        .spawn(move || wait_for_signals(signals, stopper))
-        .context("cannot spawn the signal thread")?;
     server.wait()?;
     tracing::info!("ringcall stopped");
     Ok(())
@@ -438,40 +434,5 @@ fn log_stats(stats: &ringcall::stats::StatsRegistry, interval: Duration, level: 
             tracing::debug!("{line}");
         }
         last = now;
-    }
-}
-
-/// Blocks SIGINT and SIGTERM in every thread (workers inherit the mask) so that only the
-/// signal thread receives them.
-fn block_shutdown_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data manipulated only through the libc calls below.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// First signal: graceful shutdown. Second: exit at once.
-fn wait_for_signals(set: libc::sigset_t, stopper: ringcall::Stopper) {
-    let mut received = 0;
-    loop {
-        let mut signal = 0;
-        // SAFETY: set is a valid, initialised signal set.
-        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-            continue;
-        }
-        received += 1;
-        if received == 1 {
-            // Stop first: nothing (not even a failing log write) may delay the shutdown.
-            stopper.stop();
-            tracing::info!(signal, "shutdown requested; send the signal again to exit at once");
-        } else {
-            tracing::warn!(signal, "second signal: exiting without draining");
-            std::process::exit(130);
-        }
     }
 }

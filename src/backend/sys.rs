@@ -5,6 +5,7 @@
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 use socket2::{Domain, Socket, Type};
@@ -38,14 +39,50 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
 /// Before that, a plain bind (no `SO_REUSEPORT`) checks that nobody listens there yet:
 /// without it a second server on the same port would silently join the group and take half
 /// the connections. Port 0 is resolved once, so every listener shares the chosen port.
+///
+/// A port still held by a listener that is being closed (a server killed a moment ago, whose
+/// io_uring ring the kernel tears down asynchronously, holding the listener until then) is
+/// waited for, up to [`BIND_RETRY`]; a port held longer is in use, and that is the error.
 pub fn reuseport_listeners(addr: SocketAddr, n: usize) -> io::Result<(Vec<OwnedFd>, SocketAddr)> {
     let addr = {
-        let probe = listen(addr, false)?;
+        let probe = listen_when_free(addr)?;
         local_addr(probe.as_fd())?
     };
     let listeners = (0..n).map(|_| listen(addr, true)).collect::<io::Result<Vec<_>>>()?;
     Ok((listeners, addr))
 }
+
+/// How long start-up waits for a port that is in use to be released.
+pub const BIND_RETRY: Duration = Duration::from_secs(2);
+
+/// [`listen`] without `SO_REUSEPORT`, retrying while the address is in use, up to
+/// [`BIND_RETRY`].
+fn listen_when_free(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let started = Instant::now();
+    let mut waited = false;
+    loop {
+        match listen(addr, false) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) && started.elapsed() < BIND_RETRY => {
+                if !waited {
+                    waited = true;
+                    tracing::info!(
+                        %addr,
+                        "address in use; waiting up to {BIND_RETRY:?} for it to be released \
+                         (a server that just exited may hold it while the kernel closes it)"
+                    );
+                }
+                std::thread::sleep(BIND_RETRY_STEP);
+            }
+            Ok(fd) if waited => {
+                tracing::info!(%addr, waited = ?started.elapsed(), "address released");
+                return Ok(fd);
+            }
+            result => return result,
+        }
+    }
+}
+
+const BIND_RETRY_STEP: Duration = Duration::from_millis(10);
 
 /// Accepts every connection already waiting in `listener`'s backlog, without blocking.
 ///

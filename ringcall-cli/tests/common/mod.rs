@@ -39,7 +39,8 @@ fn spawn_server_with_log(
     use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"));
     command
-        .args(["serve", "--addr", "127.0.0.1:0", "--no-pin", "--backend", backend.name()])
+        .args(["serve", "--no-pin", "--backend", backend.name()])
+        .args(if extra.contains(&"--addr") { &[][..] } else { &["--addr", "127.0.0.1:0"][..] })
         .args(if extra.contains(&"--threads") { &[][..] } else { &["--threads", "2"][..] })
         .args(extra)
         .env("RUST_LOG", "info")
