@@ -375,6 +375,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let report = ringcall_cli::bench::run(&config)?;
     print!("{}", report.render(args.output));
+    let lost = report.unanswered.total();
+    anyhow::ensure!(
+        lost == 0,
+        "{lost} requests were sent and never answered (the report says how their connections ended)"
+    );
     Ok(())
 }
 

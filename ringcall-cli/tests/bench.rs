@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::start;
+use common::{Client, spawn_server, start, total_stat};
 use ringcall::Backend;
 use ringcall_cli::bench::{BenchConfig, StopAfter};
 
@@ -28,6 +28,7 @@ fn bench_totals_match_the_server_stats(backend: Backend) {
     assert_eq!(report.requests, 3000);
     assert_eq!(report.replies_with(0), 3000);
     assert_eq!(report.errors, 0);
+    assert_eq!(report.unanswered.total(), 0);
     assert_eq!(report.invalid_replies, 0);
     let stats = server.stats().total();
     assert_eq!(stats.requests, 3000);
@@ -72,4 +73,42 @@ fn open_loop_bench_reports_corrected_latency(backend: Backend) {
     assert!(csv.lines().nth(1).unwrap().contains(",200,"));
 }
 
-every_backend!(bench_totals_match_the_server_stats, open_loop_bench_reports_corrected_latency);
+/// `ringcall bench` while the server shuts down (SIGTERM): the server answers what it read and
+/// closes; the requests the bench had sent after that are counted as unanswered, by reason,
+/// in the report, and the bench exits 1 saying so instead of 0. It ends when its connections
+/// do, not when its 60 s are up.
+fn bench_across_a_server_shutdown_counts_what_went_unanswered(backend: Backend) {
+    let (mut server, addr) = spawn_server(backend, &[], None);
+    let bench = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"))
+        .args(["bench", "--addr", &addr.to_string(), "-c", "4", "-P", "16", "-d", "60", "--warmup", "0"])
+        .args(["--cmdid", "0", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stats = Client::connect(addr);
+    while total_stat(&mut stats, "requests") < 5000 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(stats);
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    let out = bench.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "bench must fail when requests went unanswered");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("64 requests were sent and never answered"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Closed loop: every connection has its 16 requests in flight when the server's FIN comes.
+    assert_eq!(report["unanswered"]["closed"], 64, "{report}");
+    assert_eq!(report["unanswered"]["reset"], 0, "{report}");
+    assert_eq!(report["unanswered"]["timed_out"], 0, "{report}");
+    assert_eq!(report["errors"], 4, "{report}");
+    assert!(report["duration_secs"].as_f64().unwrap() < 60.0, "{report}");
+    assert!(server.wait().unwrap().success());
+}
+
+every_backend!(
+    bench_across_a_server_shutdown_counts_what_went_unanswered,
+    bench_totals_match_the_server_stats,
+    open_loop_bench_reports_corrected_latency
+);

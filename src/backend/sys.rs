@@ -44,12 +44,22 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
 /// io_uring ring the kernel tears down asynchronously, holding the listener until then) is
 /// waited for, up to [`BIND_RETRY`]; a port held longer is in use, and that is the error.
 pub fn reuseport_listeners(addr: SocketAddr, n: usize) -> io::Result<(Vec<OwnedFd>, SocketAddr)> {
-    let addr = {
-        let probe = listen_when_free(addr)?;
-        local_addr(probe.as_fd())?
-    };
-    let listeners = (0..n).map(|_| listen(addr, true)).collect::<io::Result<Vec<_>>>()?;
-    Ok((listeners, addr))
+    let mut attempts = 0;
+    loop {
+        let chosen = {
+            let probe = listen_when_free(addr)?;
+            local_addr(probe.as_fd())?
+        };
+        match (0..n).map(|_| listen(chosen, true)).collect::<io::Result<Vec<_>>>() {
+            Ok(listeners) => return Ok((listeners, chosen)),
+            // Port 0: between the probe and the group, another socket (an outgoing
+            // connection's ephemeral port, say) took the port the kernel had chosen.
+            Err(e) if addr.port() == 0 && e.raw_os_error() == Some(libc::EADDRINUSE) && attempts < 8 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// How long start-up waits for a port that is in use to be released.

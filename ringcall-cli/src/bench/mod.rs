@@ -115,11 +115,76 @@ struct ThreadResult {
     other_codes: u64,
     invalid_replies: u64,
     errors: u64,
+    unanswered: Unanswered,
     bytes_sent: u64,
     bytes_received: u64,
 }
 
+/// Requests sent on a connection that ended before their replies came, by how it ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Unanswered {
+    /// The server closed the connection (end of file).
+    pub closed: u64,
+    /// The connection was reset (ECONNRESET, EPIPE, ECONNABORTED).
+    pub reset: u64,
+    /// No reply came within the drain wait after the run ended.
+    pub timed_out: u64,
+    /// Another I/O error (e.g. ETIMEDOUT: the peer host stopped answering).
+    pub other: u64,
+}
+
+impl Unanswered {
+    /// Every request sent and never answered.
+    pub fn total(&self) -> u64 {
+        self.closed + self.reset + self.timed_out + self.other
+    }
+
+    fn merge(&mut self, other: &Unanswered) {
+        self.closed += other.closed;
+        self.reset += other.reset;
+        self.timed_out += other.timed_out;
+        self.other += other.other;
+    }
+}
+
+/// How a connection of the load ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Closed,
+    Reset,
+    TimedOut,
+    Other,
+}
+
+impl Ended {
+    fn from_errno(errno: i32) -> Self {
+        match errno {
+            libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED => Ended::Reset,
+            _ => Ended::Other,
+        }
+    }
+
+    fn from_io(err: &std::io::Error) -> Self {
+        err.raw_os_error().map_or(Ended::Other, Ended::from_errno)
+    }
+}
+
 impl ThreadResult {
+    /// A connection ended with `in_flight` requests unanswered; counted once per connection
+    /// in `errors` (a drain that timed out is not a connection error).
+    fn connection_ended(&mut self, how: Ended, in_flight: usize) {
+        let n = in_flight as u64;
+        match how {
+            Ended::Closed => self.unanswered.closed += n,
+            Ended::Reset => self.unanswered.reset += n,
+            Ended::TimedOut => self.unanswered.timed_out += n,
+            Ended::Other => self.unanswered.other += n,
+        }
+        if how != Ended::TimedOut {
+            self.errors += 1;
+        }
+    }
+
     fn new() -> Self {
         Self {
             latency: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds"),
@@ -127,6 +192,7 @@ impl ThreadResult {
             other_codes: 0,
             invalid_replies: 0,
             errors: 0,
+            unanswered: Unanswered::default(),
             bytes_sent: 0,
             bytes_received: 0,
         }
@@ -140,6 +206,7 @@ impl ThreadResult {
         self.other_codes += other.other_codes;
         self.invalid_replies += other.invalid_replies;
         self.errors += other.errors;
+        self.unanswered.merge(&other.unanswered);
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
     }
@@ -194,12 +261,18 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         shared.phase.store(MEASURE, Ordering::Release);
     }
     let started = Instant::now();
-    match config.stop {
-        StopAfter::Duration(d) => {
-            std::thread::sleep(d);
-            shared.phase.store(STOP, Ordering::Release);
+    let mut ended_early = None;
+    if let StopAfter::Duration(d) = config.stop {
+        // Every connection may be gone before the time is up (the server went away): then
+        // there is nothing left to measure.
+        while started.elapsed() < d {
+            if workers.iter().all(|w| w.is_finished()) {
+                ended_early = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep((d - started.elapsed().min(d)).min(Duration::from_millis(50)));
         }
-        StopAfter::Count(_) => {}
+        shared.phase.store(STOP, Ordering::Release);
     }
     let mut total = ThreadResult::new();
     let mut measured_end = None;
@@ -209,7 +282,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         measured_end = measured_end.max(Some(result.1));
     }
     let elapsed = match config.stop {
-        StopAfter::Duration(d) => d,
+        StopAfter::Duration(d) => ended_early.unwrap_or(d),
         StopAfter::Count(_) => {
             measured_end.map_or(Duration::ZERO, |end| end.saturating_duration_since(started))
         }
@@ -311,8 +384,8 @@ async fn connection(
     }
     loop {
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                result.errors += 1;
+            if let Err(e) = stream.write_all(&out).await {
+                result.connection_ended(Ended::from_io(&e), flight.len());
                 break;
             }
             result.bytes_sent += out.len() as u64;
@@ -342,15 +415,22 @@ async fn connection(
         } else if let Some(deadline) = stop_at {
             match tokio::time::timeout_at(deadline.into(), stream.read(&mut buf[filled..])).await {
                 Ok(read) => Some(read),
-                Err(_) => break,
+                Err(_) => {
+                    result.connection_ended(Ended::TimedOut, flight.len());
+                    break;
+                }
             }
         } else {
             Some(stream.read(&mut buf[filled..]).await)
         };
         let Some(read) = read else { continue };
         let n = match read {
-            Ok(0) | Err(_) => {
-                result.errors += 1;
+            Ok(0) => {
+                result.connection_ended(Ended::Closed, flight.len());
+                break;
+            }
+            Err(e) => {
+                result.connection_ended(Ended::from_io(&e), flight.len());
                 break;
             }
             Ok(n) => n,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{BenchConfig, Shared, ThreadResult};
+use super::{BenchConfig, Shared, ThreadResult, Unanswered};
 
 /// How to print a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,6 +79,8 @@ pub struct BenchReport {
     pub invalid_replies: u64,
     /// Connections that failed (could not connect, reset, closed by the server).
     pub errors: u64,
+    /// Requests sent and never answered, by how their connection ended.
+    pub unanswered: Unanswered,
     /// Bytes written.
     pub bytes_sent: u64,
     /// Bytes read.
@@ -122,6 +124,7 @@ impl BenchReport {
             other_codes: result.other_codes,
             invalid_replies: result.invalid_replies,
             errors: result.errors,
+            unanswered: result.unanswered,
             bytes_sent: result.bytes_sent,
             bytes_received: result.bytes_received,
             latency,
@@ -168,7 +171,18 @@ impl BenchReport {
                 self.other_codes, self.invalid_replies
             );
         }
-        let _ = writeln!(s, "  errors      {}", self.errors);
+        let _ = writeln!(s, "  errors      {} connections failed", self.errors);
+        let u = &self.unanswered;
+        let _ = writeln!(
+            s,
+            "  unanswered  {} requests sent and never answered (connection closed {}, reset {}, \
+             timed out {}, other {})",
+            u.total(),
+            u.closed,
+            u.reset,
+            u.timed_out,
+            u.other
+        );
         let _ = writeln!(s, "  bytes       {} sent, {} received", self.bytes_sent, self.bytes_received);
         let l = &self.latency;
         let _ = writeln!(
@@ -188,13 +202,13 @@ impl BenchReport {
 
     /// The CSV header matching [`csv_row`](Self::csv_row).
     pub const CSV_HEADER: &'static str = "addr,connections,pipeline,rate,duration_secs,requests,requests_per_sec,\
-        ok,errors,bytes_sent,bytes_received,p50_us,p90_us,p99_us,p99_9_us,max_us,mean_us";
+        ok,errors,unanswered,bytes_sent,bytes_received,p50_us,p90_us,p99_us,p99_9_us,max_us,mean_us";
 
     /// One CSV row.
     pub fn csv_row(&self) -> String {
         let l = &self.latency;
         format!(
-            "{},{},{},{},{:.3},{},{:.1},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1}",
+            "{},{},{},{},{:.3},{},{:.1},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1}",
             self.addr,
             self.connections,
             self.pipeline,
@@ -204,6 +218,7 @@ impl BenchReport {
             self.requests_per_sec,
             self.replies_with(0),
             self.errors,
+            self.unanswered.total(),
             self.bytes_sent,
             self.bytes_received,
             l.p50,

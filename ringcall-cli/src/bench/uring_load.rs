@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use io_uring::types::{Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
-use super::{BenchConfig, DRAIN_WAIT, Flight, Reply, Shared, ThreadResult};
+use super::{BenchConfig, DRAIN_WAIT, Ended, Flight, Reply, Shared, ThreadResult};
 use ringcall::backend::uring::{BGID, BufferPool, build_ring};
 
 const RECV: u64 = 1;
@@ -144,10 +144,20 @@ impl UringLoad {
                 }
             }
             self.pool.publish();
+            if self.conns.iter().all(|c| c.dead) {
+                // The server went away: nothing left to measure.
+                break;
+            }
             if Flight::stopping(config, shared) {
                 let now = Instant::now();
                 let deadline = *stop_at.get_or_insert(now + DRAIN_WAIT);
-                if now >= deadline || self.conns.iter().all(|c| c.dead || c.flight.is_empty()) {
+                if self.conns.iter().all(|c| c.dead || c.flight.is_empty()) {
+                    break;
+                }
+                if now >= deadline {
+                    for conn in self.conns.iter().filter(|c| !c.dead && !c.flight.is_empty()) {
+                        result.connection_ended(Ended::TimedOut, conn.flight.len());
+                    }
                     break;
                 }
             }
@@ -236,7 +246,8 @@ impl UringLoad {
             // The server closed or reset the connection.
             if !conn.dead {
                 conn.dead = true;
-                result.errors += 1;
+                let how = if res == 0 { Ended::Closed } else { Ended::from_errno(-res) };
+                result.connection_ended(how, conn.flight.len());
             }
             return Ok(measured);
         }
@@ -252,7 +263,7 @@ impl UringLoad {
         if res < 0 {
             if !conn.dead {
                 conn.dead = true;
-                result.errors += 1;
+                result.connection_ended(Ended::from_errno(-res), conn.flight.len());
             }
             return Ok(());
         }
