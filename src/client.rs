@@ -99,7 +99,13 @@ impl Call {
     /// The text is not a JSON object.
     pub fn with_json(cmdid: u32, params: &str) -> Result<Self, ClientError> {
         let mut bytes = params.as_bytes().to_vec();
-        let value = simd_json::to_owned_value(&mut bytes).map_err(|e| ClientError::Params(e.to_string()))?;
+        let value = simd_json::to_owned_value(&mut bytes).map_err(|e| {
+            ClientError::Params(format!(
+                "{params:?} is not JSON (at byte {}: {}); write an object such as '{{\"name\":\"value\"}}'",
+                e.index(),
+                crate::protocol::session::json_error(&e)
+            ))
+        })?;
         if !value.is_object() {
             return Err(ClientError::Params(format!("got {}", value.value_type_name())));
         }

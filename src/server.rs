@@ -66,7 +66,9 @@ impl ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The address could not be resolved.
-    #[error("cannot resolve listen address {addr:?}: {source}")]
+    #[error(
+        "cannot resolve listen address {addr:?} (expected HOST:PORT, e.g. 127.0.0.1:8889 or localhost:8889): {source}"
+    )]
     Resolve {
         /// What was given.
         addr: String,
@@ -299,12 +301,23 @@ impl ServerBuilder {
     }
 }
 
+/// `HOST:PORT` with an IP address or a host name. A name is looked up, its first IPv4 address
+/// preferred (`localhost` means 127.0.0.1 to most clients, even where `::1` comes first), and
+/// what it resolved to is logged.
 fn resolve(addr: &str) -> Result<SocketAddr, ServerError> {
+    if let Ok(literal) = addr.parse() {
+        return Ok(literal);
+    }
     let resolve_err = |source| ServerError::Resolve { addr: addr.to_owned(), source };
-    addr.to_socket_addrs()
-        .map_err(resolve_err)?
-        .next()
-        .ok_or_else(|| resolve_err(io::Error::new(io::ErrorKind::NotFound, "no address found")))
+    let found: Vec<SocketAddr> = addr.to_socket_addrs().map_err(resolve_err)?.collect();
+    let chosen = found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| resolve_err(io::Error::new(io::ErrorKind::NotFound, "the name has no address")))?;
+    tracing::info!(requested = addr, resolved = %chosen, "listen address resolved");
+    Ok(chosen)
 }
 
 /// Begins a graceful shutdown of the server it came from; cheap to clone.

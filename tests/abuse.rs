@@ -25,18 +25,18 @@ fn abuse_battery(backend: Backend) {
     let deep =
         format!("{{\"cmdid\":10000,\"params\":{{\"a\":{}{}}}}}\n", "[".repeat(100_000), "]".repeat(100_000));
     let survivable: Vec<(Vec<u8>, &str)> = vec![
-        (b"{\"cmdid\":\n".to_vec(), "{\"code\":400,\"error\":\"invalid JSON: "),
-        (b"GET / HTTP/1.1\r\n".to_vec(), "{\"code\":400,\"error\":\"invalid JSON: "),
-        (b"\x00\x01\x02\x00\xff\xfe\n".to_vec(), "{\"code\":400,\"error\":\"invalid JSON: "),
+        (b"{\"cmdid\":\n".to_vec(), "{\"code\":400,\"error\":\"invalid JSON at byte "),
+        (b"GET / HTTP/1.1\r\n".to_vec(), "{\"code\":400,\"error\":\"invalid JSON at byte "),
+        (b"\x00\x01\x02\x00\xff\xfe\n".to_vec(), "{\"code\":400,\"error\":\"invalid JSON at byte "),
         (b"[{\"cmdid\":0}]\n".to_vec(), "{\"code\":400,\"error\":\"request must be a JSON object\"}"),
         (b"{\"params\":{}}\n".to_vec(), "{\"code\":400,\"error\":\"missing cmdid\"}"),
         (b"{\"cmdid\":\"0\"}\n".to_vec(), "{\"code\":400,\"error\":\"cmdid must be an integer"),
         (b"{\"cmdid\":99999999999999999999}\n".to_vec(), "{\"code\":400,\"error\":\""),
         (b"{\"cmdid\":4294967296}\n".to_vec(), "{\"code\":400,\"error\":\"cmdid must be an integer"),
-        (deep.into_bytes(), "{\"code\":400,\"error\":\"invalid JSON: "),
+        (deep.into_bytes(), "{\"code\":400,\"error\":\"invalid JSON at byte "),
         (
             b"{\"cmdid\":10000,\"params\":{\"s\":\"\xc3\x28\"}}\n".to_vec(),
-            "{\"code\":400,\"error\":\"invalid JSON: ",
+            "{\"code\":400,\"error\":\"invalid JSON at byte ",
         ),
         (b"{\"cmdid\":0}\r\n".to_vec(), PONG),
     ];

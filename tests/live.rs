@@ -104,7 +104,7 @@ fn bad_requests_get_errors_and_the_connection_survives(backend: Backend) {
     ] {
         let reply = c.call(garbage);
         assert!(
-            reply.starts_with("{\"code\":400,\"error\":\"invalid JSON: "),
+            reply.starts_with("{\"code\":400,\"error\":\"invalid JSON at byte "),
             "reply to {garbage:?}: {reply}"
         );
         assert!(reply.ends_with("\"}\n"), "reply to {garbage:?}: {reply}");
@@ -112,7 +112,24 @@ fn bad_requests_get_errors_and_the_connection_survives(backend: Backend) {
     }
     // Invalid UTF-8 inside a string is invalid JSON.
     c.send(b"{\"cmdid\":10000,\"params\":{\"s\":\"\xff\xfe\"}}\n");
-    assert!(c.line().starts_with("{\"code\":400,\"error\":\"invalid JSON: "));
+    assert!(c.line().starts_with("{\"code\":400,\"error\":\"invalid JSON at byte "));
+    // A cmdid beyond u32 that JSON numbers still hold gets the cmdid message; one beyond
+    // what a 64-bit integer or a double holds is not a number the parser can read at all.
+    assert_eq!(
+        c.call("{\"cmdid\":4294967296}\n"),
+        "{\"code\":400,\"error\":\"cmdid must be an integer from 0 to 4294967295\"}\n"
+    );
+    for huge in ["18446744073709551616", "1e400"] {
+        let reply = c.call(&format!("{{\"cmdid\":{huge}}}\n"));
+        assert!(
+            reply.starts_with("{\"code\":400,\"error\":\"invalid JSON at byte ")
+                && reply.ends_with(
+                    ": a number that is malformed or out of range (numbers must fit a 64-bit integer \
+                     or a double)\"}\n"
+                ),
+            "reply to cmdid {huge}: {reply}"
+        );
+    }
     // Blank lines are not requests; CRLF endings are fine.
     c.send(b"\n\r\n   \n{\"cmdid\":0}\r\n");
     assert_eq!(c.line(), "{\"code\":0,\"data\":\"pong\"}\n");

@@ -14,6 +14,20 @@ use ringcall::{Backend, ServerConfig, backend::sys, handlers, protocol::DEFAULT_
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc 2's `mi_option_t` (libmimalloc-sys names no constant
+/// for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory freed back to the allocator goes back to the OS at once. mimalloc's default delays
+/// that by 10 ms, but only carries it out on a later allocation, which an idle server never
+/// makes: after a storm of connections closes, their buffers stay resident for good. The
+/// request path allocates nothing in steady state, so only connections opening and closing
+/// pay for it.
+fn release_freed_memory_at_once() {
+    // SAFETY: sets a documented runtime option; mimalloc reads it on every purge decision.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 ringcall::routes! {
     /// The shipped server's own commands (ping and stats are built into every server).
     ShippedRoutes {
@@ -61,9 +75,9 @@ struct CallArgs {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Server address.
+    /// Server address, HOST:PORT (an IP address or a host name).
     #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
-    addr: SocketAddr,
+    addr: String,
     /// Connections.
     #[arg(short = 'c', long, default_value_t = 16)]
     connections: usize,
@@ -142,39 +156,54 @@ struct CompareArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Address to listen on (loopback by default).
+    /// Address to listen on, HOST:PORT (an IP address or a host name; loopback by default).
     #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
-    addr: SocketAddr,
+    addr: String,
     /// Worker threads, one per core (default: every CPU this process may use).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true, value_parser = whole_number)]
     threads: usize,
     /// Longest request line in bytes; longer lines get a 413 reply and the connection closes.
-    #[arg(long, default_value_t = DEFAULT_MAX_LINE)]
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE, allow_hyphen_values = true, value_parser = at_least_one)]
     max_line: usize,
     /// Connections one core serves at once; beyond it a new connection gets a 503 reply line
     /// and is closed.
-    #[arg(long, default_value_t = ringcall::protocol::DEFAULT_MAX_CONNECTIONS_PER_CORE)]
+    #[arg(
+        long,
+        default_value_t = ringcall::protocol::DEFAULT_MAX_CONNECTIONS_PER_CORE,
+        allow_hyphen_values = true,
+        value_parser = at_least_one
+    )]
     max_connections_per_core: usize,
     /// Unsent reply bytes per connection before the server stops reading from that peer
     /// (backpressure); reading resumes when half has drained.
-    #[arg(long, default_value_t = ringcall::protocol::DEFAULT_MAX_PENDING_OUTPUT)]
+    #[arg(
+        long,
+        default_value_t = ringcall::protocol::DEFAULT_MAX_PENDING_OUTPUT,
+        allow_hyphen_values = true,
+        value_parser = at_least_one
+    )]
     max_pending_output: usize,
     /// Seconds a connection may stay silent before it is closed (default: never).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = positive_seconds)]
     idle_timeout: Option<f64>,
     /// Seconds a peer may take to finish a line it started (slowloris defence), or to close
     /// after the server half-closed.
-    #[arg(long, default_value_t = ringcall::protocol::DEFAULT_LINE_TIMEOUT.as_secs_f64())]
+    #[arg(
+        long,
+        default_value_t = ringcall::protocol::DEFAULT_LINE_TIMEOUT.as_secs_f64(),
+        allow_hyphen_values = true,
+        value_parser = positive_seconds
+    )]
     line_timeout: f64,
     /// Print a one-line stats summary every this many seconds (it is logged at debug level
     /// every 10 s otherwise).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = positive_seconds)]
     stats_interval: Option<f64>,
     /// I/O backend.
     #[arg(long, default_value = "auto")]
     backend: Backend,
     /// Seconds a graceful shutdown (SIGINT/SIGTERM) waits for connections to drain.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, allow_hyphen_values = true, value_parser = seconds)]
     shutdown_timeout: f64,
     /// Do not pin worker threads to CPUs.
     #[arg(long)]
@@ -185,31 +214,96 @@ struct ServeArgs {
     addr_file: Option<std::path::PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, never in a log file or a journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_ansi(std::io::stderr().is_terminal())
         // A closed stderr must not turn a log line into a panic (tracing would eprintln!).
         .log_internal_errors(false)
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Call(args) => call(args),
         Command::Bench(args) => bench(args),
         Command::Compare(args) => compare(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each said once: a library error that already shows
+/// its cause in its message would otherwise repeat it.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+/// `HOST:PORT` of a server to connect to: an IP address or a host name (its first address).
+fn resolve_server(addr: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .with_context(|| format!("cannot resolve {addr:?} (expected HOST:PORT, e.g. 127.0.0.1:8889)"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))
+}
+
+/// A whole number, 0 or more.
+fn whole_number(text: &str) -> Result<usize, String> {
+    text.trim().parse().map_err(|_| format!("expected a whole number, 0 or more (got '{text}')"))
+}
+
+/// A whole number, 1 or more (bytes, connections).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected a whole number, 1 or more (got '{text}')")),
+    }
+}
+
+/// Seconds, 0 or more (fractions allowed).
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Ok(s),
+        _ => Err(format!("expected seconds, 0 or more, e.g. 30 or 0.5 (got '{text}')")),
+    }
+}
+
+/// Seconds, more than 0 (fractions allowed).
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match seconds(text) {
+        Ok(s) if s > 0.0 => Ok(s),
+        _ => Err(format!("expected seconds, more than 0, e.g. 30 or 0.5 (got '{text}')")),
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    release_freed_memory_at_once();
     let open_files = sys::raise_nofile_limit().unwrap_or_else(|e| {
         tracing::warn!("cannot raise the open-file limit: {e}");
         0
     });
     let config = ServerConfig {
-        addr: args.addr,
+        // The builder resolves `args.addr` (a host name too) and replaces this.
+        addr: ringcall::ServerConfig::default().addr,
         threads: args.threads,
         limits: ringcall::protocol::Limits {
             max_line: args.max_line,
@@ -218,13 +312,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             idle_timeout: args.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.001))),
             line_timeout: Duration::from_secs_f64(args.line_timeout.max(0.001)),
         },
-        backend: args.backend,
+        // `auto` resolved here, so that an error names the backend that failed.
+        backend: ringcall::backend::resolve(args.backend),
         pin_threads: !args.no_pin,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         // SIGINT/SIGTERM drain the server, a second one exits with 130: the library does it.
         handle_signals: true,
     };
     let server = ringcall::ServerBuilder::config(config.clone())
+        .addr(args.addr.as_str())
         .start::<ShippedRoutes>()
         .with_context(|| format!("cannot start the {} server", config.backend))?;
     announce_address(server.local_addr(), args.addr_file.as_deref())?;
@@ -361,8 +457,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (Some(n), _) => StopAfter::Count(n),
         (None, d) => StopAfter::Duration(Duration::from_secs_f64(d.unwrap_or(10.0).max(0.001))),
     };
+    let addr = resolve_server(&args.addr)?;
     let config = BenchConfig {
-        addr: args.addr,
+        addr,
         connections: args.connections,
         pipeline: args.pipeline,
         stop,

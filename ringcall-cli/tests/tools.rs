@@ -108,3 +108,82 @@ fn serve_prints_its_address_and_writes_the_addr_file() {
     assert_eq!(rest, "", "nothing else is printed on stdout");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `ringcall ARGS` to its end; returns the exit code and stderr.
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(RINGCALL).args(args).stdin(Stdio::null()).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_input_gets_one_error_in_the_users_words() {
+    // A negative number is a value, not an unknown flag.
+    let (code, err) = run(&["serve", "--max-line", "-5"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("invalid value '-5' for '--max-line <MAX_LINE>': expected a whole number, 1 or more"),
+        "{err}"
+    );
+    let (code, err) = run(&["serve", "--line-timeout", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("expected seconds, more than 0"), "{err}");
+    // Params that are not JSON say so, and what to write instead, on one line.
+    let (code, err) = run(&["call", "--addr", "127.0.0.1:1", "10000", "notjson"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        "error: params must be a JSON object: \"notjson\" is not JSON (at byte 0: not a JSON document); \
+         write an object such as '{\"name\":\"value\"}'\n"
+    );
+    // A name that does not resolve names what was given and the form expected.
+    let (code, err) = run(&["serve", "--addr", "nosuchhost.invalid:1", "--backend", "epoll"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("error: cannot start the epoll server: cannot resolve listen address \"nosuchhost.invalid:1\" (expected HOST:PORT"), "{err}");
+}
+
+#[test]
+fn a_port_in_use_names_the_backend_chosen_and_the_cause_once() {
+    let server = ringcall::Server::builder().addr("127.0.0.1:0").threads(1).pin_threads(false);
+    let server = server.backend(Backend::Epoll).start::<NoRoutes>().unwrap();
+    let addr = server.local_addr().to_string();
+    let (code, err) = run(&["serve", "--addr", &addr, "--backend", "auto", "--no-pin"]);
+    assert_eq!(code, Some(1));
+    let last = err.lines().last().unwrap();
+    let chosen = ringcall::backend::resolve(Backend::Auto);
+    assert!(
+        last.starts_with(&format!("error: cannot start the {chosen} server: cannot listen on {addr}")),
+        "{err}"
+    );
+    assert_eq!(last.matches("Address already in use").count(), 1, "{err}");
+    assert!(last.contains("another process listens there"), "{err}");
+    // It waited for the port before giving up, and said so.
+    assert!(err.contains("address in use; waiting up to 2s"), "{err}");
+}
+
+#[test]
+fn serve_takes_a_host_name_and_logs_without_colour_when_not_on_a_terminal() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = Command::new(RINGCALL)
+        .args(["serve", "--addr", "localhost:0", "--threads", "1", "--no-pin", "--backend", "epoll"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = line.trim_end().parse().unwrap();
+    assert!(addr.ip().is_loopback(), "localhost resolved to {addr}");
+    let out = Command::new(RINGCALL)
+        .args(["call", "--addr", &format!("localhost:{}", addr.port()), "0"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "\"pong\"\n");
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(log.contains("listen address resolved"), "{log}");
+    assert!(log.contains("ringcall stopped"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log that is not a terminal:\n{log}");
+}

@@ -77,7 +77,14 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
             return;
         }
     };
-    runtime.block_on(serve::<R>(setup));
+    // The accept loop runs on a worker, not on this thread: a connection's task is then
+    // allocated by a worker that also frees it, so the allocator can give the memory back
+    // (a block freed by another thread waits for its owner's next allocation, which an idle
+    // accept thread never makes).
+    let server = runtime.spawn(serve::<R>(setup));
+    if let Err(e) = runtime.block_on(server) {
+        tracing::error!("the epoll-mt accept loop failed: {e}");
+    }
 }
 
 async fn serve<R: Routes>(setup: WorkerSetup) {

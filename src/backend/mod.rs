@@ -132,8 +132,10 @@ impl AcceptErrorLog {
     }
 }
 
-/// Resolves `auto` to the backend this host supports, logging the choice and why.
-pub(crate) fn resolve(backend: Backend) -> Backend {
+/// Resolves `auto` to the backend this host supports, logging the choice and why; any other
+/// backend is returned as it is. The server does this when it starts; call it first to name
+/// the backend that will run (in an error message, say).
+pub fn resolve(backend: Backend) -> Backend {
     if backend != Backend::Auto {
         return backend;
     }

@@ -141,7 +141,8 @@ async fn accept_until_stopped(
     loop {
         tokio::select! {
             biased;
-            _ = stop.wait_for(|stopping| *stopping) => {
+            // The guard `wait_for` returns is dropped inside, so this future stays Send.
+            () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
                 sys::accept_backlog(listener.as_fd(), |fd| {
                     match TcpStream::from_std(std::net::TcpStream::from(fd)) {
                         Ok(stream) => on_connection(stream),

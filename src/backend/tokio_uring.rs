@@ -238,7 +238,9 @@ async fn write_op(stream: &TcpStream, buf: Vec<u8>, offset: usize) -> (std::io::
 /// Serves one connection until its state machine closes it: a read in flight while it wants
 /// to read, a write in flight while it owes bytes, both at once, and the events fed back.
 async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
-    let mut recv_buf = Some(vec![0u8; RECV_BUF_SIZE + PADDING]);
+    // Not zeroed: a read touches only the pages it fills, so an idle connection keeps one
+    // page of its buffer resident, not all of it (recycled memory would have to be cleared).
+    let mut recv_buf = Some(Vec::with_capacity(RECV_BUF_SIZE + PADDING));
     let mut reading = std::pin::pin!(None);
     let mut writing = std::pin::pin!(None);
     // While a write is in flight, the next read waits for it (or for READ_DEFER to pass).
@@ -307,12 +309,18 @@ async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
                 let mut c = conn.conn.borrow_mut();
                 match read {
                     Ok(0) => c.on_peer_closed(now),
-                    Ok(n) => c.on_recv(&mut core.processor.borrow_mut(), &mut buf, n, now),
+                    Ok(n) => {
+                        // The read set the length to what it received; the parser wants
+                        // PADDING bytes past it.
+                        buf.resize(n + PADDING, 0);
+                        c.on_recv(&mut core.processor.borrow_mut(), &mut buf, n, now);
+                    }
                     Err(e) => {
                         tracing::debug!("recv failed: {e}");
                         c.on_error();
                     }
                 }
+                buf.clear();
                 recv_buf = Some(buf);
             }
             (written, buf) = async { writing.as_mut().as_pin_mut().expect("a write in flight").await },

@@ -194,7 +194,12 @@ impl<R: Routes> Processor<R> {
         let code = match simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape) {
             Ok(()) => self.dispatch(&tape, out),
             Err(e) => {
-                write_error(out, 400, None, format_args!("invalid JSON: {e}"));
+                write_error(
+                    out,
+                    400,
+                    None,
+                    format_args!("invalid JSON at byte {}: {}", e.index(), json_error(&e)),
+                );
                 400
             }
         };
@@ -246,5 +251,28 @@ impl<R: Routes> Processor<R> {
                 500
             }
         }
+    }
+}
+
+/// What is wrong with a line that is not JSON, in a reader's words (simd-json's error kinds
+/// are identifiers such as `InvalidNumber`).
+pub(crate) fn json_error(e: &simd_json::Error) -> &'static str {
+    use simd_json::ErrorType as E;
+    match e.error() {
+        E::InvalidNumber | E::InvalidExponent | E::Overflow => {
+            "a number that is malformed or out of range (numbers must fit a 64-bit integer or a double)"
+        }
+        E::InvalidUtf8 => "invalid UTF-8",
+        E::InvalidEscape | E::InvalidUnicodeEscape | E::InvalidUnicodeCodepoint => {
+            "an invalid escape in a string"
+        }
+        E::UnterminatedString => "an unterminated string",
+        E::DepthLimitExceeded => "nesting deeper than 1024",
+        E::KeyMustBeAString | E::ExpectedObjectKey => "an object key that is not a string",
+        E::Eof | E::ExpectedMapEnd | E::ExpectedArrayContent | E::ExpectedObjectContent => {
+            "the document ends early"
+        }
+        E::TrailingData => "more after the end of the document",
+        _ => "not a JSON document",
     }
 }
