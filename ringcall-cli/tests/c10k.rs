@@ -72,6 +72,18 @@ fn accept_recovers_from_emfile(backend: Backend) {
     assert!(child.wait().unwrap().success());
 }
 
+/// Makes one-time allocations before memory is measured: 4,000 requests over 100
+/// connections cycle `uring`'s receive pool (512 buffers, taken in turn) several times, so all
+/// of its pages are resident.
+fn warm_up(addr: std::net::SocketAddr) {
+    let mut warm: Vec<Client> = (0..100).map(|_| Client::connect(addr)).collect();
+    for _ in 0..40 {
+        for c in warm.iter_mut() {
+            assert_eq!(c.call("{\"cmdid\":0}\n"), PONG);
+        }
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -90,14 +102,7 @@ fn a_connection_storm_leaves_no_memory_behind(backend: Backend) {
     let limit = raise_nofile();
     let n = 5_000usize.min(limit.saturating_sub(DESCRIPTORS_FOR_OTHER_TESTS) as usize);
     let (mut child, addr) = spawn_server(backend, &["--threads", "1"], None);
-    // One-time allocations first (`uring`'s receive pool is cycled whole by 4,000 requests).
-    let mut warm: Vec<Client> = (0..100).map(|_| Client::connect(addr)).collect();
-    for _ in 0..40 {
-        for c in warm.iter_mut() {
-            assert_eq!(c.call("{\"cmdid\":0}\n"), PONG);
-        }
-    }
-    drop(warm);
+    warm_up(addr);
     let mut stats = Client::connect(addr);
     let start = rss_kib(child.id());
     for storm in 0..2 {
@@ -146,16 +151,7 @@ fn idle_connection_memory() {
     let n = 10_000usize.min(limit.saturating_sub(200) as usize);
     for backend in Backend::ALL {
         let (mut child, addr) = spawn_server(backend, &["--threads", "1"], None);
-        // Warm the server up so one-time allocations are not counted per connection: 4,000
-        // requests cycle `uring`'s receive pool (512 buffers, taken in turn) several times, so
-        // all of its pages are resident before measuring.
-        let mut warm: Vec<Client> = (0..100).map(|_| Client::connect(addr)).collect();
-        for _ in 0..40 {
-            for c in warm.iter_mut() {
-                assert_eq!(c.call("{\"cmdid\":0}\n"), PONG);
-            }
-        }
-        drop(warm);
+        warm_up(addr);
         // RSS after the warm-up, with half and with all of the connections: a connection's
         // cost is the growth over all of them; the half point shows how straight it grows
         // (the allocator returns and takes pages in steps of megabytes).
