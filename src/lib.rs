@@ -49,7 +49,8 @@
 //! - `bench_support`: hooks the criterion benches use to time one stage alone (hidden).
 //!
 //! The `ringcall` command (`serve`, `call`, `bench`, `compare`) and its load generator live
-//! in the `ringcall-cli` member of the workspace, not in this library. Design notes live in
+//! in the `ringcall-cli` member of the workspace, not in this library; services written on it
+//! as a user would are in the `ringcall-examples` member (`examples/`). Design notes live in
 //! `docs/architecture.md`; the wire format in `docs/protocol.md`.
 
 pub mod backend;

@@ -4,6 +4,7 @@
 //! shutdown is logged, and the process exits 0.
 
 #[macro_use]
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
@@ -18,7 +19,7 @@ use common::Client;
 fn example(name: &str) -> PathBuf {
     let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
     let path = deps.parent().unwrap().join("examples").join(name);
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples").join(format!("{name}.rs"));
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("{name}.rs"));
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     assert!(
         modified(&path).is_some_and(|built| modified(&source).is_some_and(|edited| built >= edited)),
