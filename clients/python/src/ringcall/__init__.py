@@ -1,0 +1,30 @@
+"""Python client for ringcall servers (newline-delimited JSON calls over persistent TCP).
+
+    import ringcall
+    client = ringcall.Client("127.0.0.1", 8889)       # keep one, e.g. module-global
+    client.call(10000, {"content": "hi"})              # -> {'content': 'hi'}
+
+:class:`Client` (blocking, thread-safe, pipelined), :class:`Pool` (several connections),
+:class:`AsyncClient` (asyncio). Errors: :class:`ServerError` (``.code``, ``.message``),
+:class:`TimeoutError`, :class:`ConnectionError`, :class:`ProtocolError`, all
+:class:`RingcallError`.
+"""
+
+from .aio import AsyncClient
+from .client import DEFAULT_PORT, Call, Client
+from .errors import ConnectionError, ProtocolError, RingcallError, ServerError, TimeoutError
+from .pool import Pool
+
+__all__ = [
+    "AsyncClient",
+    "Call",
+    "Client",
+    "ConnectionError",
+    "DEFAULT_PORT",
+    "Pool",
+    "ProtocolError",
+    "RingcallError",
+    "ServerError",
+    "TimeoutError",
+]
+__version__ = "0.1.0"
