@@ -59,6 +59,24 @@ def test_unicode_and_large_params_round_trip(server):
         assert client.call(10000, {"big": big}) == {"big": big}
 
 
+def in_threads(n, body):
+    """Runs ``body(t)`` on ``n`` threads at once; returns the (thread, error) of each failure."""
+    errors = []
+
+    def worker(t):
+        try:
+            body(t)
+        except Exception as e:  # reported by the caller, with the thread's number
+            errors.append((t, e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def connections_total(client):
     return client.stats()["total"]["connections_total"]
 
@@ -66,21 +84,12 @@ def connections_total(client):
 def test_threads_share_one_connection_and_each_gets_its_own_reply(server):
     client = ringcall.Client(server.host, server.port)
     before = connections_total(client)
-    errors = []
 
-    def worker(t):
-        try:
-            for i in range(200):
-                assert client.call(10000, {"t": t, "i": i}) == {"t": t, "i": i}
-        except Exception as e:  # reported below, with the thread's number
-            errors.append((t, e))
+    def body(t):
+        for i in range(200):
+            assert client.call(10000, {"t": t, "i": i}) == {"t": t, "i": i}
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert in_threads(16, body) == []
     assert connections_total(client) == before, "every call went over the one connection"
     client.close()
 
@@ -119,21 +128,12 @@ def test_submitting_far_more_than_the_server_holds_without_waiting_does_not_stal
 def test_threads_with_large_replies_do_not_stall(server):
     payload = "z" * (512 << 10)
     client = ringcall.Client(server.host, server.port, timeout=60)
-    errors = []
 
-    def worker(t):
-        try:
-            for i in range(20):
-                assert client.call(10000, {"t": t, "i": i, "p": payload}) == {"t": t, "i": i, "p": payload}
-        except Exception as e:
-            errors.append((t, e))
+    def body(t):
+        for i in range(20):
+            assert client.call(10000, {"t": t, "i": i, "p": payload}) == {"t": t, "i": i, "p": payload}
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert in_threads(8, body) == []
     client.close()
 
 
@@ -206,21 +206,12 @@ def test_a_forked_child_gets_its_own_connection(server):
 def test_the_pool_spreads_calls_over_its_connections(server):
     with ringcall.Pool(server.host, server.port, size=4) as pool:
         before = connections_total(pool.clients[0])
-        errors = []
 
-        def worker(t):
-            try:
-                for i in range(100):
-                    assert pool.call(10000, {"t": t, "i": i}) == {"t": t, "i": i}
-            except Exception as e:
-                errors.append((t, e))
+        def body(t):
+            for i in range(100):
+                assert pool.call(10000, {"t": t, "i": i}) == {"t": t, "i": i}
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == []
+        assert in_threads(16, body) == []
         assert pool.ping()
         # The first client was connected for the stats call; the other three since.
         assert connections_total(pool.clients[0]) - before == 3
