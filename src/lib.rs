@@ -37,7 +37,10 @@
 //! - [`dispatch`]: the [`Routes`] trait and the [`routes!`] macro (compile-time tables).
 //! - [`handlers`]: the built-in commands (ping, stats, echo) and
 //!   [`WithBuiltins`](handlers::WithBuiltins), which puts them in front of a table.
-//! - [`stats`]: per-core counters, merged on read.
+//! - [`stats`]: per-core counters (and per command: replies by code, handler time), merged
+//!   on read.
+//! - [`metrics`]: those counters as Prometheus metrics, and a `/metrics` endpoint on its own
+//!   thread.
 //! - [`server`]: configuration, the builder, start-up and shutdown fan-out.
 //! - `signals`: graceful shutdown on SIGINT/SIGTERM for every server of the process (on by
 //!   default, [`ServerBuilder::handle_signals`]).
@@ -59,6 +62,7 @@ pub mod bench_support;
 pub mod client;
 pub mod dispatch;
 pub mod handlers;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 mod signals;

@@ -12,7 +12,7 @@ pub use crate::backend::Backend;
 use crate::backend::worker::{StopSignal, WorkerConfig, WorkerError, WorkerSetup};
 use crate::backend::{self, sys};
 use crate::dispatch::Routes;
-use crate::handlers::WithBuiltins;
+use crate::handlers::{self, WithBuiltins};
 use crate::protocol::Limits;
 use crate::signals;
 use crate::stats::StatsRegistry;
@@ -241,7 +241,9 @@ impl ServerBuilder {
             threads,
             pin_threads: config.pin_threads,
         };
-        let stats = StatsRegistry::new(threads);
+        let commands: Vec<u32> =
+            [handlers::PING, handlers::STATS].into_iter().chain(R::CMDIDS.iter().copied()).collect();
+        let stats = StatsRegistry::with_commands(threads, &commands);
         let cpus = sys::allowed_cpus();
         let (ready_tx, ready_rx) = mpsc::channel();
         let signals = match config.handle_signals {

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 /// The reply codes counted separately; anything else is counted as `other`.
 pub const COUNTED_CODES: [u16; 6] = [0, 400, 404, 413, 500, 503];
@@ -25,6 +26,10 @@ pub struct CoreStats {
     backpressure_pauses: AtomicU64,
     idle_timeouts: AtomicU64,
     line_timeouts: AtomicU64,
+    /// Per command: replies by code and handler time (see [`CommandStats`]).
+    commands: Commands,
+    /// Whether commands are counted and timed: on once metrics are served.
+    time_handlers: std::sync::atomic::AtomicBool,
 }
 
 /// Single-writer increment: the owning core is the only writer, so no locked
@@ -174,6 +179,113 @@ impl StatsSnapshot {
     }
 }
 
+/// Upper bounds of the handler-time histogram's buckets, in microseconds: 1 µs to about 1 s,
+/// doubling; one more bucket counts everything above.
+pub const LATENCY_BUCKETS_US: [u64; 21] = {
+    let mut bounds = [0; 21];
+    let mut i = 0;
+    while i < bounds.len() {
+        bounds[i] = 1 << i;
+        i += 1;
+    }
+    bounds
+};
+
+/// One command's counters on one core: its replies by code and how long its handler ran.
+/// Written only by the owning core, like the rest of [`CoreStats`].
+#[derive(Debug, Default)]
+pub struct CommandStats {
+    replies: [AtomicU64; COUNTED_CODES.len() + 1],
+    handler_nanos: AtomicU64,
+    /// Not cumulative: bucket `i` counts handler times in (bound `i-1`, bound `i`].
+    handler_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+impl CommandStats {
+    /// A request for this command was answered with `code`, after its handler ran for
+    /// `handler` if it was timed.
+    #[inline]
+    pub fn record(&self, code: u16, handler: Option<Duration>) {
+        let slot = COUNTED_CODES.iter().position(|&c| c == code).unwrap_or(COUNTED_CODES.len());
+        bump(&self.replies[slot], 1);
+        let Some(handler) = handler else { return };
+        let nanos = u64::try_from(handler.as_nanos()).unwrap_or(u64::MAX);
+        bump(&self.handler_nanos, nanos);
+        // ceil(log2(µs)): the first bound at or above the time.
+        let micros = nanos.div_ceil(1000).max(1);
+        let bucket = (u64::BITS - (micros - 1).leading_zeros()) as usize;
+        bump(&self.handler_buckets[bucket.min(LATENCY_BUCKETS_US.len())], 1);
+    }
+
+    fn snapshot(&self, cmdid: u32) -> CommandSnapshot {
+        CommandSnapshot {
+            cmdid,
+            replies: self.replies.each_ref().map(|c| c.load(Relaxed)),
+            handler_seconds: self.handler_nanos.load(Relaxed) as f64 / 1e9,
+            handler_buckets: self.handler_buckets.each_ref().map(|c| c.load(Relaxed)),
+        }
+    }
+}
+
+/// A command's counters at one moment, on one core or summed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CommandSnapshot {
+    /// The command.
+    pub cmdid: u32,
+    /// Replies by code, in the order of [`COUNTED_CODES`], then all other codes.
+    pub replies: [u64; COUNTED_CODES.len() + 1],
+    /// Total handler time.
+    pub handler_seconds: f64,
+    /// Handler times per bucket of [`LATENCY_BUCKETS_US`] (not cumulative), then above.
+    pub handler_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+impl CommandSnapshot {
+    /// Requests answered (every code).
+    pub fn requests(&self) -> u64 {
+        self.replies.iter().sum()
+    }
+
+    /// Requests whose handler was timed (those answered while metrics were served).
+    pub fn timed(&self) -> u64 {
+        self.handler_buckets.iter().sum()
+    }
+
+    fn add(&mut self, other: &CommandSnapshot) {
+        for (a, b) in self.replies.iter_mut().zip(&other.replies) {
+            *a += b;
+        }
+        self.handler_seconds += other.handler_seconds;
+        for (a, b) in self.handler_buckets.iter_mut().zip(&other.handler_buckets) {
+            *a += b;
+        }
+    }
+}
+
+/// The commands a core counts one by one: those of the routing table and the built-ins,
+/// sorted by cmdid (found by binary search), fixed when the server starts.
+#[derive(Debug, Default)]
+struct Commands {
+    cmdids: Arc<[u32]>,
+    stats: Box<[CommandStats]>,
+}
+
+impl CoreStats {
+    /// The counters of `cmdid`, if it is in the routing table (unknown cmdids are counted
+    /// only in the core's totals).
+    #[inline]
+    pub fn command(&self, cmdid: u32) -> Option<&CommandStats> {
+        let index = self.commands.cmdids.binary_search(&cmdid).ok()?;
+        Some(&self.commands.stats[index])
+    }
+
+    /// Whether to count and time commands (see [`StatsRegistry::time_handlers`]).
+    #[inline]
+    pub fn times_handlers(&self) -> bool {
+        self.time_handlers.load(Relaxed)
+    }
+}
+
 /// Every core's counters, shared read-only between the cores.
 #[derive(Debug)]
 pub struct StatsRegistry {
@@ -181,9 +293,50 @@ pub struct StatsRegistry {
 }
 
 impl StatsRegistry {
-    /// Counters for `cores` cores.
+    /// Counters for `cores` cores, none per command.
     pub fn new(cores: usize) -> Arc<Self> {
-        Arc::new(Self { cores: (0..cores).map(|_| CoreStats::default()).collect() })
+        Self::with_commands(cores, &[])
+    }
+
+    /// Counters for `cores` cores, and per command for each of `cmdids`.
+    pub fn with_commands(cores: usize, cmdids: &[u32]) -> Arc<Self> {
+        let mut sorted = cmdids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let cmdids: Arc<[u32]> = sorted.into();
+        let core = || CoreStats {
+            commands: Commands {
+                cmdids: cmdids.clone(),
+                stats: cmdids.iter().map(|_| CommandStats::default()).collect(),
+            },
+            ..CoreStats::default()
+        };
+        Arc::new(Self { cores: (0..cores).map(|_| core()).collect() })
+    }
+
+    /// Counts and times every command from now on, for the `command_replies` counters and
+    /// the `command_handler_seconds` histograms: a lookup and two clock reads per request,
+    /// which cost up to a tenth of the throughput of the cheapest requests (an 80-byte echo
+    /// at 16 connections x 16 in flight), so it is off until metrics are served.
+    pub fn time_handlers(&self) {
+        for core in self.cores.iter() {
+            core.time_handlers.store(true, Relaxed);
+        }
+    }
+
+    /// Per command, the counters of every core summed, in cmdid order.
+    pub fn commands(&self) -> Vec<CommandSnapshot> {
+        let Some(first) = self.cores.first() else { return Vec::new() };
+        let mut total: Vec<CommandSnapshot> =
+            first.commands.cmdids.iter().zip(&first.commands.stats).map(|(&c, s)| s.snapshot(c)).collect();
+        for core in &self.cores[1..] {
+            for (sum, (&cmdid, stats)) in
+                total.iter_mut().zip(core.commands.cmdids.iter().zip(&core.commands.stats))
+            {
+                sum.add(&stats.snapshot(cmdid));
+            }
+        }
+        total
     }
 
     /// The counters of core `index`.
@@ -208,5 +361,46 @@ impl StatsRegistry {
             total.add(&core);
         }
         total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_times_land_in_the_first_bucket_at_or_above_them() {
+        let stats = StatsRegistry::with_commands(1, &[2000, 7]);
+        let command = stats.core(0).command(2000).unwrap();
+        assert!(stats.core(0).command(3000).is_none(), "not in the table");
+        for (nanos, bucket) in [(1, 0), (1_000, 0), (1_001, 1), (2_000, 1), (3_000, 2), (1_048_576_000, 20)] {
+            let before = command.handler_buckets[bucket].load(Relaxed);
+            command.record(0, Some(Duration::from_nanos(nanos)));
+            assert_eq!(command.handler_buckets[bucket].load(Relaxed), before + 1, "{nanos} ns");
+        }
+        command.record(500, Some(Duration::from_secs(5)));
+        assert_eq!(command.handler_buckets[LATENCY_BUCKETS_US.len()].load(Relaxed), 1, "above every bound");
+        // Not timed (metrics not served): counted as a reply, not in the histogram.
+        command.record(404, None);
+        let snapshot = stats.commands().into_iter().find(|c| c.cmdid == 2000).unwrap();
+        assert_eq!(snapshot.requests(), 8);
+        assert_eq!(snapshot.timed(), 7);
+        assert_eq!(snapshot.replies[COUNTED_CODES.iter().position(|&c| c == 500).unwrap()], 1);
+        assert!(
+            (snapshot.handler_seconds - (5.0 + 1.0485760e0 + 7_002e-9)).abs() < 1e-6,
+            "{}",
+            snapshot.handler_seconds
+        );
+    }
+
+    #[test]
+    fn command_counts_sum_over_the_cores() {
+        let stats = StatsRegistry::with_commands(2, &[5000]);
+        assert!(!stats.core(1).times_handlers());
+        stats.time_handlers();
+        assert!(stats.core(0).times_handlers() && stats.core(1).times_handlers());
+        stats.core(0).command(5000).unwrap().record(0, None);
+        stats.core(1).command(5000).unwrap().record(0, None);
+        assert_eq!(stats.commands()[0].requests(), 2);
     }
 }

@@ -212,6 +212,9 @@ struct ServeArgs {
     /// for) to this file once it is serving; it is always printed to stdout.
     #[arg(long)]
     addr_file: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given).
+    #[arg(long)]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -323,6 +326,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .addr(args.addr.as_str())
         .start::<ShippedRoutes>()
         .with_context(|| format!("cannot start the {} server", config.backend))?;
+    if let Some(addr) = &args.metrics_addr {
+        let metrics = ringcall::metrics::serve(resolve_server(addr)?, server.stats_registry())
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(addr = %metrics.local_addr(), "metrics at http://{}/metrics", metrics.local_addr());
+    }
     announce_address(server.local_addr(), args.addr_file.as_deref())?;
     tracing::info!(
         backend = %server.backend(),

@@ -9,6 +9,7 @@
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Instant;
 
 use simd_json::{Buffers, Tape};
 
@@ -220,10 +221,34 @@ impl<R: Routes> Processor<R> {
         let start = out.len();
         begin_ok(out, request.id());
         let data_start = out.len();
+        // Per-command counts and handler time only while metrics are served: the cheapest
+        // requests lose a few per cent to the lookup and a tenth to the clock reads.
+        let started = self.stats().times_handlers().then(Instant::now);
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Option<HandlerResult> {
             let reply = Reply::new(out);
             R::call(cmdid, &request, reply)
         }));
+        let handler_time = started.map(|started| started.elapsed());
+        let code = self.encode_outcome(outcome, &request, out, start, data_start);
+        if let Some(handler_time) = handler_time
+            && let Some(command) = self.stats().command(cmdid)
+        {
+            command.record(code, Some(handler_time));
+        }
+        code
+    }
+
+    /// Finishes the reply of a handler that ran (or the 404 of a cmdid none handles, or the
+    /// 500 of one that panicked); returns its code.
+    fn encode_outcome(
+        &self,
+        outcome: std::thread::Result<Option<HandlerResult>>,
+        request: &crate::protocol::Request<'_, '_>,
+        out: &mut Vec<u8>,
+        start: usize,
+        data_start: usize,
+    ) -> u16 {
+        let cmdid = request.cmdid();
         match outcome {
             Ok(Some(Ok(()))) => {
                 end_ok(out, data_start);
