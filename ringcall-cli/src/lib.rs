@@ -9,6 +9,8 @@
 //! - [`bench::compare`]: `ringcall compare`, the same workloads against every backend in
 //!   interleaved rounds, with steal read from `/proc/stat`, server CPU from
 //!   `/proc/PID/task/*/schedstat`, JSON and an SVG chart (plotters).
-//! - `src/main.rs`: the clap command line (`serve`, `call`, `bench`, `compare`).
+//! - [`top`]: `ringcall top`, a running server's counters as rates, from its stats command.
+//! - `src/main.rs`: the clap command line (`serve`, `call`, `bench`, `compare`, `top`).
 
 pub mod bench;
+pub mod top;

@@ -57,6 +57,21 @@ enum Command {
     Bench(BenchArgs),
     /// Start the server once per backend and run the same workloads against each.
     Compare(CompareArgs),
+    /// Watch a running server: its counters as rates, refreshed every interval.
+    Top(TopArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TopArgs {
+    /// Server address, HOST:PORT.
+    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
+    addr: String,
+    /// Seconds between readings.
+    #[arg(short = 'i', long, default_value_t = 1.0, allow_hyphen_values = true, value_parser = positive_seconds)]
+    interval: f64,
+    /// Screens to show, then exit (default: until interrupted).
+    #[arg(short = 'n', long)]
+    count: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -234,6 +249,7 @@ fn main() -> std::process::ExitCode {
         Command::Call(args) => call(args),
         Command::Bench(args) => bench(args),
         Command::Compare(args) => compare(args),
+        Command::Top(args) => top(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -485,6 +501,34 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         lost == 0,
         "{lost} requests were sent and never answered (the report says how their connections ended)"
     );
+    Ok(())
+}
+
+fn top(args: TopArgs) -> anyhow::Result<()> {
+    use ringcall_cli::top::{Reading, Stats, render};
+    let timeout = Duration::from_secs(10);
+    let mut client = Client::connect_timeout(&args.addr, timeout)?;
+    let mut read = || -> anyhow::Result<Reading> {
+        let data = client.send(&Call::new(handlers::STATS))?.into_result()?;
+        let stats: Stats = ringcall::simd_json::serde::from_owned_value(data)
+            .context("the stats reply is not what this version of ringcall returns")?;
+        Ok(Reading { at: std::time::Instant::now(), stats })
+    };
+    let interval = Duration::from_secs_f64(args.interval);
+    // Redraw in place on a terminal; elsewhere one screen after the other.
+    let clear = if std::io::stdout().is_terminal() { "\x1b[H\x1b[2J" } else { "" };
+    let mut before = read()?;
+    let mut shown = 0;
+    while args.count.is_none_or(|count| shown < count) {
+        std::thread::sleep(interval);
+        let now = read()?;
+        print!("{clear}{}", render(&args.addr, &before, &now));
+        if clear.is_empty() {
+            println!();
+        }
+        before = now;
+        shown += 1;
+    }
     Ok(())
 }
 

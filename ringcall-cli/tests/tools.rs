@@ -187,3 +187,42 @@ fn serve_takes_a_host_name_and_logs_without_colour_when_not_on_a_terminal() {
     assert!(log.contains("ringcall stopped"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a log that is not a terminal:\n{log}");
 }
+
+#[test]
+fn top_shows_a_running_servers_rates_and_stops_after_count() {
+    let server = ringcall::Server::builder().addr("127.0.0.1:0").threads(2).pin_threads(false);
+    let server = server.backend(Backend::Epoll).start::<NoRoutes>().unwrap();
+    let addr = server.local_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut client = ringcall::client::Client::connect(&addr.to_string()).unwrap();
+            let mut calls = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client.send(&ringcall::client::Call::new(0)).unwrap();
+                calls += 1;
+            }
+            calls
+        })
+    };
+    let out = Command::new(RINGCALL)
+        .args(["top", "--addr", &addr.to_string(), "--interval", "0.3", "--count", "2"])
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(load.join().unwrap() > 0);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    // Two screens, plain (stdout is not a terminal), each with the totals and both cores.
+    assert_eq!(text.matches(&format!("ringcall top {addr}: ")).count(), 2, "{text}");
+    assert!(!text.contains('\u{1b}'), "{text}");
+    let rates: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("requests"))
+        .map(|rest| rest.trim_start().split('/').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(rates.len(), 2, "{text}");
+    assert!(rates.iter().all(|&r| r > 0.0), "the load shows as requests/s: {text}");
+    assert!(text.contains("     1   "), "a line per core: {text}");
+}
