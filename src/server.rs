@@ -182,6 +182,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Log at warn level every request whose handler runs this long or longer, naming its
+    /// cmdid, code, core and peer.
+    pub fn slow_request(mut self, threshold: Duration) -> Self {
+        self.config.limits.slow_request = Some(threshold);
+        self
+    }
+
     /// The I/O driver.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;

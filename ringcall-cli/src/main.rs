@@ -230,6 +230,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given).
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Log (warn) every request whose handler takes this many milliseconds or more, with
+    /// its cmdid, code, core and peer (off unless given).
+    #[arg(long, allow_hyphen_values = true, value_parser = positive_millis)]
+    slow_ms: Option<f64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -306,6 +310,14 @@ fn seconds(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Milliseconds, more than 0 (fractions allowed).
+fn positive_millis(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
+        _ => Err(format!("expected milliseconds, more than 0, e.g. 50 or 0.5 (got '{text}')")),
+    }
+}
+
 /// Seconds, more than 0 (fractions allowed).
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match seconds(text) {
@@ -330,6 +342,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_pending_output: args.max_pending_output.max(1),
             idle_timeout: args.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.001))),
             line_timeout: Duration::from_secs_f64(args.line_timeout.max(0.001)),
+            slow_request: args.slow_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
         },
         // `auto` resolved here, so that an error names the backend that failed.
         backend: ringcall::backend::resolve(args.backend),

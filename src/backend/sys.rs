@@ -26,6 +26,16 @@ pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
     Ok(socket.into())
 }
 
+/// Names the peer of `fd` in `conn`'s logs, if they would name it (a `getpeername` call
+/// per connection, made only then).
+pub fn name_peer(fd: BorrowedFd<'_>, conn: &mut crate::protocol::Connection) {
+    if conn.wants_peer()
+        && let Some(peer) = socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket())
+    {
+        conn.set_peer(peer);
+    }
+}
+
 /// The address a socket is bound to.
 pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     socket2::SockRef::from(&fd)

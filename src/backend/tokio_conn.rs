@@ -196,6 +196,7 @@ pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
     // One clock read per wake-up: the events handled together share it.
     let mut now = Instant::now();
     let mut conn = access.with(|core| Connection::new(core.processor.limits(), now, core.processor.stats()));
+    sys::name_peer(stream.as_fd(), &mut conn);
     let mut draining = false;
     loop {
         if !draining && *stop.borrow() {

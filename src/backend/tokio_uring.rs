@@ -200,6 +200,7 @@ fn open<R: Routes>(core: &Rc<Core<R>>, stream: TcpStream) {
     }
     let _ = stream.set_nodelay(true);
     let mut connection = Connection::new(core.limits, Instant::now(), core.processor.borrow().stats());
+    sys::name_peer(fd_of(&stream), &mut connection);
     if let Some(deadline) = core.drain_deadline.get() {
         connection.on_shutdown(deadline);
     }

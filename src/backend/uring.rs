@@ -507,6 +507,7 @@ impl<R: Routes> Worker<R> {
         }
         self.next_generation = self.next_generation.wrapping_add(1) & 0x00ff_ffff;
         let mut conn = Connection::new(self.limits, self.now, self.processor.stats());
+        sys::name_peer(fd.as_fd(), &mut conn);
         if let Some(deadline) = self.drain_deadline {
             conn.on_shutdown(deadline);
         }

@@ -54,6 +54,9 @@ pub struct Limits {
     /// Close a connection that started a line and has not finished it within this long
     /// (slowloris), or that lingers after a 413 or a shutdown without closing its side.
     pub line_timeout: Duration,
+    /// Log at warn level every request whose handler runs this long or longer, with its
+    /// cmdid, code, core and peer (`None`: never).
+    pub slow_request: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -64,6 +67,7 @@ impl Default for Limits {
             max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
             idle_timeout: None,
             line_timeout: DEFAULT_LINE_TIMEOUT,
+            slow_request: None,
         }
     }
 }
@@ -206,6 +210,17 @@ impl Connection {
     /// The backend released the socket: counts the connection as closed.
     pub fn finish(self, stats: &CoreStats) {
         stats.connection_closed();
+    }
+
+    /// Whether the logs would name this connection's peer (a slow-request threshold is set,
+    /// or debug logging is on): only then is it worth a `getpeername` per connection.
+    pub fn wants_peer(&self) -> bool {
+        self.limits.slow_request.is_some() || tracing::enabled!(tracing::Level::DEBUG)
+    }
+
+    /// The peer's address, for the logs (see [`wants_peer`](Self::wants_peer)).
+    pub fn set_peer(&mut self, peer: std::net::SocketAddr) {
+        self.session.set_peer(peer);
     }
 
     /// Where the connection is.
@@ -595,6 +610,7 @@ mod tests {
             max_pending_output: 10 * ECHO_REPLY.len(),
             idle_timeout: Some(Duration::from_secs(60)),
             line_timeout: Duration::from_secs(5),
+            slow_request: None,
         }
     }
 

@@ -44,6 +44,8 @@ pub struct Session {
     desynced: bool,
     /// The incomplete line held in `carry` began in the last receive.
     new_partial: bool,
+    /// The peer's address, for the logs (set only when something logs it).
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl Session {
@@ -61,6 +63,11 @@ impl Session {
     /// in an earlier one): its line timeout starts then.
     pub fn partial_line_is_new(&self) -> bool {
         self.new_partial
+    }
+
+    /// Names the peer in what this connection's requests log (slow requests, debug lines).
+    pub fn set_peer(&mut self, peer: std::net::SocketAddr) {
+        self.peer = Some(peer);
     }
 
     /// The peer closed its side: an unterminated last line is not a frame and is dropped.
@@ -132,7 +139,8 @@ impl<R: Routes> Processor<R> {
             carry.extend_from_slice(&buf[..nl]);
             let line_len = carry.len();
             carry.resize(line_len + PADDING, 0);
-            self.handle_line(carry, line_len, out);
+            let peer = session.peer;
+            self.handle_line(carry, line_len, out, peer);
             if carry.capacity() > CARRY_KEEP {
                 *carry = Vec::new();
             } else {
@@ -144,7 +152,7 @@ impl<R: Routes> Processor<R> {
             match find_newline(&buf[pos..len]) {
                 Some(nl) if nl > max_line => return self.too_long(session, out),
                 Some(nl) => {
-                    self.handle_line(&mut buf[pos..], nl, out);
+                    self.handle_line(&mut buf[pos..], nl, out, session.peer);
                     pos += nl + 1;
                 }
                 None => return self.stash(session, &buf[pos..len], out),
@@ -185,7 +193,13 @@ impl<R: Routes> Processor<R> {
     }
 
     /// Handles the line `buf[..len]` (without its `\n`); `buf[len..]` is padding.
-    fn handle_line(&mut self, buf: &mut [u8], len: usize, out: &mut Vec<u8>) {
+    fn handle_line(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        out: &mut Vec<u8>,
+        peer: Option<std::net::SocketAddr>,
+    ) {
         let len = content_len(&buf[..len]);
         if is_blank(&buf[..len]) {
             return;
@@ -193,7 +207,7 @@ impl<R: Routes> Processor<R> {
         self.stats().request();
         let mut tape = std::mem::replace(&mut self.tape, Tape(Vec::new())).reset();
         let code = match simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape) {
-            Ok(()) => self.dispatch(&tape, out),
+            Ok(()) => self.dispatch(&tape, out, peer),
             Err(e) => {
                 write_error(
                     out,
@@ -209,7 +223,7 @@ impl<R: Routes> Processor<R> {
     }
 
     /// Validates the envelope, runs the handler, encodes the reply. Returns the reply code.
-    fn dispatch(&self, tape: &Tape<'_>, out: &mut Vec<u8>) -> u16 {
+    fn dispatch(&self, tape: &Tape<'_>, out: &mut Vec<u8>, peer: Option<std::net::SocketAddr>) -> u16 {
         let request = match decode(tape, &self.empty_params, &self.context) {
             Ok(request) => request,
             Err(Rejected { error, id }) => {
@@ -221,19 +235,29 @@ impl<R: Routes> Processor<R> {
         let start = out.len();
         begin_ok(out, request.id());
         let data_start = out.len();
-        // Per-command counts and handler time only while metrics are served: the cheapest
-        // requests lose a few per cent to the lookup and a tenth to the clock reads.
-        let started = self.stats().times_handlers().then(Instant::now);
+        // Handlers are timed only when something reads the time (metrics served, a slow
+        // request threshold, debug logging): the cheapest requests lose a few per cent to
+        // the per-command lookup and a tenth to the clock reads.
+        let metrics = self.stats().times_handlers();
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        let started = (metrics || debug || self.limits.slow_request.is_some()).then(Instant::now);
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Option<HandlerResult> {
             let reply = Reply::new(out);
             R::call(cmdid, &request, reply)
         }));
         let handler_time = started.map(|started| started.elapsed());
         let code = self.encode_outcome(outcome, &request, out, start, data_start);
-        if let Some(handler_time) = handler_time
-            && let Some(command) = self.stats().command(cmdid)
-        {
-            command.record(code, Some(handler_time));
+        if let Some(handler_time) = handler_time {
+            if metrics && let Some(command) = self.stats().command(cmdid) {
+                command.record(code, Some(handler_time));
+            }
+            let core = self.context.core();
+            let peer = peer.map(tracing::field::display);
+            if self.limits.slow_request.is_some_and(|slow| handler_time >= slow) {
+                tracing::warn!(cmdid, code, core, peer, ?handler_time, "slow request");
+            } else if debug {
+                tracing::debug!(cmdid, code, core, peer, ?handler_time, "request");
+            }
         }
         code
     }

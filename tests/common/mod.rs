@@ -33,17 +33,27 @@ fn fail(_request: &Request<'_, '_>, _reply: Reply<'_>) -> HandlerResult {
     Err(HandlerError::internal("disk on fire"))
 }
 
+/// Takes longer than any slow-request threshold the tests set.
+pub const SLOW_HANDLER: Duration = Duration::from_millis(60);
+
+fn slow(_request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
+    std::thread::sleep(SLOW_HANDLER);
+    reply.str("done");
+    Ok(())
+}
+
 fn explode(_request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     reply.raw(b"[1,2");
     panic!("handler bug");
 }
 
 ringcall::routes! {
-    /// The shipped server's echo plus two misbehaving handlers.
+    /// The shipped server's echo plus three misbehaving handlers.
     pub TestRoutes {
         10000 => ringcall::handlers::echo,
         9001 => fail,
         9002 => explode,
+        9003 => slow,
     }
 }
 
