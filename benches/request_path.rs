@@ -1,5 +1,6 @@
 //! One whole request through the protocol core — frame + parse + dispatch + encode — for the
-//! seed's echo request, alone and 16 pipelined in one receive buffer. Throughput is in
+//! seed's echo request, alone and 16 pipelined in one receive buffer, and the same with
+//! per-command metrics on (a lookup and two clock reads per request). Throughput is in
 //! requests, so criterion reports the time per request.
 //!
 //! Each iteration first copies the request bytes into one reused receive buffer, inside the
@@ -24,16 +25,21 @@ ringcall::routes! {
 
 fn request_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_path");
-    for pipelined in [1usize, 16] {
+    // `metrics`: per-command counts and handler times on, as while metrics are served.
+    for (pipelined, metrics) in [(1usize, false), (16, false), (1, true), (16, true)] {
         let received = SEED.repeat(pipelined);
         let len = received.len();
         let mut buf = vec![0; len + PADDING];
-        let mut processor =
-            Processor::<WithBuiltins<Shipped>>::new(0, StatsRegistry::new(1), Limits::default());
+        let stats = StatsRegistry::with_commands(1, &[0, 1, 10000]);
+        if metrics {
+            stats.time_handlers();
+        }
+        let mut processor = Processor::<WithBuiltins<Shipped>>::new(0, stats, Limits::default());
         let mut session = Session::new();
         let mut out = Vec::with_capacity(4096);
         group.throughput(Throughput::Elements(pipelined as u64));
-        group.bench_function(format!("seed_x{pipelined}"), |b| {
+        let name = if metrics { format!("seed_x{pipelined}_metrics") } else { format!("seed_x{pipelined}") };
+        group.bench_function(name, |b| {
             b.iter(|| {
                 buf[..len].copy_from_slice(black_box(&received));
                 out.clear();
