@@ -88,6 +88,25 @@ impl Collector for Scrape {
             }
         }
 
+        let mut batches = encoder.encode_descriptor(
+            "reply_batch_seconds",
+            "Time in the server per batch of replies: from the arrival of the oldest request it \
+             answers to the end of its send (reading, handling, waiting behind earlier replies, \
+             sending).",
+            None,
+            MetricType::Histogram,
+        )?;
+        for core in 0..self.0.cores() {
+            let (seconds, counts) = self.0.core(core).batch_times();
+            let labels = [("core", core.to_string())];
+            batches.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                seconds,
+                counts.iter().sum(),
+                &latency_buckets(&counts),
+                None,
+            )?;
+        }
+
         let commands = self.0.commands();
         let mut by_command = encoder.encode_descriptor(
             "command_replies",
@@ -108,22 +127,27 @@ impl Collector for Scrape {
             MetricType::Histogram,
         )?;
         for command in &commands {
-            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_US
-                .iter()
-                .map(|&us| us as f64 / 1e6)
-                .chain([f64::INFINITY])
-                .zip(command.handler_buckets.iter().copied())
-                .collect();
             let labels = [("cmdid", command.cmdid.to_string())];
             handler.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                 command.handler_seconds,
                 command.timed(),
-                &buckets,
+                &latency_buckets(&command.handler_buckets),
                 None,
             )?;
         }
         Ok(())
     }
+}
+
+/// Histogram buckets for the encoder: each bound of [`LATENCY_BUCKETS_US`] in seconds, then
+/// +Inf, with the (not cumulative) counts.
+fn latency_buckets(counts: &[u64; LATENCY_BUCKETS_US.len() + 1]) -> Vec<(f64, u64)> {
+    LATENCY_BUCKETS_US
+        .iter()
+        .map(|&us| us as f64 / 1e6)
+        .chain([f64::INFINITY])
+        .zip(counts.iter().copied())
+        .collect()
 }
 
 /// The metrics endpoint: serves `GET /metrics` from its own thread until the process ends.

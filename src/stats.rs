@@ -30,6 +30,8 @@ pub struct CoreStats {
     commands: Commands,
     /// Whether commands are counted and timed: on once metrics are served.
     time_handlers: std::sync::atomic::AtomicBool,
+    /// Time in the server per batch of replies (see [`CoreStats::batch_sent`]).
+    batch: Histogram,
 }
 
 /// Single-writer increment: the owning core is the only writer, so no locked
@@ -191,14 +193,40 @@ pub const LATENCY_BUCKETS_US: [u64; 21] = {
     bounds
 };
 
+/// A latency histogram over [`LATENCY_BUCKETS_US`], written by one core.
+#[derive(Debug, Default)]
+struct Histogram {
+    nanos: AtomicU64,
+    /// Not cumulative: bucket `i` counts times in (bound `i-1`, bound `i`].
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+impl Histogram {
+    #[inline]
+    fn observe(&self, time: Duration) {
+        let nanos = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
+        bump(&self.nanos, nanos);
+        // ceil(log2(µs)): the first bound at or above the time.
+        let micros = nanos.div_ceil(1000).max(1);
+        let bucket = (u64::BITS - (micros - 1).leading_zeros()) as usize;
+        bump(&self.buckets[bucket.min(LATENCY_BUCKETS_US.len())], 1);
+    }
+
+    fn seconds(&self) -> f64 {
+        self.nanos.load(Relaxed) as f64 / 1e9
+    }
+
+    fn buckets(&self) -> [u64; LATENCY_BUCKETS_US.len() + 1] {
+        self.buckets.each_ref().map(|c| c.load(Relaxed))
+    }
+}
+
 /// One command's counters on one core: its replies by code and how long its handler ran.
 /// Written only by the owning core, like the rest of [`CoreStats`].
 #[derive(Debug, Default)]
 pub struct CommandStats {
     replies: [AtomicU64; COUNTED_CODES.len() + 1],
-    handler_nanos: AtomicU64,
-    /// Not cumulative: bucket `i` counts handler times in (bound `i-1`, bound `i`].
-    handler_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    handler: Histogram,
 }
 
 impl CommandStats {
@@ -208,21 +236,17 @@ impl CommandStats {
     pub fn record(&self, code: u16, handler: Option<Duration>) {
         let slot = COUNTED_CODES.iter().position(|&c| c == code).unwrap_or(COUNTED_CODES.len());
         bump(&self.replies[slot], 1);
-        let Some(handler) = handler else { return };
-        let nanos = u64::try_from(handler.as_nanos()).unwrap_or(u64::MAX);
-        bump(&self.handler_nanos, nanos);
-        // ceil(log2(µs)): the first bound at or above the time.
-        let micros = nanos.div_ceil(1000).max(1);
-        let bucket = (u64::BITS - (micros - 1).leading_zeros()) as usize;
-        bump(&self.handler_buckets[bucket.min(LATENCY_BUCKETS_US.len())], 1);
+        if let Some(handler) = handler {
+            self.handler.observe(handler);
+        }
     }
 
     fn snapshot(&self, cmdid: u32) -> CommandSnapshot {
         CommandSnapshot {
             cmdid,
             replies: self.replies.each_ref().map(|c| c.load(Relaxed)),
-            handler_seconds: self.handler_nanos.load(Relaxed) as f64 / 1e9,
-            handler_buckets: self.handler_buckets.each_ref().map(|c| c.load(Relaxed)),
+            handler_seconds: self.handler.seconds(),
+            handler_buckets: self.handler.buckets(),
         }
     }
 }
@@ -283,6 +307,22 @@ impl CoreStats {
     #[inline]
     pub fn times_handlers(&self) -> bool {
         self.time_handlers.load(Relaxed)
+    }
+
+    /// A batch of replies was sent whole, `waited` after the oldest request it answers
+    /// arrived: the time those requests spent in the server (reading, handling, waiting
+    /// behind earlier replies, sending). Counted while metrics are served.
+    #[inline]
+    pub fn batch_sent(&self, waited: Duration) {
+        if self.times_handlers() {
+            self.batch.observe(waited);
+        }
+    }
+
+    /// Time in the server per batch of replies: the total, and per bucket of
+    /// [`LATENCY_BUCKETS_US`] (not cumulative), then above.
+    pub fn batch_times(&self) -> (f64, [u64; LATENCY_BUCKETS_US.len() + 1]) {
+        (self.batch.seconds(), self.batch.buckets())
     }
 }
 
@@ -374,12 +414,12 @@ mod tests {
         let command = stats.core(0).command(2000).unwrap();
         assert!(stats.core(0).command(3000).is_none(), "not in the table");
         for (nanos, bucket) in [(1, 0), (1_000, 0), (1_001, 1), (2_000, 1), (3_000, 2), (1_048_576_000, 20)] {
-            let before = command.handler_buckets[bucket].load(Relaxed);
+            let before = command.handler.buckets[bucket].load(Relaxed);
             command.record(0, Some(Duration::from_nanos(nanos)));
-            assert_eq!(command.handler_buckets[bucket].load(Relaxed), before + 1, "{nanos} ns");
+            assert_eq!(command.handler.buckets[bucket].load(Relaxed), before + 1, "{nanos} ns");
         }
         command.record(500, Some(Duration::from_secs(5)));
-        assert_eq!(command.handler_buckets[LATENCY_BUCKETS_US.len()].load(Relaxed), 1, "above every bound");
+        assert_eq!(command.handler.buckets[LATENCY_BUCKETS_US.len()].load(Relaxed), 1, "above every bound");
         // Not timed (metrics not served): counted as a reply, not in the histogram.
         command.record(404, None);
         let snapshot = stats.commands().into_iter().find(|c| c.cmdid == 2000).unwrap();

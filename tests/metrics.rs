@@ -85,6 +85,24 @@ fn metrics_count_the_traffic_exactly(backend: Backend) {
     assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count), "cumulative buckets");
     assert!(body.contains("ringcall_command_handler_seconds_count{cmdid=\"10000\"} 5\n"), "{body}");
 
+    // Each call's reply left as a batch of its own: twelve batches, counted once their sends
+    // are done (which may trail the client's reading them by a moment).
+    let batches = |body: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with("ringcall_reply_batch_seconds_count{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let mut seen = batches(&body);
+    for _ in 0..500 {
+        if seen == 12 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        seen = batches(&scrape(metrics.local_addr(), "/metrics").1);
+    }
+    assert_eq!(seen, 12, "{body}");
+
     // Anything but /metrics.
     assert_eq!(scrape(metrics.local_addr(), "/").0, "HTTP/1.1 404 Not Found");
 }

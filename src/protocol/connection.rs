@@ -176,6 +176,10 @@ pub struct Connection {
     /// The bytes handed to the kernel, of which `sent` are sent.
     sending: Vec<u8>,
     sent: usize,
+    /// When the oldest request answered in `out`, and in `sending`, arrived: a batch's time
+    /// in the server, observed when it is sent whole.
+    out_since: Option<Instant>,
+    sending_since: Option<Instant>,
     /// The last time bytes moved either way.
     last_activity: Instant,
     /// Since when the peer owes the rest of a line it started.
@@ -199,6 +203,8 @@ impl Connection {
             out: Vec::new(),
             sending: Vec::new(),
             sent: 0,
+            out_since: None,
+            sending_since: None,
             last_activity: now,
             line_started: None,
             drain_deadline: None,
@@ -312,6 +318,7 @@ impl Connection {
             self.sending.clear();
             self.sent = 0;
             mem::swap(&mut self.out, &mut self.sending);
+            self.sending_since = self.out_since.take();
         }
         true
     }
@@ -336,6 +343,9 @@ impl Connection {
         }
         self.sent = (self.sent + n).min(self.sending.len());
         if self.sent == self.sending.len() {
+            if let Some(since) = self.sending_since.take() {
+                stats.batch_sent(now.saturating_duration_since(since));
+            }
             self.sending.clear();
             self.sent = 0;
             if self.sending.capacity() > OUT_KEEP {
@@ -369,7 +379,12 @@ impl Connection {
                 return;
             }
         }
-        if processor.on_recv(&mut self.session, buf, len, &mut self.out) == Flow::Close {
+        let produced = self.out.len();
+        let flow = processor.on_recv(&mut self.session, buf, len, &mut self.out);
+        if self.out.len() > produced && self.out_since.is_none() {
+            self.out_since = Some(now);
+        }
+        if flow == Flow::Close {
             self.state = State::Desynced;
             self.line_started = None;
             return;
@@ -668,6 +683,32 @@ mod tests {
         conn.on_sent(5 * ECHO_REPLY.len(), f.at(7), f.stats.core(0));
         assert!(conn.wants_read());
         assert_eq!(f.total().backpressure_pauses, 1);
+    }
+
+    #[test]
+    fn a_batch_counts_its_time_in_the_server_from_its_oldest_request() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.stats.time_handlers();
+        f.recv(&mut conn, ECHO_LINE, 0);
+        f.recv(&mut conn, ECHO_LINE, 2);
+        // Both replies go out as one batch, sent whole 7 ms after the first request came.
+        conn.start_send().unwrap();
+        conn.on_sent(ECHO_REPLY.len(), f.at(5), f.stats.core(0));
+        assert_eq!(f.stats.core(0).batch_times().1.iter().sum::<u64>(), 0, "not sent whole yet");
+        conn.start_send().unwrap();
+        conn.on_sent(ECHO_REPLY.len(), f.at(7), f.stats.core(0));
+        let (seconds, buckets) = f.stats.core(0).batch_times();
+        assert_eq!(seconds, 0.007);
+        // 7,000 µs is in the bucket up to 8,192 µs.
+        assert_eq!(buckets[13], 1);
+        assert_eq!(buckets.iter().sum::<u64>(), 1);
+        // The next batch counts from its own first request.
+        f.recv(&mut conn, ECHO_LINE, 100);
+        f.send_all(&mut conn, 101);
+        let (seconds, buckets) = f.stats.core(0).batch_times();
+        assert!((seconds - 0.008).abs() < 1e-12, "{seconds}");
+        assert_eq!(buckets[0], 0);
+        assert_eq!(buckets[10], 1, "1 ms is in the bucket up to 1,024 µs");
     }
 
     #[test]
