@@ -5,41 +5,11 @@
 #[macro_use]
 mod common;
 
-use std::sync::{Arc, Mutex, OnceLock};
-
 use common::{Client, SLOW_HANDLER, start_with};
 use ringcall::Backend;
 
-/// Everything logged by this test binary, whatever thread logged it.
-fn log() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || Writer(sink.clone()))
-            .init();
-        log
-    })
-}
-
-struct Writer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Writer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn slow_requests_are_logged_with_cmdid_code_and_peer(backend: Backend) {
-    let log = log();
+    let log = common::captured_log(tracing::Level::WARN);
     let threshold = SLOW_HANDLER / 2;
     let Some(server) = start_with(backend, |b| b.slow_request(threshold)) else { return };
     let mut c = Client::connect(server.local_addr());

@@ -189,6 +189,9 @@ pub struct Connection {
     /// The deadline a backend's timer queue holds for this connection.
     scheduled: Option<Instant>,
     limits: Limits,
+    /// `connection{peer=…}`, entered while this machine handles an event, so that what its
+    /// requests log carries it; a disabled span (no cost) unless debug logging is on.
+    span: tracing::Span,
 }
 
 impl Connection {
@@ -210,6 +213,11 @@ impl Connection {
             drain_deadline: None,
             scheduled: None,
             limits,
+            span: if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::debug_span!("connection", peer = tracing::field::Empty)
+            } else {
+                tracing::Span::none()
+            },
         }
     }
 
@@ -226,6 +234,7 @@ impl Connection {
 
     /// The peer's address, for the logs (see [`wants_peer`](Self::wants_peer)).
     pub fn set_peer(&mut self, peer: std::net::SocketAddr) {
+        self.span.record("peer", tracing::field::display(peer));
         self.session.set_peer(peer);
     }
 
@@ -370,6 +379,8 @@ impl Connection {
         len: usize,
         now: Instant,
     ) {
+        let span = self.span.clone();
+        let _entered = span.enter();
         self.last_activity = now;
         match self.state {
             State::Serving | State::Draining => {}
@@ -404,6 +415,8 @@ impl Connection {
     /// The peer sent FIN (a read returned 0): an unterminated last line is dropped, the
     /// replies owed are sent, then the connection closes.
     pub fn on_peer_closed(&mut self, now: Instant) {
+        let span = self.span.clone();
+        let _entered = span.enter();
         self.last_activity = now;
         match self.state {
             State::Serving | State::Draining | State::Desynced => {
@@ -456,6 +469,8 @@ impl Connection {
     /// A timer fired at `now`: closes the connection if one of its deadlines has passed, and
     /// counts why.
     pub fn on_timeout(&mut self, now: Instant, stats: &CoreStats) {
+        let span = self.span.clone();
+        let _entered = span.enter();
         if self.poll_timeout().is_none_or(|at| at > now) {
             return;
         }

@@ -151,3 +151,33 @@ pub fn total_stat(client: &mut Client, field: &str) -> u64 {
 pub fn raise_nofile() -> u64 {
     ringcall::backend::sys::raise_nofile_limit().expect("raise RLIMIT_NOFILE")
 }
+
+/// Everything this test binary logs from now on, from any thread, at `level` and above (the
+/// first call installs the subscriber and decides the level; later calls share it).
+pub fn captured_log(level: tracing::Level) -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || LogWriter(sink.clone()))
+            .init();
+        log
+    })
+}
+
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
