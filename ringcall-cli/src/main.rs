@@ -120,6 +120,10 @@ struct BenchArgs {
     /// A file of NDJSON request lines, sent in turn.
     #[arg(long, conflicts_with_all = ["cmdid", "params"])]
     requests: Option<std::path::PathBuf>,
+    /// Echo requests of this many bytes each (`1024`, `64k`, `1m`; replies are about as
+    /// long) instead of the seed's 80-byte one.
+    #[arg(long, conflicts_with_all = ["cmdid", "params", "requests"], value_parser = payload_size)]
+    payload_bytes: Option<usize>,
     /// Load threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -136,7 +140,7 @@ struct CompareArgs {
     /// Backends to compare.
     #[arg(long, value_delimiter = ',', default_value = "uring,tokio-uring,epoll,epoll-mt")]
     backends: Vec<Backend>,
-    /// Workloads, CONNECTIONSxINFLIGHT.
+    /// Workloads, CONNECTIONSxINFLIGHT[@BYTES] (e.g. `16x16@64k`: echo requests of 64 KiB).
     #[arg(long, value_delimiter = ',', default_value = ringcall_cli::bench::compare::DEFAULT_WORKLOADS)]
     workloads: Vec<ringcall_cli::bench::compare::Workload>,
     /// Interleaved rounds; the table shows medians.
@@ -287,6 +291,18 @@ fn resolve_server(addr: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("cannot resolve {addr:?} (expected HOST:PORT, e.g. 127.0.0.1:8889)"))?
         .next()
         .with_context(|| format!("{addr:?} resolves to no address"))
+}
+
+/// A request size for `--payload-bytes`.
+fn payload_size(text: &str) -> Result<usize, String> {
+    use ringcall_cli::bench::BenchConfig;
+    match ringcall_cli::bench::compare::parse_bytes(text) {
+        Some(bytes) if bytes >= BenchConfig::MIN_ECHO_BYTES => Ok(bytes),
+        _ => Err(format!(
+            "expected a size of at least {} bytes, e.g. 1024, 64k or 1m (got '{text}')",
+            BenchConfig::MIN_ECHO_BYTES
+        )),
+    }
 }
 
 /// A whole number, 0 or more.
@@ -479,6 +495,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .collect();
             anyhow::ensure!(!lines.is_empty(), "{} holds no request lines", path.display());
             lines
+        }
+        None if args.payload_bytes.is_some() => {
+            vec![BenchConfig::echo_request_of(args.payload_bytes.unwrap_or_default())]
         }
         None => match &args.params {
             Some(params) => {

@@ -107,8 +107,26 @@ fn bench_across_a_server_shutdown_counts_what_went_unanswered(backend: Backend) 
     assert!(server.wait().unwrap().success());
 }
 
+/// `--payload-bytes`: every request line is exactly that long, and is echoed back whole.
+fn bench_with_sized_requests_sends_exactly_those_bytes(backend: Backend) {
+    let Some(server) = start(backend) else { return };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"))
+        .args(["bench", "--addr", &server.local_addr().to_string(), "-c", "2", "-P", "4", "-n", "400"])
+        .args(["--warmup", "0", "--payload-bytes", "16k", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["requests"], 400, "{report}");
+    assert_eq!(report["codes"]["0"], 400, "{report}");
+    assert_eq!(report["bytes_sent"], 400 * 16384, "{report}");
+    assert_eq!(server.stats().total().bytes_in, 400 * 16384);
+    assert!(report["bytes_received"].as_u64().unwrap() > 400 * 16_300, "{report}");
+}
+
 every_backend!(
     bench_across_a_server_shutdown_counts_what_went_unanswered,
+    bench_with_sized_requests_sends_exactly_those_bytes,
     bench_totals_match_the_server_stats,
     open_loop_bench_reports_corrected_latency
 );

@@ -29,31 +29,68 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// A load shape: connections x requests in flight per connection.
+/// A load shape: connections x requests in flight per connection, and the size of each
+/// echo request (`None`: the seed's 80-byte one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Workload {
     /// Connections.
     pub connections: usize,
     /// In flight per connection.
     pub pipeline: usize,
+    /// Bytes per request line (its reply is about as long).
+    pub payload: Option<usize>,
 }
 
 impl std::fmt::Display for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.connections, self.pipeline)
+        write!(f, "{}x{}", self.connections, self.pipeline)?;
+        match self.payload {
+            Some(bytes) if bytes % (1 << 20) == 0 => write!(f, "@{}m", bytes >> 20),
+            Some(bytes) if bytes % (1 << 10) == 0 => write!(f, "@{}k", bytes >> 10),
+            Some(bytes) => write!(f, "@{bytes}"),
+            None => Ok(()),
+        }
     }
+}
+
+/// A size in bytes: `80`, `16k` (KiB), `1m` (MiB).
+pub fn parse_bytes(text: &str) -> Option<usize> {
+    let text = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match text.strip_suffix('k') {
+        Some(d) => (d, 1 << 10),
+        None => match text.strip_suffix('m') {
+            Some(d) => (d, 1 << 20),
+            None => (text.as_str(), 1),
+        },
+    };
+    digits.parse::<usize>().ok().and_then(|n| n.checked_mul(unit)).filter(|n| *n > 0)
 }
 
 impl FromStr for Workload {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (c, p) =
-            s.split_once('x').ok_or_else(|| format!("workload {s:?} is not CONNECTIONSxINFLIGHT"))?;
+        let (shape, payload) = match s.split_once('@') {
+            Some((shape, size)) => {
+                let bytes = parse_bytes(size)
+                    .ok_or_else(|| format!("workload {s:?}: {size:?} is not a size such as 80, 16k or 1m"))?;
+                if bytes < BenchConfig::MIN_ECHO_BYTES {
+                    return Err(format!(
+                        "workload {s:?}: an echo request takes at least {} bytes",
+                        BenchConfig::MIN_ECHO_BYTES
+                    ));
+                }
+                (shape, Some(bytes))
+            }
+            None => (s, None),
+        };
+        let (c, p) = shape
+            .split_once('x')
+            .ok_or_else(|| format!("workload {s:?} is not CONNECTIONSxINFLIGHT[@BYTES]"))?;
         let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|n| *n > 0);
         match (parse(c), parse(p)) {
-            (Some(connections), Some(pipeline)) => Ok(Self { connections, pipeline }),
-            _ => Err(format!("workload {s:?} needs two positive numbers, e.g. 16x16")),
+            (Some(connections), Some(pipeline)) => Ok(Self { connections, pipeline, payload }),
+            _ => Err(format!("workload {s:?} needs two positive numbers, e.g. 16x16 or 16x16@64k")),
         }
     }
 }
@@ -390,7 +427,10 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                     stop: StopAfter::Duration(config.duration),
                     warmup: config.warmup,
                     rate: None,
-                    requests: vec![BenchConfig::echo_request()],
+                    requests: vec![match workload.payload {
+                        Some(bytes) => BenchConfig::echo_request_of(bytes),
+                        None => BenchConfig::echo_request(),
+                    }],
                     threads: config.client_cpus.len().max(1),
                     cpus: config.client_cpus.clone(),
                     progress: false,
@@ -543,7 +583,16 @@ impl Comparison {
                     let max = rows.iter().map(|r| r.requests_per_sec).fold(1.0, f64::max) * 1.15;
                     let mut chart = ChartBuilder::on(panel)
                         .caption(
-                            format!("{} conns x {} in flight", workload.connections, workload.pipeline),
+                            match workload.payload {
+                                Some(bytes) => format!(
+                                    "{} conns x {} in flight, {bytes} B requests",
+                                    workload.connections, workload.pipeline
+                                ),
+                                None => format!(
+                                    "{} conns x {} in flight",
+                                    workload.connections, workload.pipeline
+                                ),
+                            },
                             ("sans-serif", 12),
                         )
                         .margin(8)
@@ -604,9 +653,17 @@ mod tests {
 
     #[test]
     fn parses_workloads() {
-        assert_eq!("16x16".parse(), Ok(Workload { connections: 16, pipeline: 16 }));
+        assert_eq!("16x16".parse(), Ok(Workload { connections: 16, pipeline: 16, payload: None }));
+        assert_eq!("16x16@64k".parse(), Ok(Workload { connections: 16, pipeline: 16, payload: Some(65536) }));
+        assert_eq!("1x1@1m".parse(), Ok(Workload { connections: 1, pipeline: 1, payload: Some(1 << 20) }));
+        assert_eq!("4x2@1000".parse(), Ok(Workload { connections: 4, pipeline: 2, payload: Some(1000) }));
+        for text in ["16x16", "16x16@64k", "1x1@1m", "4x2@1000"] {
+            assert_eq!(text.parse::<Workload>().unwrap().to_string(), text);
+        }
         assert!("16".parse::<Workload>().is_err());
         assert!("0x1".parse::<Workload>().is_err());
+        assert!("16x16@10".parse::<Workload>().is_err(), "shorter than an echo request");
+        assert!("16x16@lots".parse::<Workload>().is_err());
     }
 
     #[test]

@@ -63,11 +63,28 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
+    /// The shortest request line [`echo_request_of`](Self::echo_request_of) makes.
+    pub const MIN_ECHO_BYTES: usize = ECHO_HEAD.len() + ECHO_TAIL.len();
+
     /// The seed's echo request, the default load.
     pub fn echo_request() -> Vec<u8> {
         b"{\"cmdid\":10000,\"timestamp\":1437300000,\"params\":{\"content\":\"Hello world!\"}}\n".to_vec()
     }
+
+    /// An echo request of the seed's shape whose line (with its `\n`) is exactly `bytes`
+    /// long (at least [`MIN_ECHO_BYTES`](Self::MIN_ECHO_BYTES)): its content is padded.
+    pub fn echo_request_of(bytes: usize) -> Vec<u8> {
+        let pad = bytes.saturating_sub(Self::MIN_ECHO_BYTES);
+        let mut line = Vec::with_capacity(bytes.max(Self::MIN_ECHO_BYTES));
+        line.extend_from_slice(ECHO_HEAD);
+        line.extend(std::iter::repeat_n(b'x', pad));
+        line.extend_from_slice(ECHO_TAIL);
+        line
+    }
 }
+
+const ECHO_HEAD: &[u8] = b"{\"cmdid\":10000,\"timestamp\":1437300000,\"params\":{\"content\":\"";
+const ECHO_TAIL: &[u8] = b"\"}}\n";
 
 /// Why a run could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -560,7 +577,19 @@ fn reply_code(line: &[u8]) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::reply_code;
+    use super::{BenchConfig, reply_code};
+
+    #[test]
+    fn sized_echo_requests_are_exactly_that_long_and_valid_requests() {
+        for bytes in [BenchConfig::MIN_ECHO_BYTES, 80, 1024, 65536, 1 << 20] {
+            let line = BenchConfig::echo_request_of(bytes);
+            assert_eq!(line.len(), bytes);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(value["cmdid"], 10000);
+            assert!(value["params"]["content"].is_string());
+        }
+    }
 
     #[test]
     fn reads_the_code_prefix() {
