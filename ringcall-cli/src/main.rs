@@ -14,20 +14,6 @@ use ringcall::{Backend, ServerConfig, backend::sys, handlers, protocol::DEFAULT_
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 2's `mi_option_t` (libmimalloc-sys names no constant
-/// for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Memory freed back to the allocator goes back to the OS at once. mimalloc's default delays
-/// that by 10 ms, but only carries it out on a later allocation, which an idle server never
-/// makes: after a storm of connections closes, their buffers stay resident for good. The
-/// request path allocates nothing in steady state, so only connections opening and closing
-/// pay for it.
-fn release_freed_memory_at_once() {
-    // SAFETY: sets a documented runtime option; mimalloc reads it on every purge decision.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
 ringcall::routes! {
     /// The shipped server's own commands (ping and stats are built into every server).
     ShippedRoutes {
@@ -343,7 +329,6 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    release_freed_memory_at_once();
     let open_files = sys::raise_nofile_limit().unwrap_or_else(|e| {
         tracing::warn!("cannot raise the open-file limit: {e}");
         0
