@@ -8,7 +8,7 @@ candidate's `ringcall bench`, pinned to --client-cpu. The order of the runs rota
 round, so drift on a noisy host hits both builds alike.
 
     scripts/ab_builds.py --baseline /path/to/old/ringcall --candidate target/release/ringcall \\
-        --backends uring,epoll --workloads 64x1,16x16,1000x1 --rounds 5
+        --backends uring,epoll --workloads 64x1,16x16,1000x1,16x16@64k --rounds 5
 """
 
 import argparse
@@ -53,11 +53,14 @@ def start_server(binary, backend, cpu):
 def run(args, binary, backend, workload):
     server, addr = start_server(binary, backend, args.server_cpu)
     try:
-        connections, pipeline = workload.split("x")
+        # CxP, or CxP@SIZE for echo requests of SIZE bytes (as `ringcall compare` takes).
+        shape, _, size = workload.partition("@")
+        connections, pipeline = shape.split("x")
+        payload = ["--payload-bytes", size] if size else []
         out = subprocess.run(
             [args.candidate, "bench", "--addr", addr, "-c", connections, "-P", pipeline,
              "-d", str(args.duration), "--warmup", str(args.warmup), "--cpus", str(args.client_cpu),
-             "--output", "json"],
+             "--output", "json", *payload],
             check=True, capture_output=True,
         ).stdout
         return json.loads(out)["requests_per_sec"]

@@ -180,6 +180,9 @@ pub struct Connection {
     /// in the server, observed when it is sent whole.
     out_since: Option<Instant>,
     sending_since: Option<Instant>,
+    /// The size of the last batch sent whole: a new batch starts with that much room, not
+    /// grown by doubling (and copying) from nothing.
+    last_batch: usize,
     /// The last time bytes moved either way.
     last_activity: Instant,
     /// Since when the peer owes the rest of a line it started.
@@ -208,6 +211,7 @@ impl Connection {
             sent: 0,
             out_since: None,
             sending_since: None,
+            last_batch: 0,
             last_activity: now,
             line_started: None,
             drain_deadline: None,
@@ -355,13 +359,20 @@ impl Connection {
             if let Some(since) = self.sending_since.take() {
                 stats.batch_sent(now.saturating_duration_since(since));
             }
+            self.last_batch = self.sending.len();
             self.sending.clear();
             self.sent = 0;
-            if self.sending.capacity() > OUT_KEEP {
-                self.sending = Vec::new();
-            }
-            if self.out.is_empty() && self.out.capacity() > OUT_KEEP {
-                self.out = Vec::new();
+            // Caught up: large buffers go, so a quiet connection holds none. Still busy (the
+            // next batch is waiting in `out`): the emptied buffer is kept, to become `out`
+            // when that batch is sent, so a stream of large replies does not grow a buffer
+            // from nothing for every batch.
+            if self.out.is_empty() {
+                if self.sending.capacity() > OUT_KEEP {
+                    self.sending = Vec::new();
+                }
+                if self.out.capacity() > OUT_KEEP {
+                    self.out = Vec::new();
+                }
             }
         }
         if self.reading == Reading::Paused && self.held() <= self.limits.max_pending_output / 2 {
@@ -389,6 +400,10 @@ impl Connection {
                 processor.stats().bytes_in(len);
                 return;
             }
+        }
+        if self.out.capacity() < self.last_batch {
+            // Only untouched room: pages become resident as replies are written.
+            self.out.reserve(self.last_batch.min(self.limits.max_pending_output));
         }
         let produced = self.out.len();
         let flow = processor.on_recv(&mut self.session, buf, len, &mut self.out);
@@ -698,6 +713,21 @@ mod tests {
         conn.on_sent(5 * ECHO_REPLY.len(), f.at(7), f.stats.core(0));
         assert!(conn.wants_read());
         assert_eq!(f.total().backpressure_pauses, 1);
+    }
+
+    #[test]
+    fn a_new_batch_starts_with_the_room_of_the_last_and_a_quiet_connection_keeps_none() {
+        let limits = Limits { max_pending_output: 1 << 20, ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        let line = format!("{{\"cmdid\":10000,\"params\":{{\"x\":\"{}\"}}}}\n", "y".repeat(100));
+        f.recv(&mut conn, line.repeat(1000).as_bytes(), 0);
+        let batch = f.send_all(&mut conn, 1).len();
+        assert!(batch > OUT_KEEP, "a batch of {batch} bytes");
+        // Caught up: nothing large is kept.
+        assert!(conn.out.capacity() <= OUT_KEEP && conn.sending.capacity() <= OUT_KEEP);
+        // The next request's reply goes into room for a whole batch like the last.
+        f.recv(&mut conn, line.as_bytes(), 2);
+        assert!(conn.out.capacity() >= batch, "{} < {batch}", conn.out.capacity());
     }
 
     #[test]

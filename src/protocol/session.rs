@@ -141,11 +141,9 @@ impl<R: Routes> Processor<R> {
             carry.resize(line_len + PADDING, 0);
             let peer = session.peer;
             self.handle_line(carry, line_len, out, peer);
-            if carry.capacity() > CARRY_KEEP {
-                *carry = Vec::new();
-            } else {
-                carry.clear();
-            }
+            // Kept while the next line is carried too (below), so a stream of long lines
+            // does not grow the carry from nothing for each.
+            carry.clear();
             pos = nl + 1;
         }
         while pos < len {
@@ -157,6 +155,10 @@ impl<R: Routes> Processor<R> {
                 }
                 None => return self.stash(session, &buf[pos..len], out),
             }
+        }
+        // Every line ended in this receive: a large carry is let go.
+        if session.carry.capacity() > CARRY_KEEP {
+            session.carry = Vec::new();
         }
         Flow::Continue
     }
