@@ -180,9 +180,6 @@ pub struct Connection {
     /// in the server, observed when it is sent whole.
     out_since: Option<Instant>,
     sending_since: Option<Instant>,
-    /// The size of the last batch sent whole: a new batch starts with that much room, not
-    /// grown by doubling (and copying) from nothing.
-    last_batch: usize,
     /// The last time bytes moved either way.
     last_activity: Instant,
     /// Since when the peer owes the rest of a line it started.
@@ -211,7 +208,6 @@ impl Connection {
             sent: 0,
             out_since: None,
             sending_since: None,
-            last_batch: 0,
             last_activity: now,
             line_started: None,
             drain_deadline: None,
@@ -359,7 +355,6 @@ impl Connection {
             if let Some(since) = self.sending_since.take() {
                 stats.batch_sent(now.saturating_duration_since(since));
             }
-            self.last_batch = self.sending.len();
             self.sending.clear();
             self.sent = 0;
             // Caught up: large buffers go, so a quiet connection holds none. Still busy (the
@@ -400,10 +395,6 @@ impl Connection {
                 processor.stats().bytes_in(len);
                 return;
             }
-        }
-        if self.out.capacity() < self.last_batch {
-            // Only untouched room: pages become resident as replies are written.
-            self.out.reserve(self.last_batch.min(self.limits.max_pending_output));
         }
         let produced = self.out.len();
         let flow = processor.on_recv(&mut self.session, buf, len, &mut self.out);
@@ -713,21 +704,6 @@ mod tests {
         conn.on_sent(5 * ECHO_REPLY.len(), f.at(7), f.stats.core(0));
         assert!(conn.wants_read());
         assert_eq!(f.total().backpressure_pauses, 1);
-    }
-
-    #[test]
-    fn a_new_batch_starts_with_the_room_of_the_last_and_a_quiet_connection_keeps_none() {
-        let limits = Limits { max_pending_output: 1 << 20, ..limits() };
-        let (mut f, mut conn) = Fixture::new(limits);
-        let line = format!("{{\"cmdid\":10000,\"params\":{{\"x\":\"{}\"}}}}\n", "y".repeat(100));
-        f.recv(&mut conn, line.repeat(1000).as_bytes(), 0);
-        let batch = f.send_all(&mut conn, 1).len();
-        assert!(batch > OUT_KEEP, "a batch of {batch} bytes");
-        // Caught up: nothing large is kept.
-        assert!(conn.out.capacity() <= OUT_KEEP && conn.sending.capacity() <= OUT_KEEP);
-        // The next request's reply goes into room for a whole batch like the last.
-        f.recv(&mut conn, line.as_bytes(), 2);
-        assert!(conn.out.capacity() >= batch, "{} < {batch}", conn.out.capacity());
     }
 
     #[test]
