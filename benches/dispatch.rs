@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use ringcall::bench_support::{reply, with_request};
+use ringcall::bench_support::{Dispatcher, reply, with_request};
 use ringcall::protocol::PADDING;
-use ringcall::{HandlerResult, Reply, Request, Routes};
+use ringcall::{HandlerResult, Reply, Request, Routes, Service};
 
 fn answer(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     reply.u64(u64::from(request.cmdid()));
@@ -31,8 +31,12 @@ impl DynHandler for Answer {
     }
 }
 
-fn bench_table<R: Routes>(c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, n: usize) {
+fn bench_table<R: Service<Routes = R> + Routes<R> + Default>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    n: usize,
+) {
     let cmdid = R::CMDIDS[n - 1];
+    let mut table = Dispatcher::new(R::default());
     let mut line = format!("{{\"cmdid\":{cmdid}}}").into_bytes();
     let len = line.len();
     line.resize(len + PADDING, 0);
@@ -41,10 +45,7 @@ fn bench_table<R: Routes>(c: &mut criterion::BenchmarkGroup<'_, criterion::measu
     let mut out = Vec::with_capacity(64);
     with_request(&mut line, len, |request| {
         c.bench_function(BenchmarkId::new("static_table", n), |b| {
-            b.iter(|| {
-                out.clear();
-                black_box(R::call(black_box(request.cmdid()), request, reply(&mut out)))
-            })
+            b.iter(|| black_box(table.call(black_box(request.cmdid()), request)))
         });
         c.bench_function(BenchmarkId::new("hashmap_box_dyn", n), |b| {
             b.iter(|| {

@@ -16,7 +16,7 @@ fn bench(c: &mut Criterion, name: &str, request: &str) {
         c.bench_function(name, |b| {
             b.iter(|| {
                 out.clear();
-                encode_ok(&mut out, request, |reply| reply.value(request.params()));
+                encode_ok(&mut out, request, |reply| reply.value(request.params_value()));
                 black_box(out.len())
             })
         });

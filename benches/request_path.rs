@@ -12,8 +12,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ringcall::handlers::WithBuiltins;
-use ringcall::protocol::{Limits, PADDING, Processor, Session};
+use std::sync::Arc;
+
+use ringcall::protocol::{Limits, Output, PADDING, Processor, Session};
 use ringcall::stats::StatsRegistry;
 
 const SEED: &[u8] =
@@ -34,17 +35,17 @@ fn request_path(c: &mut Criterion) {
         if metrics {
             stats.time_handlers();
         }
-        let mut processor = Processor::<WithBuiltins<Shipped>>::new(0, stats, Limits::default());
+        let mut processor = Processor::new(0, Arc::new(Shipped), stats, Limits::default());
         let mut session = Session::new();
-        let mut out = Vec::with_capacity(4096);
+        let mut out = Output::default();
         group.throughput(Throughput::Elements(pipelined as u64));
         let name = if metrics { format!("seed_x{pipelined}_metrics") } else { format!("seed_x{pipelined}") };
         group.bench_function(name, |b| {
             b.iter(|| {
                 buf[..len].copy_from_slice(black_box(&received));
-                out.clear();
+                out.clear_ready();
                 processor.on_recv(&mut session, &mut buf, len, &mut out);
-                black_box(out.len())
+                black_box(out.ready_bytes().len())
             })
         });
     }

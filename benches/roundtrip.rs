@@ -15,14 +15,13 @@ const PING: &[u8] = b"{\"cmdid\":0}\n";
 fn roundtrip(c: &mut Criterion) {
     let mut group = c.benchmark_group("roundtrip");
     for backend in Backend::ALL {
-        let server =
-            match Server::builder().addr("127.0.0.1:0").threads(1).backend(backend).start::<NoRoutes>() {
-                Ok(server) => server,
-                Err(e) => {
-                    eprintln!("SKIPPED roundtrip/{backend}: {e}");
-                    continue;
-                }
-            };
+        let server = match Server::builder().addr("127.0.0.1:0").threads(1).backend(backend).start(NoRoutes) {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("SKIPPED roundtrip/{backend}: {e}");
+                continue;
+            }
+        };
         let stream = TcpStream::connect(server.local_addr()).unwrap();
         stream.set_nodelay(true).unwrap();
         let mut writer = stream.try_clone().unwrap();

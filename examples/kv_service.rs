@@ -51,7 +51,7 @@ fn main() -> Result<(), ringcall::ServerError> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8890".to_owned());
     // SIGINT/SIGTERM drain the server as `ringcall serve` does: stop accepting, answer every
     // request received, then return from wait().
-    let server = Server::builder().addr(addr).start::<KvService>()?;
+    let server = Server::builder().addr(addr).start(KvService)?;
     println!("{}", server.local_addr());
     tracing::info!(addr = %server.local_addr(), "kv_service listening");
     server.wait()?;

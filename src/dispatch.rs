@@ -1,14 +1,28 @@
-//! The static dispatch table: the [`Routes`] trait and the [`routes!`](crate::routes) macro that
-//! implements it.
+//! Services and their static dispatch tables: the [`Service`] trait (a value with shared
+//! state that makes per-core state on each worker), the [`Routes`] trait and the
+//! [`routes!`](crate::routes) macro that implements it, the handler shapes a table accepts
+//! ([`Handler`]) and the [`Ctx`] a handler sees.
 //!
 //! A table is a unit struct whose `call` is a `match` on the cmdid, so dispatch compiles to a
 //! jump table or a few compares: no `Box<dyn>`, no `HashMap`, no allocation. The macro checks
 //! the table at compile time: a duplicate cmdid, or one below [`RESERVED_BELOW`], fails the
 //! build.
+//!
+//! A handler is a plain function of one of three shapes, picked by its signature:
+//! - `fn(&Request, Reply) -> HandlerResult`: stateless, answers before it returns;
+//! - `fn(&Ctx<S>, &Request, Reply) -> HandlerResult`: the same, with the service's shared and
+//!   per-core state;
+//! - `fn(&Ctx<S>, &Request, Deferred) -> HandlerResult`: answers later, from any thread or
+//!   task, through the [`Deferred`] handle (which [`Ctx::spawn`] and [`Ctx::spawn_blocking`]
+//!   complete for async and blocking work).
 
 use std::borrow::Cow;
 
+use crate::protocol::deferred::Deferred;
+use crate::protocol::request::CoreContext;
+use crate::protocol::session::Responder;
 use crate::protocol::{Reply, Request};
+use crate::stats::StatsRegistry;
 
 /// cmdids below this are reserved for the built-in commands (ping, stats, …) that every
 /// ringcall server answers itself.
@@ -17,9 +31,6 @@ pub const RESERVED_BELOW: u32 = 1000;
 /// What a handler returns: `Ok` after writing its data (or nothing, for `null`), or an error
 /// that becomes the reply instead of any data it wrote.
 pub type HandlerResult = Result<(), HandlerError>;
-
-/// A handler: a plain function from the parsed request to a reply.
-pub type Handler = fn(&Request<'_, '_>, Reply<'_>) -> HandlerResult;
 
 /// A handler failure, turned into an error reply (`{"code":…,"error":…}`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,7 +51,12 @@ impl HandlerError {
         Self { code: 400, message: message.into() }
     }
 
-    /// A reply with any code (use the protocol's codes: 400, 404, 500, 503).
+    /// A 503 reply: the service is overloaded; the caller may retry later.
+    pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
+        Self { code: 503, message: message.into() }
+    }
+
+    /// A reply with any code (use the protocol's codes: 400, 404, 500, 503, 504).
     pub fn with_code(code: u16, message: impl Into<Cow<'static, str>>) -> Self {
         Self { code, message: message.into() }
     }
@@ -56,23 +72,201 @@ impl HandlerError {
     }
 }
 
-/// A compile-time dispatch table, normally written with [`routes!`](crate::routes).
-pub trait Routes: Send + Sync + 'static {
+/// A service: the value a server is started with ([`ServerBuilder::start`]).
+///
+/// It holds what every core shares (configuration, clients, pools: `Send + Sync`), and makes
+/// each worker's own state ([`local`](Self::local), called once on each worker thread, so it
+/// needs neither `Send` nor a lock: use `Cell`/`RefCell` in it). Handlers reach both through
+/// their [`Ctx`].
+///
+/// A table declared without `for` (`routes! { Name { … } }`) is itself a stateless service.
+///
+/// [`ServerBuilder::start`]: crate::ServerBuilder::start
+pub trait Service: Send + Sync + Sized + 'static {
+    /// The command table, declared with [`routes!`](crate::routes)` { Table for Self { … } }`.
+    type Routes: Routes<Self>;
+    /// Per-core state, made on each worker thread by [`local`](Self::local).
+    type Local: 'static;
+
+    /// Makes the state of worker `core` (0-based), on that worker's thread.
+    fn local(&self, core: usize) -> Self::Local;
+}
+
+/// A compile-time dispatch table for the service `S`, normally written with
+/// [`routes!`](crate::routes).
+pub trait Routes<S: Service>: 'static {
     /// The cmdids this table answers, in declaration order.
     const CMDIDS: &'static [u32];
 
     /// Runs the handler for `cmdid`; `None` when the table has no such command.
-    fn call(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult>;
+    fn call(
+        cmdid: u32,
+        ctx: &Ctx<'_, S>,
+        request: &Request<'_, '_>,
+        responder: Responder<'_>,
+    ) -> Option<HandlerResult>;
+}
+
+/// What a handler sees besides its request: the service, this core's state, the core's
+/// index and counters, and where to run async and blocking work.
+pub struct Ctx<'a, S: Service> {
+    service: &'a std::sync::Arc<S>,
+    local: &'a S::Local,
+    core: &'a CoreContext,
+}
+
+impl<'a, S: Service> Ctx<'a, S> {
+    pub(crate) fn new(service: &'a std::sync::Arc<S>, local: &'a S::Local, core: &'a CoreContext) -> Self {
+        Self { service, local, core }
+    }
+
+    /// The service value the server was started with (shared by every core).
+    pub fn service(&self) -> &'a S {
+        self.service
+    }
+
+    /// The service value as a shared handle, to move into async or blocking work.
+    pub fn service_arc(&self) -> std::sync::Arc<S> {
+        self.service.clone()
+    }
+
+    /// This core's state (made by [`Service::local`] on this worker thread).
+    pub fn local(&self) -> &'a S::Local {
+        self.local
+    }
+
+    /// Index of the core (worker thread) serving this request.
+    pub fn core(&self) -> usize {
+        self.core.core()
+    }
+
+    /// The counters of every core of this server.
+    pub fn stats(&self) -> &'a StatsRegistry {
+        self.core.stats()
+    }
+
+    /// Answers `deferred` with what `work` returns, run as a tokio task: on this core's own
+    /// runtime on the tokio backends, on the server's async runtime on `uring` (see
+    /// [`exec`](crate::exec)). The core goes on serving while it runs. If the request set
+    /// `timeout_ms`, the task is dropped when it passes (the caller gets a 504).
+    pub fn spawn<T, F>(&self, deferred: Deferred, work: F)
+    where
+        T: serde::Serialize + Send + 'static,
+        F: std::future::Future<Output = Result<T, HandlerError>> + Send + 'static,
+    {
+        self.core.executors().async_handle().spawn(async move {
+            match deferred.deadline() {
+                Some(at) => match tokio::time::timeout_at(at.into(), work).await {
+                    Ok(result) => deferred.finish(result),
+                    Err(_) => deferred.expire(),
+                },
+                None => deferred.finish(work.await),
+            }
+        });
+    }
+
+    /// Answers `deferred` with what `work` returns, run on the server's bounded blocking pool
+    /// (CPU-heavy or blocking work: image processing, a synchronous library). When the
+    /// pool's queue is full the request is answered 503 at once; when the request's
+    /// `timeout_ms` passes before a thread takes the job, the job is skipped (the caller got
+    /// a 504). A panic in `work` answers 500.
+    pub fn spawn_blocking<T, F>(&self, deferred: Deferred, work: F)
+    where
+        T: serde::Serialize + 'static,
+        F: FnOnce() -> Result<T, HandlerError> + Send + 'static,
+    {
+        let work = Box::new(move |deferred: Deferred| {
+            let cmdid = deferred.cmdid();
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+                Ok(result) => deferred.finish(result),
+                Err(_) => {
+                    tracing::error!(cmdid, "blocking work panicked");
+                    deferred.error(HandlerError::internal(format!("handler for cmdid {cmdid} panicked")));
+                }
+            }
+        });
+        self.core.executors().run_blocking(crate::exec::Job { deferred, work });
+    }
+}
+
+/// Marker types that tell the handler shapes apart (see [`Handler`]).
+pub mod shape {
+    /// `fn(&Request, Reply) -> HandlerResult`.
+    #[derive(Debug)]
+    pub struct Plain;
+    /// `fn(&Ctx<S>, &Request, Reply) -> HandlerResult`.
+    #[derive(Debug)]
+    pub struct WithCtx;
+    /// `fn(&Ctx<S>, &Request, Deferred) -> HandlerResult`.
+    #[derive(Debug)]
+    pub struct Deferring;
+}
+
+/// A function [`routes!`](crate::routes) can put in a table of service `S`; `Shape` is one
+/// of the [`shape`] markers, inferred from the function's signature.
+pub trait Handler<S: Service, Shape> {
+    /// Runs the handler.
+    fn call(&self, ctx: &Ctx<'_, S>, request: &Request<'_, '_>, responder: Responder<'_>) -> HandlerResult;
+}
+
+impl<S: Service, F> Handler<S, shape::Plain> for F
+where
+    F: Fn(&Request<'_, '_>, Reply<'_>) -> HandlerResult,
+{
+    #[inline]
+    fn call(&self, _: &Ctx<'_, S>, request: &Request<'_, '_>, responder: Responder<'_>) -> HandlerResult {
+        self(request, responder.reply())
+    }
+}
+
+impl<S: Service, F> Handler<S, shape::WithCtx> for F
+where
+    F: Fn(&Ctx<'_, S>, &Request<'_, '_>, Reply<'_>) -> HandlerResult,
+{
+    #[inline]
+    fn call(&self, ctx: &Ctx<'_, S>, request: &Request<'_, '_>, responder: Responder<'_>) -> HandlerResult {
+        self(ctx, request, responder.reply())
+    }
+}
+
+impl<S: Service, F> Handler<S, shape::Deferring> for F
+where
+    F: Fn(&Ctx<'_, S>, &Request<'_, '_>, Deferred) -> HandlerResult,
+{
+    #[inline]
+    fn call(&self, ctx: &Ctx<'_, S>, request: &Request<'_, '_>, responder: Responder<'_>) -> HandlerResult {
+        let deferred = responder.defer(request);
+        self(ctx, request, deferred)
+    }
+}
+
+/// Runs `handler` as the table's entry (what [`routes!`](crate::routes) expands to).
+#[doc(hidden)]
+#[inline(always)]
+pub fn call_handler<S: Service, Shape, H: Handler<S, Shape>>(
+    handler: H,
+    ctx: &Ctx<'_, S>,
+    request: &Request<'_, '_>,
+    responder: Responder<'_>,
+) -> HandlerResult {
+    handler.call(ctx, request, responder)
 }
 
 /// A table with no commands: a server that answers only the built-ins.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoRoutes;
 
-impl Routes for NoRoutes {
+impl Service for NoRoutes {
+    type Routes = NoRoutes;
+    type Local = ();
+
+    fn local(&self, _: usize) {}
+}
+
+impl Routes<NoRoutes> for NoRoutes {
     const CMDIDS: &'static [u32] = &[];
 
-    fn call(_: u32, _: &Request<'_, '_>, _: Reply<'_>) -> Option<HandlerResult> {
+    fn call(_: u32, _: &Ctx<'_, NoRoutes>, _: &Request<'_, '_>, _: Responder<'_>) -> Option<HandlerResult> {
         None
     }
 }
@@ -97,6 +291,11 @@ pub const fn check_cmdids(cmdids: &[u32]) {
 
 /// Declares a static dispatch table: a unit struct implementing [`Routes`].
 ///
+/// `routes! { Name { cmdid => handler, … } }` declares a stateless service: `Name` is both the
+/// table and the [`Service`] a server starts with (`start(Name)`). Its handlers take
+/// `(&Request, Reply)`, or `(&Ctx<Name>, &Request, Reply)`, or `(&Ctx<Name>, &Request,
+/// Deferred)`.
+///
 /// ```
 /// use ringcall::{HandlerResult, Reply, Request};
 ///
@@ -114,6 +313,31 @@ pub const fn check_cmdids(cmdids: &[u32]) {
 /// }
 /// ```
 ///
+/// `routes! { Table for MyService { … } }` declares the table of a service with state; the
+/// service names it as its `Routes`:
+///
+/// ```
+/// use std::cell::Cell;
+/// use ringcall::{Ctx, HandlerResult, Reply, Request, Service};
+///
+/// struct Counter { step: u64 }
+///
+/// impl Service for Counter {
+///     type Routes = CounterRoutes;
+///     type Local = Cell<u64>;
+///     fn local(&self, _core: usize) -> Cell<u64> { Cell::new(0) }
+/// }
+///
+/// fn bump(ctx: &Ctx<'_, Counter>, _req: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
+///     let n = ctx.local().get() + ctx.service().step;
+///     ctx.local().set(n);
+///     reply.u64(n);
+///     Ok(())
+/// }
+///
+/// ringcall::routes! { CounterRoutes for Counter { 2000 => bump } }
+/// ```
+///
 /// A duplicate cmdid does not compile:
 ///
 /// ```compile_fail
@@ -129,32 +353,60 @@ pub const fn check_cmdids(cmdids: &[u32]) {
 /// # fn a(_: &Request<'_, '_>, _: Reply<'_>) -> HandlerResult { Ok(()) }
 /// ringcall::routes! { Reserved { 7 => a } }
 /// ```
+///
+/// Nor does a function of no handler shape:
+///
+/// ```compile_fail
+/// # use ringcall::{HandlerResult, Reply, Request};
+/// fn wrong(_: &Request<'_, '_>) -> HandlerResult { Ok(()) }
+/// ringcall::routes! { Wrong { 2000 => wrong } }
+/// ```
 #[macro_export]
 macro_rules! routes {
+    ($(#[$meta:meta])* $vis:vis $name:ident for $service:ty { $($cmdid:literal => $handler:path),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, Default)]
+        $vis struct $name;
+
+        $crate::routes!(@table $name, $service, $($cmdid => $handler),*);
+    };
     ($(#[$meta:meta])* $vis:vis $name:ident { $($cmdid:literal => $handler:path),* $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, Default)]
         $vis struct $name;
 
-        impl $crate::dispatch::Routes for $name {
+        impl $crate::dispatch::Service for $name {
+            type Routes = $name;
+            type Local = ();
+
+            fn local(&self, _core: usize) {}
+        }
+
+        $crate::routes!(@table $name, $name, $($cmdid => $handler),*);
+    };
+    (@table $name:ident, $service:ty, $($cmdid:literal => $handler:path),*) => {
+        impl $crate::dispatch::Routes<$service> for $name {
             const CMDIDS: &'static [u32] = &[$($cmdid),*];
 
             #[inline]
             #[deny(unreachable_patterns)]
             fn call(
                 cmdid: u32,
+                ctx: &$crate::dispatch::Ctx<'_, $service>,
                 request: &$crate::Request<'_, '_>,
-                reply: $crate::Reply<'_>,
+                responder: $crate::protocol::Responder<'_>,
             ) -> ::core::option::Option<$crate::HandlerResult> {
                 match cmdid {
-                    $($cmdid => ::core::option::Option::Some($handler(request, reply)),)*
+                    $($cmdid => ::core::option::Option::Some(
+                        $crate::dispatch::call_handler($handler, ctx, request, responder)
+                    ),)*
                     _ => ::core::option::Option::None,
                 }
             }
         }
 
         const _: () = $crate::dispatch::check_cmdids(
-            <$name as $crate::dispatch::Routes>::CMDIDS,
+            <$name as $crate::dispatch::Routes<$service>>::CMDIDS,
         );
     };
 }

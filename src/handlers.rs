@@ -1,11 +1,9 @@
 //! The built-in commands. `ping` (0) and `stats` (1) are answered by every ringcall server
-//! (cmdids below [`RESERVED_BELOW`] are reserved for them);
+//! (cmdids below [`RESERVED_BELOW`](crate::dispatch::RESERVED_BELOW) are reserved for them);
 //! [`echo`] is the shipped server's cmdid 10000 (tornado-TCP's `TEST_CMDID`), and any table
 //! can route it.
 
-use std::marker::PhantomData;
-
-use crate::dispatch::{HandlerResult, RESERVED_BELOW, Routes};
+use crate::dispatch::HandlerResult;
 use crate::protocol::{ObjectWriter, Reply, Request};
 use crate::stats::{COUNTED_CODES, StatsSnapshot};
 
@@ -15,24 +13,6 @@ pub const PING: u32 = 0;
 pub const STATS: u32 = 1;
 /// cmdid of [`echo`] in the shipped server.
 pub const ECHO: u32 = 10000;
-
-/// A user's table `R` with the built-in commands in front of it: what every server
-/// dispatches through. The protocol core knows only [`Routes`]; the server composes this.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WithBuiltins<R>(PhantomData<R>);
-
-impl<R: Routes> Routes for WithBuiltins<R> {
-    const CMDIDS: &'static [u32] = R::CMDIDS;
-
-    #[inline]
-    fn call(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
-        if cmdid < RESERVED_BELOW {
-            call_builtin(cmdid, request, reply)
-        } else {
-            R::call(cmdid, request, reply)
-        }
-    }
-}
 
 /// Runs the built-in command `cmdid`, if there is one.
 pub(crate) fn call_builtin(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'_>) -> Option<HandlerResult> {
@@ -75,7 +55,12 @@ fn write_snapshot(object: &mut ObjectWriter<'_>, s: &StatsSnapshot) {
         .u64("rejected_connections", s.rejected_connections)
         .u64("backpressure_pauses", s.backpressure_pauses)
         .u64("idle_timeouts", s.idle_timeouts)
-        .u64("line_timeouts", s.line_timeouts);
+        .u64("line_timeouts", s.line_timeouts)
+        .u64("deferred", s.deferred)
+        .u64("deferred_pending", s.deferred_pending)
+        .u64("deferred_abandoned", s.deferred_abandoned)
+        .u64("deadline_expired", s.deadline_expired)
+        .u64("late_replies", s.late_replies);
     let mut replies = object.object("replies");
     let mut digits = itoa::Buffer::new();
     for (code, count) in COUNTED_CODES.iter().zip(s.replies) {
@@ -86,6 +71,6 @@ fn write_snapshot(object: &mut ObjectWriter<'_>, s: &StatsSnapshot) {
 
 /// `10000`: replies with the request's `params`, unchanged.
 pub fn echo(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
-    reply.value(request.params());
+    reply.value(request.params_value());
     Ok(())
 }

@@ -21,7 +21,7 @@
 //! }
 //!
 //! fn main() -> Result<(), ringcall::ServerError> {
-//!     let server = Server::builder().addr("127.0.0.1:8889").start::<Greeter>()?;
+//!     let server = Server::builder().addr("127.0.0.1:8889").start(Greeter)?;
 //!     server.wait()
 //! }
 //! ```
@@ -34,7 +34,11 @@
 //!   [`protocol::connection`] holds every rule of a connection — backpressure, deadlines,
 //!   FIN and linger, draining, the connection limit — as one state machine every backend
 //!   drives.
-//! - [`dispatch`]: the [`Routes`] trait and the [`routes!`] macro (compile-time tables).
+//! - [`dispatch`]: services ([`Service`]: shared and per-core state), the [`Routes`] trait,
+//!   the [`routes!`] macro (compile-time tables), the handler shapes and their [`Ctx`].
+//! - [`protocol::deferred`]: replies answered later ([`Deferred`]), kept in request order.
+//! - [`exec`]: where async and blocking handler work runs (a tokio runtime, a bounded
+//!   blocking pool).
 //! - [`handlers`]: the built-in commands (ping, stats, echo) and
 //!   [`WithBuiltins`](handlers::WithBuiltins), which puts them in front of a table.
 //! - [`stats`]: per-core counters (and per command: replies by code, handler time), merged
@@ -61,6 +65,7 @@ pub mod backend;
 pub mod bench_support;
 pub mod client;
 pub mod dispatch;
+pub mod exec;
 pub mod handlers;
 pub mod metrics;
 pub mod protocol;
@@ -68,7 +73,12 @@ pub mod server;
 mod signals;
 pub mod stats;
 
-pub use dispatch::{Handler, HandlerError, HandlerResult, NoRoutes, Routes};
-pub use protocol::{Reply, Request};
+pub use dispatch::{Ctx, Handler, HandlerError, HandlerResult, NoRoutes, Routes, Service};
+pub use protocol::{Deferred, Reply, Request};
 pub use server::{Backend, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper};
 pub use simd_json;
+
+/// The README's Rust examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}

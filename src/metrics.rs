@@ -45,7 +45,7 @@ type PerCore = fn(&StatsSnapshot) -> u64;
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let cores: Vec<StatsSnapshot> = self.0.per_core().collect();
-        let counters: [(&str, &str, PerCore); 9] = [
+        let counters: [(&str, &str, PerCore); 13] = [
             ("connections_accepted", "Connections accepted.", |s| s.connections_total),
             ("connections_closed", "Connections closed.", |s| s.connections_closed),
             ("connections_refused", "Connections refused with a 503 because their core was full.", |s| {
@@ -61,6 +61,16 @@ impl Collector for Scrape {
             ),
             ("idle_timeouts", "Connections closed by the idle timeout.", |s| s.idle_timeouts),
             ("line_timeouts", "Connections closed by the line timeout.", |s| s.line_timeouts),
+            ("deferred_replies", "Replies deferred by their handlers.", |s| s.deferred),
+            (
+                "deferred_abandoned",
+                "Deferred replies whose connection closed before they were answered.",
+                |s| s.deferred_abandoned,
+            ),
+            ("deadline_expired", "Requests answered 504 because their timeout_ms passed first.", |s| {
+                s.deadline_expired
+            }),
+            ("late_replies", "Deferred answers dropped because a 504 was sent first.", |s| s.late_replies),
         ];
         for (name, help, read) in counters {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -78,6 +88,16 @@ impl Collector for Scrape {
         for (core, snapshot) in cores.iter().enumerate() {
             let labels = [("core", core.to_string())];
             ConstGauge::new(snapshot.connections_open as i64).encode(open.encode_family(&labels)?)?;
+        }
+        let mut pending = encoder.encode_descriptor(
+            "deferred_pending",
+            "Deferred replies not answered yet.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (core, snapshot) in cores.iter().enumerate() {
+            let labels = [("core", core.to_string())];
+            ConstGauge::new(snapshot.deferred_pending as i64).encode(pending.encode_family(&labels)?)?;
         }
         let mut replies =
             encoder.encode_descriptor("replies", "Replies sent, by code.", None, MetricType::Counter)?;

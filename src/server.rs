@@ -11,8 +11,9 @@ use std::time::Duration;
 pub use crate::backend::Backend;
 use crate::backend::worker::{StopSignal, WorkerConfig, WorkerError, WorkerSetup};
 use crate::backend::{self, sys};
-use crate::dispatch::Routes;
-use crate::handlers::{self, WithBuiltins};
+use crate::dispatch::{Routes, Service};
+use crate::exec::{ExecConfig, Executors};
+use crate::handlers;
 use crate::protocol::Limits;
 use crate::signals;
 use crate::stats::StatsRegistry;
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     /// Begin a graceful shutdown at the first SIGINT or SIGTERM, and exit with status 130 at
     /// a second one (see [`ServerBuilder::handle_signals`]).
     pub handle_signals: bool,
+    /// The async runtime and blocking pool of handlers that use them.
+    pub exec: ExecConfig,
 }
 
 /// The default listen address.
@@ -50,6 +53,7 @@ impl Default for ServerConfig {
             pin_threads: true,
             shutdown_timeout: Duration::from_secs(10),
             handle_signals: true,
+            exec: ExecConfig::default(),
         }
     }
 }
@@ -123,7 +127,7 @@ pub struct ServerBuilder {
     addr: Option<String>,
 }
 
-/// Entry point: `Server::builder()…start::<Routes>()`.
+/// Entry point: `Server::builder()…start(service)`.
 #[derive(Debug)]
 pub struct Server;
 
@@ -189,6 +193,33 @@ impl ServerBuilder {
         self
     }
 
+    /// Deferred replies one connection may have pending before reading from it pauses.
+    pub fn max_deferred(mut self, replies: usize) -> Self {
+        self.config.limits.max_deferred = replies.max(1);
+        self
+    }
+
+    /// Threads of the async runtime that runs async handler work on `uring` (default: one
+    /// per worker); the tokio backends run it on each core's own runtime.
+    pub fn async_threads(mut self, threads: usize) -> Self {
+        self.config.exec.async_threads = threads;
+        self
+    }
+
+    /// Threads of the blocking pool ([`Ctx::spawn_blocking`](crate::Ctx::spawn_blocking);
+    /// default: one per CPU).
+    pub fn blocking_threads(mut self, threads: usize) -> Self {
+        self.config.exec.blocking_threads = threads;
+        self
+    }
+
+    /// Jobs that may wait for a blocking thread; beyond, a job is answered 503 (default
+    /// 1024).
+    pub fn blocking_queue(mut self, jobs: usize) -> Self {
+        self.config.exec.blocking_queue = jobs;
+        self
+    }
+
     /// The I/O driver.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
@@ -221,11 +252,13 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds, starts one worker per core and returns once every worker is serving.
+    /// Binds, starts one worker per core serving `service` and returns once every worker is
+    /// serving. Each worker makes its own state with [`Service::local`] on its thread.
     ///
     /// # Errors
     /// The address cannot be resolved or bound, or the backend cannot be set up here.
-    pub fn start<R: Routes>(mut self) -> Result<ServerHandle, ServerError> {
+    pub fn start<S: Service>(mut self, service: S) -> Result<ServerHandle, ServerError> {
+        let service = Arc::new(service);
         if let Some(addr) = self.addr.take() {
             self.config.addr = resolve(&addr)?;
         }
@@ -248,9 +281,12 @@ impl ServerBuilder {
             threads,
             pin_threads: config.pin_threads,
         };
-        let commands: Vec<u32> =
-            [handlers::PING, handlers::STATS].into_iter().chain(R::CMDIDS.iter().copied()).collect();
+        let commands: Vec<u32> = [handlers::PING, handlers::STATS]
+            .into_iter()
+            .chain(<S::Routes as Routes<S>>::CMDIDS.iter().copied())
+            .collect();
         let stats = StatsRegistry::with_commands(threads, &commands);
+        let exec = Executors::new(config.exec, threads);
         let cpus = sys::allowed_cpus();
         let (ready_tx, ready_rx) = mpsc::channel();
         let signals = match config.handle_signals {
@@ -277,12 +313,14 @@ impl ServerBuilder {
                 config: worker_config,
                 stats: stats.clone(),
                 stop: control.clone(),
+                exec: exec.clone(),
                 ready: ready_tx.clone(),
             };
             let backend = config.backend;
+            let service = service.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("ringcall-{core}"))
-                .spawn(move || backend::run::<WithBuiltins<R>>(backend, setup));
+                .spawn(move || backend::run(backend, setup, service));
             match spawned {
                 Ok(worker) => handle.workers.push(worker),
                 Err(source) => {

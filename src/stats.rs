@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The reply codes counted separately; anything else is counted as `other`.
-pub const COUNTED_CODES: [u16; 6] = [0, 400, 404, 413, 500, 503];
+pub const COUNTED_CODES: [u16; 7] = [0, 400, 404, 413, 500, 503, 504];
 
 /// One core's counters. Written only by the owning core.
 #[derive(Debug, Default)]
@@ -26,6 +26,11 @@ pub struct CoreStats {
     backpressure_pauses: AtomicU64,
     idle_timeouts: AtomicU64,
     line_timeouts: AtomicU64,
+    deferred: AtomicU64,
+    deferred_settled: AtomicU64,
+    deferred_abandoned: AtomicU64,
+    deadline_expired: AtomicU64,
+    late_replies: AtomicU64,
     /// Per command: replies by code and handler time (see [`CommandStats`]).
     commands: Commands,
     /// Whether commands are counted and timed: on once metrics are served.
@@ -104,6 +109,36 @@ impl CoreStats {
         bump(&self.line_timeouts, 1);
     }
 
+    /// A handler deferred its reply.
+    #[inline]
+    pub fn deferred(&self) {
+        bump(&self.deferred, 1);
+    }
+
+    /// A deferred reply was answered, expired or abandoned: no longer pending.
+    #[inline]
+    pub fn deferred_settled(&self) {
+        bump(&self.deferred_settled, 1);
+    }
+
+    /// A deferred reply's connection closed before it was answered; its answer is dropped.
+    #[inline]
+    pub fn deferred_abandoned(&self) {
+        bump(&self.deferred_abandoned, 1);
+    }
+
+    /// A request's `timeout_ms` passed before its handler answered: a 504 was sent.
+    #[inline]
+    pub fn deadline_expired(&self) {
+        bump(&self.deadline_expired, 1);
+    }
+
+    /// A deferred answer came after its 504 and was dropped.
+    #[inline]
+    pub fn late_reply(&self) {
+        bump(&self.late_replies, 1);
+    }
+
     /// A copy of the counters.
     pub fn snapshot(&self) -> StatsSnapshot {
         let mut replies = [0; COUNTED_CODES.len() + 1];
@@ -126,6 +161,12 @@ impl CoreStats {
             backpressure_pauses: self.backpressure_pauses.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
             line_timeouts: self.line_timeouts.load(Relaxed),
+            deferred: self.deferred.load(Relaxed),
+            deferred_pending: self.deferred.load(Relaxed).saturating_sub(self.deferred_settled.load(Relaxed)),
+            deferred_settled: self.deferred_settled.load(Relaxed),
+            deferred_abandoned: self.deferred_abandoned.load(Relaxed),
+            deadline_expired: self.deadline_expired.load(Relaxed),
+            late_replies: self.late_replies.load(Relaxed),
         }
     }
 }
@@ -155,6 +196,19 @@ pub struct StatsSnapshot {
     pub idle_timeouts: u64,
     /// Connections closed by `--line-timeout`.
     pub line_timeouts: u64,
+    /// Replies deferred by their handlers since start.
+    pub deferred: u64,
+    /// Deferred replies not answered yet (held in their connections' output).
+    pub deferred_pending: u64,
+    /// Deferred replies answered, expired or abandoned. (Under epoll-mt a reply may be
+    /// deferred on one worker and settled on another, so pending is exact only in the total.)
+    pub deferred_settled: u64,
+    /// Deferred replies whose connection closed first (their answers were dropped).
+    pub deferred_abandoned: u64,
+    /// Requests answered 504 because their `timeout_ms` passed first.
+    pub deadline_expired: u64,
+    /// Deferred answers dropped because a 504 was sent first.
+    pub late_replies: u64,
 }
 
 impl StatsSnapshot {
@@ -178,6 +232,12 @@ impl StatsSnapshot {
         self.backpressure_pauses += other.backpressure_pauses;
         self.idle_timeouts += other.idle_timeouts;
         self.line_timeouts += other.line_timeouts;
+        self.deferred += other.deferred;
+        self.deferred_settled += other.deferred_settled;
+        self.deferred_pending = self.deferred.saturating_sub(self.deferred_settled);
+        self.deferred_abandoned += other.deferred_abandoned;
+        self.deadline_expired += other.deadline_expired;
+        self.late_replies += other.late_replies;
     }
 }
 

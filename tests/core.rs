@@ -3,8 +3,9 @@
 //! replies or a clean close.
 
 use proptest::prelude::*;
-use ringcall::handlers::WithBuiltins;
-use ringcall::protocol::{Flow, Limits, Processor, Session};
+use std::sync::Arc;
+
+use ringcall::protocol::{Flow, Limits, Output, Processor, Session};
 use ringcall::stats::StatsRegistry;
 use ringcall::{HandlerError, HandlerResult, Reply, Request};
 
@@ -21,15 +22,20 @@ ringcall::routes! {
 
 const MAX_LINE: usize = 300;
 
-fn processor() -> Processor<WithBuiltins<CoreRoutes>> {
-    Processor::new(0, StatsRegistry::new(1), Limits { max_line: MAX_LINE, ..Limits::default() })
+fn processor() -> Processor<CoreRoutes> {
+    Processor::new(
+        0,
+        Arc::new(CoreRoutes),
+        StatsRegistry::new(1),
+        Limits { max_line: MAX_LINE, ..Limits::default() },
+    )
 }
 
 /// Feeds `stream` split at `cuts` (sorted offsets) and returns the output and the last flow.
 fn run(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
     let mut p = processor();
     let mut session = Session::new();
-    let mut out = Vec::new();
+    let mut out = Output::default();
     let mut flow = Flow::Continue;
     let mut start = 0;
     for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
@@ -40,7 +46,7 @@ fn run(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
             break;
         }
     }
-    (out, flow)
+    (out.ready_bytes().to_vec(), flow)
 }
 
 const SAMPLES: &[&str] = &[
@@ -109,23 +115,25 @@ fn a_deeply_nested_document_is_rejected_not_overflowed() {
     line.push_str(&"[".repeat(depth));
     line.push_str(&"]".repeat(depth));
     line.push_str("}}\n");
-    let mut p = Processor::<WithBuiltins<CoreRoutes>>::new(
+    let mut p = Processor::new(
         0,
+        Arc::new(CoreRoutes),
         StatsRegistry::new(1),
         Limits { max_line: 1 << 20, ..Limits::default() },
     );
-    let mut out = Vec::new();
+    let mut out = Output::default();
     assert_eq!(p.on_recv_copy(&mut Session::new(), line.as_bytes(), &mut out), Flow::Continue);
-    assert!(out.starts_with(b"{\"code\":400,\"error\":\"invalid JSON"), "{}", String::from_utf8_lossy(&out));
+    let out = out.ready_bytes();
+    assert!(out.starts_with(b"{\"code\":400,\"error\":\"invalid JSON"), "{}", String::from_utf8_lossy(out));
 }
 
 #[test]
 fn an_unterminated_last_line_is_dropped_at_eof() {
     let mut p = processor();
     let mut session = Session::new();
-    let mut out = Vec::new();
+    let mut out = Output::default();
     p.on_recv_copy(&mut session, b"{\"cmdid\":0}\n{\"cmd", &mut out);
-    assert_eq!(out, b"{\"code\":0,\"data\":\"pong\"}\n");
+    assert_eq!(out.ready_bytes(), b"{\"code\":0,\"data\":\"pong\"}\n");
     assert_eq!(session.pending_bytes(), 5);
     assert_eq!(session.finish(), 5);
 }
@@ -133,8 +141,8 @@ fn an_unterminated_last_line_is_dropped_at_eof() {
 #[test]
 fn stats_count_requests_and_replies_by_code() {
     let stats = StatsRegistry::new(1);
-    let mut p = Processor::<WithBuiltins<CoreRoutes>>::new(0, stats.clone(), Limits::default());
-    let mut out = Vec::new();
+    let mut p = Processor::new(0, Arc::new(CoreRoutes), stats.clone(), Limits::default());
+    let mut out = Output::default();
     p.on_recv_copy(&mut Session::new(), b"{\"cmdid\":0}\nx\n{\"cmdid\":5000}\n\n", &mut out);
     let total = stats.total();
     assert_eq!(total.requests, 3);

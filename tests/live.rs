@@ -267,7 +267,7 @@ fn a_port_held_by_a_live_server_is_refused(backend: Backend) {
         .threads(1)
         .pin_threads(false)
         .handle_signals(false)
-        .start::<common::TestRoutes>();
+        .start(common::TestRoutes);
     match second {
         Err(ringcall::ServerError::Listen { addr: refused, source, hint }) => {
             assert_eq!(refused, addr);

@@ -344,6 +344,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             idle_timeout: args.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.001))),
             line_timeout: Duration::from_secs_f64(args.line_timeout.max(0.001)),
             slow_request: args.slow_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+            // The shipped commands answer at once; only services that defer replies need it.
+            max_deferred: ringcall::protocol::DEFAULT_MAX_DEFERRED,
         },
         // `auto` resolved here, so that an error names the backend that failed.
         backend: ringcall::backend::resolve(args.backend),
@@ -351,10 +353,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         // SIGINT/SIGTERM drain the server, a second one exits with 130: the library does it.
         handle_signals: true,
+        // The shipped commands answer at once: no async runtime or blocking pool is started.
+        exec: ringcall::exec::ExecConfig::default(),
     };
     let server = ringcall::ServerBuilder::config(config.clone())
         .addr(args.addr.as_str())
-        .start::<ShippedRoutes>()
+        .start(ShippedRoutes)
         .with_context(|| format!("cannot start the {} server", config.backend))?;
     if let Some(addr) = &args.metrics_addr {
         let metrics = ringcall::metrics::serve(resolve_server(addr)?, server.stats_registry())

@@ -10,7 +10,7 @@ const RINGCALL: &str = env!("CARGO_BIN_EXE_ringcall");
 #[test]
 fn call_prints_replies_and_reads_ndjson_from_stdin() {
     let server = ringcall::Server::builder().addr("127.0.0.1:0").threads(1).pin_threads(false);
-    let server = server.backend(Backend::Epoll).start::<NoRoutes>().unwrap();
+    let server = server.backend(Backend::Epoll).start(NoRoutes).unwrap();
     let addr = server.local_addr().to_string();
     let out = Command::new(RINGCALL).args(["call", "--addr", &addr, "0"]).output().unwrap();
     assert!(out.status.success());
@@ -144,7 +144,7 @@ fn bad_input_gets_one_error_in_the_users_words() {
 #[test]
 fn a_port_in_use_names_the_backend_chosen_and_the_cause_once() {
     let server = ringcall::Server::builder().addr("127.0.0.1:0").threads(1).pin_threads(false);
-    let server = server.backend(Backend::Epoll).start::<NoRoutes>().unwrap();
+    let server = server.backend(Backend::Epoll).start(NoRoutes).unwrap();
     let addr = server.local_addr().to_string();
     let (code, err) = run(&["serve", "--addr", &addr, "--backend", "auto", "--no-pin"]);
     assert_eq!(code, Some(1));
@@ -191,7 +191,7 @@ fn serve_takes_a_host_name_and_logs_without_colour_when_not_on_a_terminal() {
 #[test]
 fn top_shows_a_running_servers_rates_and_stops_after_count() {
     let server = ringcall::Server::builder().addr("127.0.0.1:0").threads(2).pin_threads(false);
-    let server = server.backend(Backend::Epoll).start::<NoRoutes>().unwrap();
+    let server = server.backend(Backend::Epoll).start(NoRoutes).unwrap();
     let addr = server.local_addr();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {

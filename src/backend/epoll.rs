@@ -5,26 +5,27 @@
 use super::Backend;
 use super::tokio_conn::{CoreAccess, CoreIo, serve_connection, serve_worker};
 use super::worker::{WorkerError, WorkerSetup};
-use crate::dispatch::Routes;
+use crate::dispatch::Service;
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// This core's engine, shared by the connection tasks of its runtime (one thread).
-struct LocalCore<R: Routes>(Rc<RefCell<CoreIo<R>>>);
+struct LocalCore<S: Service>(Rc<RefCell<CoreIo<S>>>);
 
-impl<R: Routes> Clone for LocalCore<R> {
+impl<S: Service> Clone for LocalCore<S> {
     fn clone(&self) -> Self {
         Self(self.0.clone())
     }
 }
 
-impl<R: Routes> CoreAccess<R> for LocalCore<R> {
-    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<R>) -> T) -> T {
+impl<S: Service> CoreAccess<S> for LocalCore<S> {
+    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<S>) -> T) -> T {
         f(&mut self.0.borrow_mut())
     }
 }
 
-pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
+pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(source) => {
@@ -32,14 +33,17 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
             return;
         }
     };
-    tokio::task::LocalSet::new().block_on(&runtime, serve::<R>(setup));
+    tokio::task::LocalSet::new().block_on(&runtime, serve::<S>(setup, service));
 }
 
-async fn serve<R: Routes>(setup: WorkerSetup) {
-    serve_worker::<R, _>(
+async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
+    let exec = setup.exec.clone();
+    serve_worker::<S, _>(
         setup,
         1,
-        |core, stats, limits| LocalCore(Rc::new(RefCell::new(CoreIo::new(core, stats, limits)))),
+        |core, stats, limits| {
+            LocalCore(Rc::new(RefCell::new(CoreIo::new(core, service, exec, stats, limits))))
+        },
         |stream, access, drain, guard| {
             tokio::task::spawn_local(async move {
                 serve_connection(stream, access, drain).await;

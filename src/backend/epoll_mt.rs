@@ -13,26 +13,30 @@ use super::Backend;
 use super::sys;
 use super::tokio_conn::{CoreAccess, CoreIo, serve_connection, serve_worker};
 use super::worker::{WorkerError, WorkerSetup};
-use crate::dispatch::Routes;
+use crate::dispatch::Service;
 use crate::protocol::Limits;
 use crate::stats::StatsRegistry;
 
 thread_local! {
-    /// This worker thread's `CoreIo<R>` (type-erased: a thread-local cannot be generic).
+    /// This worker thread's `CoreIo<S>` (type-erased: a thread-local cannot be generic).
     static THREAD_CORE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
 }
 
 /// Finds (or creates) the engine of the worker thread a task runs on.
-struct ThreadCore<R: Routes> {
+struct ThreadCore<S: Service> {
+    service: Arc<S>,
+    exec: Arc<crate::exec::Executors>,
     stats: Arc<StatsRegistry>,
     limits: Limits,
     next_index: Arc<AtomicUsize>,
-    _routes: PhantomData<fn() -> R>,
+    _routes: PhantomData<fn() -> S>,
 }
 
-impl<R: Routes> Clone for ThreadCore<R> {
+impl<S: Service> Clone for ThreadCore<S> {
     fn clone(&self) -> Self {
         Self {
+            service: self.service.clone(),
+            exec: self.exec.clone(),
             stats: self.stats.clone(),
             limits: self.limits,
             next_index: self.next_index.clone(),
@@ -41,20 +45,26 @@ impl<R: Routes> Clone for ThreadCore<R> {
     }
 }
 
-impl<R: Routes> CoreAccess<R> for ThreadCore<R> {
-    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<R>) -> T) -> T {
+impl<S: Service> CoreAccess<S> for ThreadCore<S> {
+    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<S>) -> T) -> T {
         THREAD_CORE.with(|slot| {
             let mut slot = slot.borrow_mut();
             let core = slot.get_or_insert_with(|| {
                 let index = self.next_index.fetch_add(1, Ordering::Relaxed) % self.stats.cores();
-                Box::new(CoreIo::<R>::new(index, self.stats.clone(), self.limits))
+                Box::new(CoreIo::<S>::new(
+                    index,
+                    self.service.clone(),
+                    self.exec.clone(),
+                    self.stats.clone(),
+                    self.limits,
+                ))
             });
-            f(core.downcast_mut::<CoreIo<R>>().expect("one server per runtime thread"))
+            f(core.downcast_mut::<CoreIo<S>>().expect("one server per runtime thread"))
         })
     }
 }
 
-pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
+pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     let threads = setup.config.threads.max(1);
     let cpus = sys::allowed_cpus();
     let pin = setup.config.pin_threads;
@@ -81,18 +91,21 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
     // allocated by a worker that also frees it, so the allocator can give the memory back
     // (a block freed by another thread waits for its owner's next allocation, which an idle
     // accept thread never makes).
-    let server = runtime.spawn(serve::<R>(setup));
+    let server = runtime.spawn(serve::<S>(setup, service));
     if let Err(e) = runtime.block_on(server) {
         tracing::error!("the epoll-mt accept loop failed: {e}");
     }
 }
 
-async fn serve<R: Routes>(setup: WorkerSetup) {
+async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
+    let exec = setup.exec.clone();
     let threads = setup.config.threads.max(1);
-    serve_worker::<R, _>(
+    serve_worker::<S, _>(
         setup,
         threads,
-        |_, stats, limits| ThreadCore::<R> {
+        |_, stats, limits| ThreadCore::<S> {
+            service,
+            exec,
             stats,
             limits,
             next_index: Arc::new(AtomicUsize::new(0)),

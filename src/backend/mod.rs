@@ -25,7 +25,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::dispatch::Routes;
+use std::sync::Arc;
+
+use crate::dispatch::Service;
 use worker::WorkerSetup;
 
 /// The I/O driver that moves bytes for the protocol core.
@@ -154,18 +156,27 @@ pub fn resolve(backend: Backend) -> Backend {
     }
 }
 
+/// For a connection task: resolves once answers to its deferred replies wait in `mailbox`;
+/// never while it has none.
+pub(crate) async fn deferred_ready(mailbox: Option<&crate::protocol::Mailbox>) {
+    match mailbox {
+        Some(mailbox) => std::future::poll_fn(|cx| mailbox.poll_ready(cx)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs one worker thread of `backend` until the server shuts down.
-pub(crate) fn run<R: Routes>(backend: Backend, setup: WorkerSetup) {
+pub(crate) fn run<S: Service>(backend: Backend, setup: WorkerSetup, service: Arc<S>) {
     if let Some(cpu) = setup.cpu
         && let Err(e) = sys::pin_to_cpu(cpu)
     {
         tracing::warn!(core = setup.core, cpu, "cannot pin worker to its CPU: {e}");
     }
     match backend {
-        Backend::Uring | Backend::Auto => uring::run::<R>(setup),
-        Backend::TokioUring => tokio_uring::run::<R>(setup),
-        Backend::Epoll => epoll::run::<R>(setup),
-        Backend::EpollMt => epoll_mt::run::<R>(setup),
+        Backend::Uring | Backend::Auto => uring::run(setup, service),
+        Backend::TokioUring => tokio_uring::run(setup, service),
+        Backend::Epoll => epoll::run(setup, service),
+        Backend::EpollMt => epoll_mt::run(setup, service),
     }
 }
 

@@ -18,26 +18,35 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
 use super::worker::{WorkerError, WorkerSetup};
-use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, sys};
-use crate::dispatch::Routes;
+use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, deferred_ready, sys};
+use crate::dispatch::Service;
 use crate::protocol::{Admission, Connection, Limits, PADDING, Processor, Step};
 use crate::stats::StatsRegistry;
 
 /// One core's protocol engine and its receive buffer.
-pub(crate) struct CoreIo<R: Routes> {
-    pub processor: Processor<R>,
+pub(crate) struct CoreIo<S: Service> {
+    pub processor: Processor<S>,
     pub buf: Box<[u8]>,
 }
 
-impl<R: Routes> CoreIo<R> {
-    pub fn new(core: usize, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
-        Self { processor: Processor::new(core, stats, limits), buf: vec![0; RECV_BUF_SIZE + PADDING].into() }
+impl<S: Service> CoreIo<S> {
+    pub fn new(
+        core: usize,
+        service: Arc<S>,
+        exec: Arc<crate::exec::Executors>,
+        stats: Arc<StatsRegistry>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            processor: Processor::new(core, service, stats, limits).with_executors(exec),
+            buf: vec![0; RECV_BUF_SIZE + PADDING].into(),
+        }
     }
 }
 
 /// How a connection task reaches the [`CoreIo`] of the thread it runs on.
-pub(crate) trait CoreAccess<R: Routes>: Clone + 'static {
-    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<R>) -> T) -> T;
+pub(crate) trait CoreAccess<S: Service>: Clone + 'static {
+    fn with<T>(&self, f: impl FnOnce(&mut CoreIo<S>) -> T) -> T;
 }
 
 /// Counts a worker's open connections so shutdown can wait for them to drain.
@@ -92,7 +101,7 @@ fn tokio_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
 /// the stop signal, then drains. `workers_per_listener` cores share this listener (the
 /// connection limit is per core). `make_access` builds how tasks reach their core's engine;
 /// `spawn` starts a connection task on the backend's runtime.
-pub(crate) async fn serve_worker<R: Routes, A: CoreAccess<R>>(
+pub(crate) async fn serve_worker<S: Service, A: CoreAccess<S>>(
     setup: WorkerSetup,
     workers_per_listener: usize,
     make_access: impl FnOnce(usize, Arc<StatsRegistry>, Limits) -> A,
@@ -186,7 +195,7 @@ pub(crate) struct Drain {
 }
 
 /// Serves one connection until its state machine closes it.
-pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
+pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
     stream: TcpStream,
     access: A,
     drain: Drain,
@@ -214,7 +223,9 @@ pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
         }
         let deadline = conn.poll_timeout();
         let (read, write) = (conn.wants_read(), conn.wants_send());
+        let mailbox = conn.mailbox().cloned();
         let event = tokio::select! {
+            () = deferred_ready(mailbox.as_deref()), if mailbox.is_some() => Wake::Deferred,
             ready = stream.readable(), if read => Wake::Readable(ready.is_ok()),
             ready = stream.writable(), if write => Wake::Writable(ready.is_ok()),
             () = sleep_until(deadline), if deadline.is_some() => Wake::Deadline,
@@ -225,6 +236,7 @@ pub(crate) async fn serve_connection<R: Routes, A: CoreAccess<R>>(
             Wake::Readable(true) => receive(&stream, &mut conn, &access, now),
             Wake::Readable(false) | Wake::Writable(false) => conn.on_error(),
             Wake::Deadline => access.with(|core| conn.on_timeout(now, core.processor.stats())),
+            Wake::Deferred => access.with(|core| conn.on_deferred(now, core.processor.stats())),
             Wake::Writable(true) | Wake::Stop => {}
         }
     }
@@ -237,6 +249,8 @@ enum Wake {
     Writable(bool),
     Deadline,
     Stop,
+    /// Answers to deferred replies arrived.
+    Deferred,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -247,7 +261,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Reads what the kernel holds, while the connection wants to read, into the core's buffer
 /// and feeds it to the connection.
-fn receive<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A, now: Instant) {
+fn receive<S: Service, A: CoreAccess<S>>(
+    stream: &TcpStream,
+    conn: &mut Connection,
+    access: &A,
+    now: Instant,
+) {
     while conn.wants_read() {
         let more = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
             Ok(0) => {
@@ -272,7 +291,7 @@ fn receive<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connectio
 }
 
 /// Writes what the connection owes until done or the socket buffer is full.
-fn flush<R: Routes, A: CoreAccess<R>>(stream: &TcpStream, conn: &mut Connection, access: &A, now: Instant) {
+fn flush<S: Service, A: CoreAccess<S>>(stream: &TcpStream, conn: &mut Connection, access: &A, now: Instant) {
     while let Some(bytes) = conn.start_send() {
         let written = stream.try_write(bytes);
         let progressed = access.with(|core| {

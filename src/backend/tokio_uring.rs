@@ -22,6 +22,7 @@ use std::cell::RefCell;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use slab::Slab;
@@ -31,7 +32,7 @@ use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::worker::{WorkerError, WorkerSetup};
 use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, sys, uring};
-use crate::dispatch::Routes;
+use crate::dispatch::Service;
 use crate::protocol::{Admission, Connection, Limits, PADDING, Processor, State, Step, Timers};
 
 /// How long a read waits for the write in flight before it is issued anyway. Reading only
@@ -42,7 +43,7 @@ use crate::protocol::{Admission, Connection, Limits, PADDING, Processor, State, 
 /// `max_pending_output`, as on every backend.
 const READ_DEFER: std::time::Duration = std::time::Duration::from_millis(1);
 
-pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
+pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     // Runtime::new reports a ring that cannot be created; tokio_uring::start would panic.
     let runtime = match tokio_uring::Runtime::new(&tokio_uring::builder()) {
         Ok(runtime) => runtime,
@@ -52,7 +53,7 @@ pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
             return;
         }
     };
-    runtime.block_on(serve::<R>(setup));
+    runtime.block_on(serve::<S>(setup, service));
 }
 
 /// One connection: its socket, its state machine, and how its tasks wake each other.
@@ -84,8 +85,8 @@ impl Conn {
 }
 
 /// What the tasks of one core share.
-struct Core<R: Routes> {
-    processor: RefCell<Processor<R>>,
+struct Core<S: Service> {
+    processor: RefCell<Processor<S>>,
     conns: RefCell<Slab<Rc<Conn>>>,
     timers: RefCell<Timers<(usize, u32)>>,
     /// Wakes the timer task: a deadline earlier than the one it sleeps for was scheduled.
@@ -96,7 +97,7 @@ struct Core<R: Routes> {
     limits: Limits,
 }
 
-impl<R: Routes> Core<R> {
+impl<S: Service> Core<S> {
     fn schedule(&self, slot: usize, conn: &Conn) {
         if let Some(at) = conn.conn.borrow_mut().reschedule() {
             let earlier = self.timers.borrow().next().is_none_or(|next| at < next);
@@ -108,14 +109,14 @@ impl<R: Routes> Core<R> {
     }
 }
 
-async fn serve<R: Routes>(setup: WorkerSetup) {
-    let WorkerSetup { core: index, listener, config, stats, stop, ready, .. } = setup;
+async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
+    let WorkerSetup { core: index, listener, config, stats, stop, ready, exec, .. } = setup;
     let limits = config.limits;
     let listener = std::net::TcpListener::from(listener);
     let listener_fd = listener.as_raw_fd();
     let listener = TcpListener::from_std(listener);
     let core = Rc::new(Core {
-        processor: RefCell::new(Processor::<R>::new(index, stats, limits)),
+        processor: RefCell::new(Processor::<S>::new(index, service, stats, limits).with_executors(exec)),
         conns: RefCell::new(Slab::new()),
         timers: RefCell::new(Timers::default()),
         timer_changed: Notify::new(),
@@ -192,7 +193,7 @@ async fn serve<R: Routes>(setup: WorkerSetup) {
 }
 
 /// Admits a connection (or refuses it beyond the limit) and starts its tasks.
-fn open<R: Routes>(core: &Rc<Core<R>>, stream: TcpStream) {
+fn open<S: Service>(core: &Rc<Core<S>>, stream: TcpStream) {
     let admission = core.limits.admit(core.conns.borrow().len(), core.processor.borrow().stats());
     if let Admission::Refuse(line) = admission {
         sys::refuse(fd_of(&stream), line);
@@ -238,7 +239,7 @@ async fn write_op(stream: &TcpStream, buf: Vec<u8>, offset: usize) -> (std::io::
 
 /// Serves one connection until its state machine closes it: a read in flight while it wants
 /// to read, a write in flight while it owes bytes, both at once, and the events fed back.
-async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
+async fn serve_connection<S: Service>(core: &Core<S>, slot: usize, conn: &Conn) {
     // Not zeroed: a read touches only the pages it fills, so an idle connection keeps one
     // page of its buffer resident, not all of it (recycled memory would have to be cleared).
     let mut recv_buf = Some(Vec::with_capacity(RECV_BUF_SIZE + PADDING));
@@ -297,6 +298,7 @@ async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
             }
         }
         core.schedule(slot, conn);
+        let mailbox = conn.conn.borrow().mailbox().cloned();
         tokio::select! {
             // A read that completed before a no-op is handled before it.
             biased;
@@ -348,6 +350,9 @@ async fn serve_connection<R: Routes>(core: &Core<R>, slot: usize, conn: &Conn) {
                 }
             }
             () = defer.as_mut(), if read_deferred_until.is_some() => {}
+            () = super::deferred_ready(mailbox.as_deref()), if mailbox.is_some() => {
+                conn.conn.borrow_mut().on_deferred(Instant::now(), core.processor.borrow().stats());
+            }
             () = wake.as_mut() => wake.set(conn.wake.notified()),
         }
     }
@@ -364,7 +369,7 @@ enum Unread {
 }
 
 /// Wakes connections at their deadlines; one task per core.
-async fn fire_timers<R: Routes>(core: Rc<Core<R>>) {
+async fn fire_timers<S: Service>(core: Rc<Core<S>>) {
     loop {
         let next = core.timers.borrow().next();
         match next {
@@ -393,6 +398,10 @@ async fn fire_timers<R: Routes>(core: Rc<Core<R>>) {
             if conn.closed() {
                 conn.end();
             } else {
+                // A deadline may have answered deferred replies with 504s to send.
+                if conn.conn.borrow().wants_send() {
+                    conn.wake.notify_one();
+                }
                 core.schedule(slot, &conn);
             }
         }

@@ -25,7 +25,7 @@ use slab::Slab;
 
 use super::worker::{StopSignal, WorkerError, WorkerSetup};
 use super::{ACCEPT_BACKOFF, AcceptErrorLog, sys};
-use crate::dispatch::Routes;
+use crate::dispatch::Service;
 use crate::protocol::{Admission, CloseReason, Connection, Limits, PADDING, Processor, State, Step, Timers};
 
 /// Usable bytes per pooled receive buffer (each is followed by [`PADDING`] bytes of slack).
@@ -49,6 +49,8 @@ enum Op {
     Wake = 4,
     AcceptRetry = 5,
     Cancel = 6,
+    /// The eventfd of deferred replies answered off the core.
+    Deferred = 7,
 }
 
 impl Op {
@@ -60,6 +62,7 @@ impl Op {
             4 => Op::Wake,
             5 => Op::AcceptRetry,
             6 => Op::Cancel,
+            7 => Op::Deferred,
             _ => return None,
         })
     }
@@ -89,9 +92,9 @@ fn with_total_limit(entry: squeue::Entry, limit: u32) -> squeue::Entry {
 }
 
 /// Starts a worker: sets up its ring, reports readiness, serves until shut down.
-pub(crate) fn run<R: Routes>(setup: WorkerSetup) {
+pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     let ready = setup.ready.clone();
-    match Worker::<R>::new(setup) {
+    match Worker::<S>::new(setup, service) {
         Ok(mut worker) => {
             let _ = ready.send(Ok(()));
             drop(ready);
@@ -264,7 +267,41 @@ struct Conn {
     recv: Recv,
     /// The socket was shut down both ways to end the operations in flight before closing.
     ending: bool,
+    /// Its mailbox (made at its first deferred reply) has this core's waker.
+    waker_set: bool,
     conn: Connection,
+}
+
+/// How answers to deferred replies, completed on any thread, reach this core: the waker of
+/// each connection's mailbox names the connection here and makes the eventfd the ring reads
+/// readable (once per batch: while the list is not empty, the core has a wake-up coming).
+struct DeferredWake {
+    ready: std::sync::Mutex<Vec<(usize, u32)>>,
+    eventfd: sys::EventFd,
+}
+
+/// The waker of one connection's mailbox on a `uring` core.
+struct ConnWaker {
+    slot: usize,
+    generation: u32,
+    core: Arc<DeferredWake>,
+}
+
+impl std::task::Wake for ConnWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let first = {
+            let mut ready = self.core.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            ready.push((self.slot, self.generation));
+            ready.len() == 1
+        };
+        if first {
+            self.core.eventfd.notify();
+        }
+    }
 }
 
 /// The listener's multishot accept.
@@ -278,12 +315,12 @@ enum Accept {
     Stopped,
 }
 
-struct Worker<R: Routes> {
+struct Worker<S: Service> {
     core: usize,
     // Field order matters for drop: the ring goes before the buffers it points into.
     ring: IoUring,
     pool: BufferPool,
-    processor: Processor<R>,
+    processor: Processor<S>,
     listener: OwnedFd,
     stop: Arc<StopSignal>,
     conns: Slab<Conn>,
@@ -293,6 +330,10 @@ struct Worker<R: Routes> {
     send_queue: Vec<usize>,
     completions: Vec<cqueue::Entry>,
     wake_buf: Box<u64>,
+    deferred: Arc<DeferredWake>,
+    deferred_buf: Box<u64>,
+    /// Reused list of connections whose deferred replies were answered.
+    deferred_ready: Vec<(usize, u32)>,
     accept_backoff: Box<Timespec>,
     accept: Accept,
     accept_errors: AcceptErrorLog,
@@ -311,13 +352,14 @@ struct Worker<R: Routes> {
     now: Instant,
 }
 
-impl<R: Routes> Worker<R> {
-    fn new(setup: WorkerSetup) -> Result<Self, WorkerError> {
+impl<S: Service> Worker<S> {
+    fn new(setup: WorkerSetup, service: Arc<S>) -> Result<Self, WorkerError> {
         let unavailable =
             |source: io::Error| WorkerError::IoUringUnavailable { hint: diagnose(&source), source };
         let ring = build_ring().map_err(unavailable)?;
         let pool = BufferPool::new(&ring).map_err(unavailable)?;
-        let processor = Processor::new(setup.core, setup.stats, setup.config.limits);
+        let processor =
+            Processor::new(setup.core, service, setup.stats, setup.config.limits).with_executors(setup.exec);
         let mut worker = Self {
             core: setup.core,
             ring,
@@ -331,6 +373,15 @@ impl<R: Routes> Worker<R> {
             send_queue: Vec::new(),
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
             wake_buf: Box::new(0),
+            deferred: Arc::new(DeferredWake {
+                ready: std::sync::Mutex::new(Vec::new()),
+                eventfd: sys::EventFd::new().map_err(|source| WorkerError::Io {
+                    what: "cannot create the eventfd for deferred replies",
+                    source,
+                })?,
+            }),
+            deferred_buf: Box::new(0),
+            deferred_ready: Vec::new(),
             accept_backoff: Box::new(Timespec::from(ACCEPT_BACKOFF)),
             accept: Accept::Stopped,
             accept_errors: AcceptErrorLog::new(setup.core),
@@ -344,6 +395,7 @@ impl<R: Routes> Worker<R> {
         };
         worker.arm_accept().map_err(unavailable)?;
         worker.arm_wake().map_err(unavailable)?;
+        worker.arm_deferred().map_err(unavailable)?;
         worker.ring.submit().map_err(unavailable)?;
         Ok(worker)
     }
@@ -376,6 +428,31 @@ impl<R: Routes> Worker<R> {
             .build()
             .user_data(user_data(Op::Wake, 0, 0));
         self.push(entry)
+    }
+
+    fn arm_deferred(&mut self) -> io::Result<()> {
+        let fd = self.deferred.eventfd.as_fd().as_raw_fd();
+        let entry = opcode::Read::new(Fd(fd), (&mut *self.deferred_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(user_data(Op::Deferred, 0, 0));
+        self.push(entry)
+    }
+
+    /// Deferred replies were answered: each connection named takes its answers in.
+    fn on_deferred(&mut self) -> io::Result<()> {
+        let mut ready = std::mem::take(&mut self.deferred_ready);
+        std::mem::swap(
+            &mut *self.deferred.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            &mut ready,
+        );
+        for &(slot, generation) in &ready {
+            let Some(c) = self.conns.get_mut(slot).filter(|c| c.generation == generation) else { continue };
+            c.conn.on_deferred(self.now, self.processor.stats());
+            self.drive(slot, false)?;
+        }
+        ready.clear();
+        self.deferred_ready = ready;
+        self.arm_deferred()
     }
 
     fn serve(&mut self) -> io::Result<()> {
@@ -429,6 +506,7 @@ impl<R: Routes> Worker<R> {
             Some(Op::Recv) => self.on_recv(slot, generation, cqe),
             Some(Op::Send) => self.on_send(slot, generation, cqe.result()),
             Some(Op::Wake) => self.begin_shutdown(),
+            Some(Op::Deferred) => self.on_deferred(),
             Some(Op::AcceptRetry) => {
                 if self.accept == Accept::BackingOff {
                     self.arm_accept()?;
@@ -516,6 +594,7 @@ impl<R: Routes> Worker<R> {
             generation: self.next_generation,
             recv: Recv::Off,
             ending: false,
+            waker_set: false,
             conn,
         });
         self.drive(slot, false)
@@ -600,6 +679,15 @@ impl<R: Routes> Worker<R> {
             _ => {}
         }
         let c = &mut self.conns[slot];
+        if !c.waker_set
+            && let Some(mailbox) = c.conn.mailbox()
+        {
+            c.waker_set = true;
+            let waker = ConnWaker { slot, generation: c.generation, core: self.deferred.clone() };
+            mailbox.set_waker(std::task::Waker::from(Arc::new(waker)));
+            // Answers may have come before the waker was set.
+            c.conn.on_deferred(self.now, self.processor.stats());
+        }
         if c.conn.wants_send() {
             self.send_queue.push(slot);
         }

@@ -114,6 +114,8 @@ pub struct WorkerSetup {
     pub stats: Arc<StatsRegistry>,
     /// The stop signal.
     pub stop: Arc<StopSignal>,
+    /// Where handlers' async and blocking work runs (shared by every worker).
+    pub exec: Arc<crate::exec::Executors>,
     /// Reports the end of the worker's set-up: `Ok` once it is serving.
     pub ready: mpsc::Sender<Result<(), WorkerError>>,
 }

@@ -20,9 +20,10 @@
 use std::mem;
 use std::time::{Duration, Instant};
 
+use super::deferred::{Mailbox, Output};
 use super::reply::TOO_MANY_CONNECTIONS;
 use super::session::{Flow, Processor, Session};
-use crate::dispatch::Routes;
+use crate::dispatch::Service;
 use crate::stats::CoreStats;
 
 /// Default longest request line, in bytes, not counting the `\n`.
@@ -31,6 +32,8 @@ pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 pub const DEFAULT_MAX_CONNECTIONS_PER_CORE: usize = 16_384;
 /// Default unsent reply bytes per connection before reading pauses.
 pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Default deferred replies one connection may have pending before reading from it pauses.
+pub const DEFAULT_MAX_DEFERRED: usize = 1024;
 /// Default time a peer may take to finish a line it started.
 pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -57,6 +60,9 @@ pub struct Limits {
     /// Log at warn level every request whose handler runs this long or longer, with its
     /// cmdid, code, core and peer (`None`: never).
     pub slow_request: Option<Duration>,
+    /// Deferred replies one connection may have pending; at this many, reading from it
+    /// pauses until half are answered (so a peer cannot pile up unbounded work).
+    pub max_deferred: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +74,7 @@ impl Default for Limits {
             idle_timeout: None,
             line_timeout: DEFAULT_LINE_TIMEOUT,
             slow_request: None,
+            max_deferred: DEFAULT_MAX_DEFERRED,
         }
     }
 }
@@ -171,14 +178,14 @@ pub struct Connection {
     reading: Reading,
     send: Send,
     session: Session,
-    /// Replies produced and not yet handed to the kernel.
-    out: Vec<u8>,
+    /// Replies produced and not yet handed to the kernel, in request order, with the places
+    /// of deferred replies not answered yet.
+    out: Output,
     /// The bytes handed to the kernel, of which `sent` are sent.
     sending: Vec<u8>,
     sent: usize,
-    /// When the oldest request answered in `out`, and in `sending`, arrived: a batch's time
-    /// in the server, observed when it is sent whole.
-    out_since: Option<Instant>,
+    /// When the oldest request answered in `sending` arrived (for `out`, the output keeps
+    /// it): a batch's time in the server, observed when it is sent whole.
     sending_since: Option<Instant>,
     /// The last time bytes moved either way.
     last_activity: Instant,
@@ -203,10 +210,9 @@ impl Connection {
             reading: Reading::Active,
             send: Send::Idle,
             session: Session::new(),
-            out: Vec::new(),
+            out: Output::default(),
             sending: Vec::new(),
             sent: 0,
-            out_since: None,
             sending_since: None,
             last_activity: now,
             line_started: None,
@@ -221,9 +227,46 @@ impl Connection {
         }
     }
 
-    /// The backend released the socket: counts the connection as closed.
-    pub fn finish(self, stats: &CoreStats) {
+    /// The backend released the socket: counts the connection as closed. Deferred replies
+    /// still pending are abandoned: their answers will be dropped.
+    pub fn finish(mut self, stats: &CoreStats) {
+        self.out.close(stats);
         stats.connection_closed();
+    }
+
+    /// The connection's mailbox for deferred replies, once a handler has deferred one: a
+    /// backend waits on it ([`Mailbox::poll_ready`] or [`Mailbox::set_waker`]) and calls
+    /// [`on_deferred`](Self::on_deferred) when it is ready.
+    pub fn mailbox(&self) -> Option<&std::sync::Arc<Mailbox>> {
+        self.out.mailbox()
+    }
+
+    /// Deferred replies not answered yet.
+    pub fn deferred_pending(&self) -> usize {
+        self.out.pending()
+    }
+
+    /// Deferred replies were answered (the mailbox woke the backend): they join the output
+    /// in request order, with the replies that waited behind them.
+    pub fn on_deferred(&mut self, now: Instant, stats: &CoreStats) {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        if matches!(self.state, State::Closed(_)) {
+            return;
+        }
+        self.out.take_completions(stats);
+        self.resume_if_below(stats, now);
+    }
+
+    /// Resumes reading once the connection holds at most half of `max_pending_output` and
+    /// half of `max_deferred`.
+    fn resume_if_below(&mut self, _stats: &CoreStats, _now: Instant) {
+        if self.reading == Reading::Paused
+            && self.held() <= self.limits.max_pending_output / 2
+            && self.out.pending() <= self.limits.max_deferred / 2
+        {
+            self.reading = Reading::Active;
+        }
     }
 
     /// Whether the logs would name this connection's peer (a slow-request threshold is set,
@@ -250,6 +293,11 @@ impl Connection {
             Send::Idle | Send::InFlight => self.sending.len(),
         };
         self.out.len() + sending - self.sent
+    }
+
+    /// Whether every reply owed was handed to the kernel and sent, deferred ones included.
+    fn output_done(&self) -> bool {
+        !self.send_in_flight() && self.unsent() == 0 && self.out.pending() == 0
     }
 
     /// Reply bytes the connection holds in memory: those not yet handed to the kernel, and the
@@ -286,7 +334,7 @@ impl Connection {
     pub fn wants_send(&self) -> bool {
         self.send == Send::Idle
             && !matches!(self.state, State::Closed(_))
-            && (self.sent < self.sending.len() || !self.out.is_empty())
+            && (self.sent < self.sending.len() || !self.out.ready_is_empty())
     }
 
     /// Whether a send (or a lent buffer) is still with the kernel.
@@ -326,8 +374,7 @@ impl Connection {
             // Everything handed out before is sent: the replies produced since go next.
             self.sending.clear();
             self.sent = 0;
-            mem::swap(&mut self.out, &mut self.sending);
-            self.sending_since = self.out_since.take();
+            self.sending_since = self.out.take_ready(&mut self.sending);
         }
         true
     }
@@ -361,26 +408,22 @@ impl Connection {
             // next batch is waiting in `out`): the emptied buffer is kept, to become `out`
             // when that batch is sent, so a stream of large replies does not grow a buffer
             // from nothing for every batch.
-            if self.out.is_empty() {
+            if self.out.ready_is_empty() {
                 if self.sending.capacity() > OUT_KEEP {
                     self.sending = Vec::new();
                 }
-                if self.out.capacity() > OUT_KEEP {
-                    self.out = Vec::new();
-                }
+                self.out.shrink_ready(OUT_KEEP);
             }
         }
-        if self.reading == Reading::Paused && self.held() <= self.limits.max_pending_output / 2 {
-            self.reading = Reading::Active;
-        }
+        self.resume_if_below(stats, now);
     }
 
     /// `buf[..len]` was received (`buf` extends [`super::PADDING`] bytes past `len`): every
     /// complete request in it is answered into the output. Pauses reading once the connection
     /// holds more than `max_pending_output` reply bytes.
-    pub fn on_recv<R: Routes>(
+    pub fn on_recv<S: Service>(
         &mut self,
-        processor: &mut Processor<R>,
+        processor: &mut Processor<S>,
         buf: &mut [u8],
         len: usize,
         now: Instant,
@@ -396,11 +439,9 @@ impl Connection {
                 return;
             }
         }
-        let produced = self.out.len();
+        self.out.set_now(now);
         let flow = processor.on_recv(&mut self.session, buf, len, &mut self.out);
-        if self.out.len() > produced && self.out_since.is_none() {
-            self.out_since = Some(now);
-        }
+        self.out.mark_ready_since(now);
         if flow == Flow::Close {
             self.state = State::Desynced;
             self.line_started = None;
@@ -412,7 +453,10 @@ impl Connection {
             _ if self.session.partial_line_is_new() => Some(now),
             _ => self.line_started.or(Some(now)),
         };
-        if self.reading == Reading::Active && self.held() > self.limits.max_pending_output {
+        if self.reading == Reading::Active
+            && (self.held() > self.limits.max_pending_output
+                || self.out.pending() >= self.limits.max_deferred)
+        {
             self.reading = Reading::Paused;
             processor.stats().backpressure_pause();
         }
@@ -458,6 +502,15 @@ impl Connection {
 
     /// The next instant [`on_timeout`](Self::on_timeout) has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let own = self.close_deadline();
+        match (own, self.out.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When one of the connection's own deadlines closes it.
+    fn close_deadline(&self) -> Option<Instant> {
         let own = match self.state {
             State::Closed(_) => return None,
             State::Lingering { since } => Some(since + self.limits.line_timeout),
@@ -477,7 +530,15 @@ impl Connection {
     pub fn on_timeout(&mut self, now: Instant, stats: &CoreStats) {
         let span = self.span.clone();
         let _entered = span.enter();
-        if self.poll_timeout().is_none_or(|at| at > now) {
+        if matches!(self.state, State::Closed(_)) {
+            return;
+        }
+        // Requests whose `timeout_ms` passed get their 504 in their place.
+        if self.out.next_deadline().is_some_and(|at| at <= now) {
+            self.out.expire(now, stats);
+            self.resume_if_below(stats, now);
+        }
+        if self.close_deadline().is_none_or(|at| at > now) {
             return;
         }
         let reason = if self.drain_deadline.is_some_and(|at| at <= now) {
@@ -497,7 +558,7 @@ impl Connection {
     /// bytes the kernel holds that were not read yet (`FIONREAD`); it is asked only while
     /// draining, where those bytes are requests still owed a reply.
     pub fn poll(&mut self, now: Instant, unread: impl FnOnce() -> usize) -> Step {
-        let output_done = !self.send_in_flight() && self.unsent() == 0;
+        let output_done = self.output_done();
         match self.state {
             State::Closed(reason) => Step::Close(reason),
             State::PeerClosed if output_done => {
@@ -585,12 +646,41 @@ impl<K: Ord + Copy> Timers<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handlers::WithBuiltins;
     use crate::stats::StatsRegistry;
     use std::sync::Arc;
 
     crate::routes! {
-        Echo { 10000 => crate::handlers::echo }
+        Echo {
+            10000 => crate::handlers::echo,
+            3000 => later,
+            3001 => defer_then_fail,
+        }
+    }
+
+    thread_local! {
+        /// Handles of the replies deferred by `later`, in request order.
+        static HELD: std::cell::RefCell<Vec<crate::Deferred>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn later(
+        _: &crate::Ctx<'_, Echo>,
+        _: &crate::Request<'_, '_>,
+        deferred: crate::Deferred,
+    ) -> crate::HandlerResult {
+        HELD.with(|held| held.borrow_mut().push(deferred));
+        Ok(())
+    }
+
+    fn defer_then_fail(
+        _: &crate::Ctx<'_, Echo>,
+        _: &crate::Request<'_, '_>,
+        _deferred: crate::Deferred,
+    ) -> crate::HandlerResult {
+        Err(crate::HandlerError::bad_request("no such thing"))
+    }
+
+    fn held() -> Vec<crate::Deferred> {
+        HELD.with(|held| std::mem::take(&mut *held.borrow_mut()))
     }
 
     const ECHO_LINE: &[u8] = b"{\"cmdid\":10000,\"params\":{\"x\":\"0123456789\"}}\n";
@@ -598,14 +688,14 @@ mod tests {
 
     struct Fixture {
         stats: Arc<StatsRegistry>,
-        processor: Processor<WithBuiltins<Echo>>,
+        processor: Processor<Echo>,
         t0: Instant,
     }
 
     impl Fixture {
         fn new(limits: Limits) -> (Self, Connection) {
             let stats = StatsRegistry::new(1);
-            let processor = Processor::new(0, stats.clone(), limits);
+            let processor = Processor::new(0, Arc::new(Echo), stats.clone(), limits);
             let t0 = Instant::now();
             let conn = Connection::new(limits, t0, stats.core(0));
             (Self { stats, processor, t0 }, conn)
@@ -647,6 +737,7 @@ mod tests {
             idle_timeout: Some(Duration::from_secs(60)),
             line_timeout: Duration::from_secs(5),
             slow_request: None,
+            max_deferred: 4,
         }
     }
 
@@ -940,5 +1031,130 @@ mod tests {
         // A line started moves the deadline earlier than the one scheduled: scheduled at once.
         f.recv(&mut conn, b"{", 50_000);
         assert_eq!(conn.reschedule(), Some(f.at(55_000)));
+    }
+
+    const LATER_LINE: &[u8] = b"{\"cmdid\":3000,\"id\":7}\n";
+    const PONG: &[u8] = b"{\"code\":0,\"data\":\"pong\"}\n";
+
+    #[test]
+    fn a_deferred_reply_holds_later_replies_back_and_all_leave_in_request_order() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(
+            &mut conn,
+            &[b"{\"cmdid\":0}\n", LATER_LINE, b"{\"cmdid\":0}\n", LATER_LINE, ECHO_LINE].concat(),
+            0,
+        );
+        let [first, second] = <[crate::Deferred; 2]>::try_from(held()).expect("two deferred");
+        // Only what came before the first deferred reply can go.
+        assert_eq!(f.send_all(&mut conn, 1), PONG);
+        assert_eq!(conn.deferred_pending(), 2);
+        assert_eq!(f.total().deferred_pending, 2);
+        // The second answers first: it waits for the first.
+        second.ok(&"b");
+        conn.on_deferred(f.at(2), f.stats.core(0));
+        assert_eq!(f.send_all(&mut conn, 2), b"");
+        first.ok(&"a");
+        conn.on_deferred(f.at(3), f.stats.core(0));
+        assert_eq!(
+            f.send_all(&mut conn, 3),
+            [
+                &b"{\"code\":0,\"id\":7,\"data\":\"a\"}\n"[..],
+                PONG,
+                b"{\"code\":0,\"id\":7,\"data\":\"b\"}\n",
+                ECHO_REPLY
+            ]
+            .concat()
+        );
+        let total = f.total();
+        assert_eq!((total.deferred, total.deferred_pending, total.replies_with(0)), (2, 0, 5));
+        // With nothing pending, replies go straight out again.
+        f.recv(&mut conn, ECHO_LINE, 4);
+        assert_eq!(f.send_all(&mut conn, 4), ECHO_REPLY);
+    }
+
+    #[test]
+    fn a_deadline_answers_504_in_place_and_the_late_answer_is_dropped_and_counted() {
+        let (mut f, mut conn) = Fixture::new(Limits { idle_timeout: None, ..limits() });
+        f.recv(&mut conn, b"{\"cmdid\":3000,\"id\":1,\"timeout_ms\":250}\n{\"cmdid\":0}\n", 1_000);
+        let late = held().pop().expect("deferred");
+        assert_eq!(late.deadline(), Some(f.at(1_250)));
+        assert_eq!(conn.poll_timeout(), Some(f.at(1_250)));
+        conn.on_timeout(f.at(1_249), f.stats.core(0));
+        assert_eq!(f.send_all(&mut conn, 1_249), b"", "not before its deadline");
+        conn.on_timeout(f.at(1_250), f.stats.core(0));
+        assert_eq!(conn.state(), State::Serving, "a request's deadline does not close the connection");
+        assert_eq!(
+            f.send_all(&mut conn, 1_250),
+            [&b"{\"code\":504,\"id\":1,\"error\":\"deadline of 250 ms passed before the handler answered\"}\n"[..], PONG]
+                .concat()
+        );
+        assert_eq!(conn.poll_timeout(), None);
+        late.ok(&"too late");
+        conn.on_deferred(f.at(2_000), f.stats.core(0));
+        assert_eq!(f.send_all(&mut conn, 2_000), b"");
+        let total = f.total();
+        assert_eq!((total.deadline_expired, total.late_replies, total.replies_with(504)), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_dropped_handle_answers_500_and_an_error_returned_at_once_answers_in_place() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &[LATER_LINE, b"{\"cmdid\":3001,\"id\":2}\n", b"{\"cmdid\":0}\n"].concat(), 0);
+        drop(held());
+        conn.on_deferred(f.at(1), f.stats.core(0));
+        assert_eq!(
+            String::from_utf8(f.send_all(&mut conn, 1)).unwrap(),
+            "{\"code\":500,\"id\":7,\"error\":\"handler for cmdid 3000 dropped its reply without answering\"}\n\
+             {\"code\":400,\"id\":2,\"error\":\"no such thing\"}\n\
+             {\"code\":0,\"data\":\"pong\"}\n"
+        );
+        let total = f.total();
+        assert_eq!((total.deferred_pending, total.late_replies), (0, 0));
+        assert_eq!((total.replies_with(500), total.replies_with(400), total.replies_with(0)), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_peer_that_closes_still_gets_its_deferred_replies_before_the_close() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, LATER_LINE, 0);
+        conn.on_peer_closed(f.at(1));
+        assert_eq!(conn.poll(f.at(1), || 0), Step::Wait, "a reply is still owed");
+        held().pop().unwrap().ok(&1);
+        conn.on_deferred(f.at(2), f.stats.core(0));
+        assert_eq!(f.send_all(&mut conn, 2), b"{\"code\":0,\"id\":7,\"data\":1}\n");
+        assert_eq!(conn.poll(f.at(2), || 0), Step::Close(CloseReason::PeerClosed));
+    }
+
+    #[test]
+    fn a_closed_connection_abandons_its_deferred_replies_and_drops_their_answers() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &LATER_LINE.repeat(2), 0);
+        let handles = held();
+        let mailbox = conn.mailbox().expect("a mailbox").clone();
+        conn.on_error();
+        conn.finish(f.stats.core(0));
+        for handle in handles {
+            handle.ok(&"nobody listens");
+        }
+        assert!(!mailbox.has_waker());
+        let total = f.total();
+        assert_eq!((total.deferred_abandoned, total.deferred_pending, total.replies_with(0)), (2, 0, 0));
+    }
+
+    #[test]
+    fn reading_pauses_at_max_deferred_pending_and_resumes_at_half() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &LATER_LINE.repeat(3), 0);
+        assert!(conn.wants_read());
+        f.recv(&mut conn, LATER_LINE, 1);
+        assert!(!conn.wants_read(), "4 pending is the limit");
+        assert_eq!(f.total().backpressure_pauses, 1);
+        let mut handles = held().into_iter();
+        handles.next().unwrap().ok(&0);
+        conn.on_deferred(f.at(2), f.stats.core(0));
+        assert!(!conn.wants_read(), "3 pending is above half");
+        handles.next().unwrap().ok(&1);
+        conn.on_deferred(f.at(3), f.stats.core(0));
+        assert!(conn.wants_read(), "2 pending is half");
     }
 }

@@ -1,19 +1,22 @@
 //! The sans-I/O core: framing ([`frame`]), the parsed request ([`request`]), reply encoding
 //! ([`reply`]), the per-core engine that turns received bytes into reply bytes
-//! ([`session`]), and every rule of a connection ([`connection`]): backpressure, deadlines,
+//! ([`session`]), deferred replies and their ordering ([`deferred`]), and every rule of a connection ([`connection`]): backpressure, deadlines,
 //! half-close, draining. No sockets, no runtime, no clock: every backend drives this same
 //! code, and tests drive it directly.
 
 pub mod connection;
+pub mod deferred;
 pub mod frame;
+mod params;
 pub mod reply;
 pub mod request;
 pub mod session;
 
 pub use connection::{
     Admission, CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE,
-    DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step, Timers,
+    DEFAULT_MAX_DEFERRED, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step, Timers,
 };
+pub use deferred::{Deferred, Mailbox, Output};
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
-pub use session::{Flow, PADDING, Processor, Session};
+pub use session::{Flow, PADDING, Processor, Responder, Session};

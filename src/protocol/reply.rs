@@ -134,7 +134,7 @@ impl fmt::Write for EscapingWriter<'_> {
 }
 
 /// Writes an `"id":…,` member echoing the request's id, if it had one.
-fn write_id(out: &mut Vec<u8>, id: Option<Value<'_, '_>>) {
+pub(crate) fn write_id(out: &mut Vec<u8>, id: Option<Value<'_, '_>>) {
     if let Some(id) = id {
         out.extend_from_slice(b"\"id\":");
         write_value(out, id);
@@ -146,6 +146,13 @@ fn write_id(out: &mut Vec<u8>, id: Option<Value<'_, '_>>) {
 pub(crate) fn begin_ok(out: &mut Vec<u8>, id: Option<Value<'_, '_>>) {
     out.extend_from_slice(b"{\"code\":0,");
     write_id(out, id);
+    out.extend_from_slice(b"\"data\":");
+}
+
+/// [`begin_ok`] with the id already encoded by [`write_id`].
+pub(crate) fn begin_ok_raw(out: &mut Vec<u8>, id: Option<&[u8]>) {
+    out.extend_from_slice(b"{\"code\":0,");
+    out.extend_from_slice(id.unwrap_or_default());
     out.extend_from_slice(b"\"data\":");
 }
 
@@ -170,6 +177,18 @@ pub(crate) fn write_error(
     out.extend_from_slice(digits.format(code).as_bytes());
     out.push(b',');
     write_id(out, id);
+    out.extend_from_slice(b"\"error\":\"");
+    let _ = fmt::write(&mut EscapingWriter(out), message);
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// [`write_error`] with the id already encoded by [`write_id`].
+pub(crate) fn write_error_raw(out: &mut Vec<u8>, code: u16, id: Option<&[u8]>, message: fmt::Arguments<'_>) {
+    out.extend_from_slice(b"{\"code\":");
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(digits.format(code).as_bytes());
+    out.push(b',');
+    out.extend_from_slice(id.unwrap_or_default());
     out.extend_from_slice(b"\"error\":\"");
     let _ = fmt::write(&mut EscapingWriter(out), message);
     out.extend_from_slice(b"\"}\n");

@@ -14,11 +14,21 @@ use crate::stats::StatsRegistry;
 pub struct CoreContext {
     core: usize,
     stats: std::sync::Arc<StatsRegistry>,
+    exec: std::sync::Arc<crate::exec::Executors>,
 }
 
 impl CoreContext {
     pub(crate) fn new(core: usize, stats: std::sync::Arc<StatsRegistry>) -> Self {
-        Self { core, stats }
+        let exec = crate::exec::Executors::new(crate::exec::ExecConfig::default(), stats.cores());
+        Self { core, stats, exec }
+    }
+
+    pub(crate) fn set_executors(&mut self, exec: std::sync::Arc<crate::exec::Executors>) {
+        self.exec = exec;
+    }
+
+    pub(crate) fn executors(&self) -> &crate::exec::Executors {
+        &self.exec
     }
 
     /// Index of the core (worker thread) serving this request.
@@ -38,6 +48,7 @@ impl CoreContext {
 pub struct Request<'t, 'i> {
     cmdid: u32,
     timestamp: Option<i64>,
+    timeout: Option<std::time::Duration>,
     params: Value<'t, 'i>,
     id: Option<Value<'t, 'i>>,
     context: &'t CoreContext,
@@ -54,13 +65,29 @@ impl<'t, 'i> Request<'t, 'i> {
         self.timestamp
     }
 
+    /// The request's `timeout_ms`, when it sent one: how long after the server read the
+    /// request the caller still wants an answer. Past it the reply is a 504.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.timeout
+    }
+
+    /// Deserializes `params` into `T`, borrowing strings from the request where `T` does
+    /// (`&str` fields: zero copy, unless the string had escapes).
+    ///
+    /// # Errors
+    /// A 400 [`HandlerError`](crate::HandlerError) naming the field and what was wrong, e.g.
+    /// `params.user.age: invalid type: string "x", expected u32`.
+    pub fn params<T: serde::Deserialize<'i>>(&self) -> Result<T, crate::HandlerError> {
+        super::params::from_value(self.params)
+    }
+
     /// The request's `id`, when it sent one (a number or a string).
     pub fn id(&self) -> Option<Value<'t, 'i>> {
         self.id
     }
 
-    /// The `params` object (an empty object when the request had none).
-    pub fn params(&self) -> Value<'t, 'i> {
+    /// The `params` object as parsed (an empty object when the request had none).
+    pub fn params_value(&self) -> Value<'t, 'i> {
         self.params
     }
 
@@ -107,6 +134,7 @@ pub(crate) enum EnvelopeError {
     MissingCmdid,
     BadCmdid,
     BadTimestamp,
+    BadTimeout,
     BadParams,
     BadId,
 }
@@ -118,6 +146,7 @@ impl fmt::Display for EnvelopeError {
             Self::MissingCmdid => "missing cmdid",
             Self::BadCmdid => "cmdid must be an integer from 0 to 4294967295",
             Self::BadTimestamp => "timestamp must be an integer",
+            Self::BadTimeout => "timeout_ms must be a non-negative integer (milliseconds)",
             Self::BadParams => "params must be a JSON object",
             Self::BadId => "id must be a number or a string",
         })
@@ -143,12 +172,16 @@ pub(crate) fn decode<'t, 'i>(
     let Some(object) = root.as_object() else {
         return reject(EnvelopeError::NotAnObject, None);
     };
-    let (mut cmdid, mut timestamp, mut params, mut id) = (None, None, None, None);
+    let (mut cmdid, mut timestamp, mut timeout, mut params, mut id) = (None, None, None, None, None);
     let mut first_error = None;
     for (key, value) in object.iter() {
         let outcome = match key {
             "cmdid" => read_cmdid(value).map(|c| cmdid = Some(c)),
             "timestamp" => value.as_i64().map(|t| timestamp = Some(t)).ok_or(EnvelopeError::BadTimestamp),
+            "timeout_ms" => value
+                .as_u64()
+                .map(|ms| timeout = Some(std::time::Duration::from_millis(ms)))
+                .ok_or(EnvelopeError::BadTimeout),
             "params" => match value.as_object() {
                 Some(_) => {
                     params = Some(value);
@@ -176,7 +209,14 @@ pub(crate) fn decode<'t, 'i>(
     let Some(cmdid) = cmdid else {
         return reject(EnvelopeError::MissingCmdid, id);
     };
-    Ok(Request { cmdid, timestamp, params: params.unwrap_or_else(|| empty_params.as_value()), id, context })
+    Ok(Request {
+        cmdid,
+        timestamp,
+        timeout,
+        params: params.unwrap_or_else(|| empty_params.as_value()),
+        id,
+        context,
+    })
 }
 
 fn read_cmdid(value: Value<'_, '_>) -> Result<u32, EnvelopeError> {

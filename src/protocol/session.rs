@@ -6,7 +6,6 @@
 //! buffers with [`PADDING`] readable bytes past the data, which simd-json needs. Only a line
 //! that straddles two receives is copied, into the session's carry buffer.
 
-use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,10 +13,12 @@ use std::time::Instant;
 use simd_json::{Buffers, Tape};
 
 use super::connection::Limits;
+use super::deferred::{Deferred, Output};
 use super::frame::{content_len, find_newline, is_blank};
 use super::reply::{Reply, begin_ok, end_ok, write_error};
-use super::request::{CoreContext, Rejected, decode};
-use crate::dispatch::{HandlerResult, Routes};
+use super::request::{CoreContext, Rejected, Request, decode};
+use crate::dispatch::{Ctx, HandlerResult, RESERVED_BELOW, Routes, Service};
+use crate::handlers::call_builtin;
 use crate::stats::{CoreStats, StatsRegistry};
 
 /// Readable bytes every receive buffer must have past its data (simd-json's SIMD reads).
@@ -79,20 +80,62 @@ impl Session {
     }
 }
 
-/// One core's protocol engine: parser buffers, the reused tape, the dispatch table `R`.
-pub struct Processor<R: Routes> {
+/// How a handler answers: now, into the connection's output ([`reply`](Self::reply)), or
+/// later, through a [`Deferred`] handle that holds the reply's place
+/// ([`defer`](Self::defer)). The [`Handler`](crate::dispatch::Handler) shapes pick one.
+pub struct Responder<'o> {
+    out: &'o mut Output,
+    /// Where the envelope of this reply began in the output's sink.
+    start: usize,
+    stats: &'o CoreStats,
+    deferred: &'o mut bool,
+}
+
+impl<'o> Responder<'o> {
+    /// A responder whose reply's envelope begins at `start` in `out`'s sink; `deferred` is
+    /// set if the handler defers.
+    pub(crate) fn new(
+        out: &'o mut Output,
+        start: usize,
+        stats: &'o CoreStats,
+        deferred: &'o mut bool,
+    ) -> Self {
+        Self { out, start, stats, deferred }
+    }
+
+    /// Answers now: the reply's data goes straight into the connection's output.
+    #[inline]
+    pub fn reply(self) -> Reply<'o> {
+        Reply::new(self.out.sink())
+    }
+
+    /// Answers later: reserves the reply's place in the connection's ordered output and
+    /// returns the handle that completes it.
+    pub fn defer(self, request: &Request<'_, '_>) -> Deferred {
+        self.out.sink().truncate(self.start);
+        *self.deferred = true;
+        self.out.defer(request.cmdid(), request.id(), request.timeout(), self.stats)
+    }
+}
+
+/// One core's protocol engine: parser buffers, the reused tape, the service `S` with this
+/// core's state.
+pub struct Processor<S: Service> {
     buffers: Buffers,
     tape: Tape<'static>,
     empty_params: Tape<'static>,
     context: CoreContext,
     limits: Limits,
     scratch: Vec<u8>,
-    _routes: PhantomData<R>,
+    service: Arc<S>,
+    local: S::Local,
 }
 
-impl<R: Routes> Processor<R> {
-    /// The engine for core `core`, counting into `stats`.
-    pub fn new(core: usize, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
+impl<S: Service> Processor<S> {
+    /// The engine for core `core` of `service`, counting into `stats`. Makes the core's state
+    /// ([`Service::local`]) on the calling thread.
+    pub fn new(core: usize, service: Arc<S>, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
+        let local = service.local(core);
         Self {
             buffers: Buffers::new(4096),
             tape: Tape(Vec::with_capacity(64)),
@@ -100,8 +143,16 @@ impl<R: Routes> Processor<R> {
             context: CoreContext::new(core, stats),
             limits,
             scratch: Vec::new(),
-            _routes: PhantomData,
+            service,
+            local,
         }
+    }
+
+    /// Runs async and blocking handler work on `exec` (the server's) instead of executors
+    /// of this processor's own.
+    pub fn with_executors(mut self, exec: Arc<crate::exec::Executors>) -> Self {
+        self.context.set_executors(exec);
+        self
     }
 
     /// This core's counters.
@@ -120,7 +171,7 @@ impl<R: Routes> Processor<R> {
     /// `buf` must extend at least [`PADDING`] bytes past `len`: those bytes are read (never
     /// kept) by the parser. Lines inside `buf` are parsed in place, which rewrites escaped
     /// strings inside them.
-    pub fn on_recv(&mut self, session: &mut Session, buf: &mut [u8], len: usize, out: &mut Vec<u8>) -> Flow {
+    pub fn on_recv(&mut self, session: &mut Session, buf: &mut [u8], len: usize, out: &mut Output) -> Flow {
         assert!(buf.len() >= len + PADDING, "receive buffers need PADDING bytes of slack");
         self.stats().bytes_in(len);
         if session.desynced {
@@ -165,7 +216,7 @@ impl<R: Routes> Processor<R> {
 
     /// [`on_recv`](Self::on_recv) for bytes without padding: copies them into a padded
     /// scratch buffer first. For tests and callers that do not own their receive buffers.
-    pub fn on_recv_copy(&mut self, session: &mut Session, data: &[u8], out: &mut Vec<u8>) -> Flow {
+    pub fn on_recv_copy(&mut self, session: &mut Session, data: &[u8], out: &mut Output) -> Flow {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         scratch.extend_from_slice(data);
@@ -175,7 +226,7 @@ impl<R: Routes> Processor<R> {
         flow
     }
 
-    fn stash(&mut self, session: &mut Session, rest: &[u8], out: &mut Vec<u8>) -> Flow {
+    fn stash(&mut self, session: &mut Session, rest: &[u8], out: &mut Output) -> Flow {
         if session.carry.len() + rest.len() > self.limits.max_line {
             return self.too_long(session, out);
         }
@@ -184,13 +235,13 @@ impl<R: Routes> Processor<R> {
         Flow::Continue
     }
 
-    fn too_long(&mut self, session: &mut Session, out: &mut Vec<u8>) -> Flow {
+    fn too_long(&mut self, session: &mut Session, out: &mut Output) -> Flow {
         session.carry = Vec::new();
         session.desynced = true;
         self.stats().request();
         self.stats().reply(413);
         let max_line = self.limits.max_line;
-        write_error(out, 413, None, format_args!("request line longer than {max_line} bytes"));
+        write_error(out.sink(), 413, None, format_args!("request line longer than {max_line} bytes"));
         Flow::Close
     }
 
@@ -199,7 +250,7 @@ impl<R: Routes> Processor<R> {
         &mut self,
         buf: &mut [u8],
         len: usize,
-        out: &mut Vec<u8>,
+        out: &mut Output,
         peer: Option<std::net::SocketAddr>,
     ) {
         let len = content_len(&buf[..len]);
@@ -212,53 +263,108 @@ impl<R: Routes> Processor<R> {
             Ok(()) => self.dispatch(&tape, out, peer),
             Err(e) => {
                 write_error(
-                    out,
+                    out.sink(),
                     400,
                     None,
                     format_args!("invalid JSON at byte {}: {}", e.index(), json_error(&e)),
                 );
-                400
+                Some(400)
             }
         };
         self.tape = tape.reset();
-        self.stats().reply(code);
+        if let Some(code) = code {
+            self.stats().reply(code);
+        }
     }
 
-    /// Validates the envelope, runs the handler, encodes the reply. Returns the reply code.
-    fn dispatch(&self, tape: &Tape<'_>, out: &mut Vec<u8>, peer: Option<std::net::SocketAddr>) -> u16 {
+    /// Validates the envelope, runs the handler, encodes the reply. Returns the reply code
+    /// (`None` for a reply deferred: it is counted when it is answered).
+    fn dispatch(&self, tape: &Tape<'_>, out: &mut Output, peer: Option<std::net::SocketAddr>) -> Option<u16> {
         let request = match decode(tape, &self.empty_params, &self.context) {
             Ok(request) => request,
             Err(Rejected { error, id }) => {
-                write_error(out, 400, id, format_args!("{error}"));
-                return 400;
+                write_error(out.sink(), 400, id, format_args!("{error}"));
+                return Some(400);
             }
         };
         let cmdid = request.cmdid();
-        let start = out.len();
-        begin_ok(out, request.id());
-        let data_start = out.len();
+        let sink = out.sink();
+        let start = sink.len();
+        begin_ok(sink, request.id());
+        let data_start = sink.len();
         // Handlers are timed only when something reads the time (metrics served, a slow
-        // request threshold, debug logging): the cheapest requests lose a few per cent to
-        // the per-command lookup and a tenth to the clock reads.
+        // request threshold, debug logging, a deadline): the cheapest requests lose a few
+        // per cent to the per-command lookup and a tenth to the clock reads.
         let metrics = self.stats().times_handlers();
         let debug = tracing::enabled!(tracing::Level::DEBUG);
-        let started = (metrics || debug || self.limits.slow_request.is_some()).then(Instant::now);
+        let timed = metrics || debug || self.limits.slow_request.is_some() || request.timeout().is_some();
+        let started = timed.then(Instant::now);
+        let mut deferred = false;
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Option<HandlerResult> {
-            let reply = Reply::new(out);
-            R::call(cmdid, &request, reply)
+            let responder = Responder { out: &mut *out, start, stats: self.stats(), deferred: &mut deferred };
+            if cmdid < RESERVED_BELOW {
+                call_builtin(cmdid, &request, responder.reply())
+            } else {
+                let ctx = Ctx::new(&self.service, &self.local, &self.context);
+                S::Routes::call(cmdid, &ctx, &request, responder)
+            }
         }));
         let handler_time = started.map(|started| started.elapsed());
-        let code = self.encode_outcome(outcome, &request, out, start, data_start);
+        let code = if deferred {
+            match outcome {
+                // Answered later, through the handle.
+                Ok(Some(Ok(()))) => None,
+                // An error returned at once is the answer; the handle, dropped or not, is
+                // ignored once the slot is answered.
+                outcome => {
+                    let mut line = Vec::new();
+                    let code = self.encode_outcome(outcome, &request, &mut line, 0, 0);
+                    out.answer_last(code, line, self.stats());
+                    None
+                }
+            }
+        } else {
+            let arrived = out.now();
+            let sink = out.sink();
+            // A deadline is also kept by a handler that answers at once: past it, the caller
+            // has given up, and a 504 says so rather than an answer nobody waits for.
+            let expired = match (request.timeout(), arrived, started, handler_time) {
+                (Some(timeout), Some(arrived), Some(started), Some(took)) => {
+                    started + took >= arrived + timeout
+                }
+                _ => false,
+            };
+            if expired {
+                sink.truncate(start);
+                let ms = request.timeout().unwrap_or_default().as_millis();
+                write_error(
+                    sink,
+                    504,
+                    request.id(),
+                    format_args!("deadline of {ms} ms passed before the handler answered"),
+                );
+                self.stats().deadline_expired();
+                Some(504)
+            } else {
+                Some(self.encode_outcome(outcome, &request, sink, start, data_start))
+            }
+        };
         if let Some(handler_time) = handler_time {
-            if metrics && let Some(command) = self.stats().command(cmdid) {
+            if metrics
+                && let Some(code) = code
+                && let Some(command) = self.stats().command(cmdid)
+            {
                 command.record(code, Some(handler_time));
             }
             let core = self.context.core();
             let peer = peer.map(tracing::field::display);
+            // A deferred reply's code is not known yet.
+            let deferred = code.is_none();
+            let code = code.unwrap_or_default();
             if self.limits.slow_request.is_some_and(|slow| handler_time >= slow) {
-                tracing::warn!(cmdid, code, core, peer, ?handler_time, "slow request");
+                tracing::warn!(cmdid, code, deferred, core, peer, ?handler_time, "slow request");
             } else if debug {
-                tracing::debug!(cmdid, code, core, peer, ?handler_time, "request");
+                tracing::debug!(cmdid, code, deferred, core, peer, ?handler_time, "request");
             }
         }
         code

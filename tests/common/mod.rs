@@ -63,9 +63,18 @@ pub fn start_with(
     backend: Backend,
     configure: impl FnOnce(ringcall::ServerBuilder) -> ringcall::ServerBuilder,
 ) -> Option<ServerHandle> {
+    start_service(backend, TestRoutes, configure)
+}
+
+/// [`start_with`] for any service.
+pub fn start_service<S: ringcall::Service>(
+    backend: Backend,
+    service: S,
+    configure: impl FnOnce(ringcall::ServerBuilder) -> ringcall::ServerBuilder,
+) -> Option<ServerHandle> {
     let builder =
         ringcall::Server::builder().addr("127.0.0.1:0").backend(backend).threads(2).pin_threads(false);
-    match configure(builder).start::<TestRoutes>() {
+    match configure(builder).start(service) {
         Ok(server) => Some(server),
         Err(e @ ServerError::Worker(WorkerError::IoUringUnavailable { .. })) => {
             assert!(
