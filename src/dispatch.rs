@@ -165,6 +165,24 @@ impl<'a, S: Service> Ctx<'a, S> {
         });
     }
 
+    /// Appends `bytes` to `file` and answers `deferred` with where they lie
+    /// ([`Appended`](crate::durable::Appended)) once they are on disk: group-committed, on
+    /// this core's ring on `uring`, on the file's own thread elsewhere (see
+    /// [`durable`](crate::durable)). A failed write or sync answers 500.
+    pub fn append(&self, file: &crate::durable::AppendFile, bytes: &[u8], deferred: Deferred) {
+        match self.core.durable_ring() {
+            Some(kicks) => {
+                let shared = file.shared();
+                let mut commit = crate::durable::lock(&shared.commit);
+                commit.append(bytes, deferred);
+                if !commit.busy() && !shared.queued.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    kicks.borrow_mut().push(shared.clone());
+                }
+            }
+            None => file.append_threaded(bytes, deferred),
+        }
+    }
+
     /// Answers `deferred` with what `work` returns, run on the server's bounded blocking pool
     /// (CPU-heavy or blocking work: image processing, a synchronous library). When the
     /// pool's queue is full the request is answered 503 at once; when the request's

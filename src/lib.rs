@@ -37,6 +37,8 @@
 //! - [`dispatch`]: services ([`Service`]: shared and per-core state), the [`Routes`] trait,
 //!   the [`routes!`] macro (compile-time tables), the handler shapes and their [`Ctx`].
 //! - [`protocol::deferred`]: replies answered later ([`Deferred`]), kept in request order.
+//! - [`durable`]: durable appends with group commit ([`durable::AppendFile`]), on the ring on
+//!   `uring`.
 //! - [`exec`]: where async and blocking handler work runs (a tokio runtime, a bounded
 //!   blocking pool).
 //! - [`handlers`]: the built-in commands (ping, stats, echo) and
@@ -65,6 +67,7 @@ pub mod backend;
 pub mod bench_support;
 pub mod client;
 pub mod dispatch;
+pub mod durable;
 pub mod exec;
 pub mod handlers;
 pub mod metrics;

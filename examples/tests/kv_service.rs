@@ -6,29 +6,14 @@
 #[macro_use]
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Client;
-
-/// `cargo test` (without a target filter) builds the package's examples next to its test
-/// binaries.
-fn example(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
-    let path = deps.parent().unwrap().join("examples").join(name);
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("{name}.rs"));
-    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    assert!(
-        modified(&path).is_some_and(|built| modified(&source).is_some_and(|edited| built >= edited)),
-        "{} is missing or older than its source: run the whole `cargo test`, which builds the \
-         examples, or `cargo build --example {name}` first",
-        path.display()
-    );
-    path
-}
+use support::example;
 
 /// Kills the service if the test fails half-way, so it does not outlive the test.
 struct Service(std::process::Child);

@@ -51,6 +51,10 @@ enum Op {
     Cancel = 6,
     /// The eventfd of deferred replies answered off the core.
     Deferred = 7,
+    /// A durable append's write (linked to the sync after it).
+    DurableWrite = 8,
+    /// A durable append's `fdatasync`.
+    DurableSync = 9,
 }
 
 impl Op {
@@ -63,6 +67,8 @@ impl Op {
             5 => Op::AcceptRetry,
             6 => Op::Cancel,
             7 => Op::Deferred,
+            8 => Op::DurableWrite,
+            9 => Op::DurableSync,
             _ => return None,
         })
     }
@@ -334,6 +340,11 @@ struct Worker<S: Service> {
     deferred_buf: Box<u64>,
     /// Reused list of connections whose deferred replies were answered.
     deferred_ready: Vec<(usize, u32)>,
+    /// Files with a durable write and sync in flight on this ring (kept alive until both
+    /// complete: the kernel reads the batch's bytes).
+    durable: Slab<Arc<crate::durable::Shared>>,
+    /// Reused list of files with appends to start.
+    durable_kicks: Vec<Arc<crate::durable::Shared>>,
     accept_backoff: Box<Timespec>,
     accept: Accept,
     accept_errors: AcceptErrorLog,
@@ -358,8 +369,12 @@ impl<S: Service> Worker<S> {
             |source: io::Error| WorkerError::IoUringUnavailable { hint: diagnose(&source), source };
         let ring = build_ring().map_err(unavailable)?;
         let pool = BufferPool::new(&ring).map_err(unavailable)?;
-        let processor =
-            Processor::new(setup.core, service, setup.stats, setup.config.limits).with_executors(setup.exec);
+        let processor = {
+            let mut processor = Processor::new(setup.core, service, setup.stats, setup.config.limits)
+                .with_executors(setup.exec);
+            processor.enable_durable_ring();
+            processor
+        };
         let mut worker = Self {
             core: setup.core,
             ring,
@@ -382,6 +397,8 @@ impl<S: Service> Worker<S> {
             }),
             deferred_buf: Box::new(0),
             deferred_ready: Vec::new(),
+            durable: Slab::new(),
+            durable_kicks: Vec::new(),
             accept_backoff: Box::new(Timespec::from(ACCEPT_BACKOFF)),
             accept: Accept::Stopped,
             accept_errors: AcceptErrorLog::new(setup.core),
@@ -455,8 +472,67 @@ impl<S: Service> Worker<S> {
         self.arm_deferred()
     }
 
+    /// Starts the durable appends handlers made since the last turn: one write of each
+    /// file's batch, linked to one `fdatasync`.
+    fn start_durable(&mut self) -> io::Result<()> {
+        let mut kicks = std::mem::take(&mut self.durable_kicks);
+        self.processor.take_durable_kicks(&mut kicks);
+        for shared in kicks.drain(..) {
+            shared.queued.store(false, Ordering::Relaxed);
+            let io = crate::durable::lock(&shared.commit).poll();
+            if let Some(io) = io {
+                let slot = self.durable.insert(shared);
+                self.submit_durable(slot, io)?;
+            }
+        }
+        self.durable_kicks = kicks;
+        Ok(())
+    }
+
+    fn submit_durable(&mut self, slot: usize, io: crate::durable::WriteAndSync) -> io::Result<()> {
+        let fd = Fd(self.durable[slot].file.as_raw_fd());
+        let write = opcode::Write::new(fd, io.ptr, io.len.try_into().unwrap_or(u32::MAX))
+            .offset(io.offset)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(Op::DurableWrite, slot, 0));
+        let sync = opcode::Fsync::new(fd)
+            .flags(io_uring::types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(user_data(Op::DurableSync, slot, 0));
+        // A link must not be split across submissions: make room for both first.
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < 2 {
+            self.ring.submit()?;
+        }
+        self.push(write)?;
+        self.push(sync)
+    }
+
+    fn on_durable(&mut self, slot: usize, op: Op, res: i32) -> io::Result<()> {
+        let Some(shared) = self.durable.get(slot) else { return Ok(()) };
+        let (next, busy) = {
+            let mut commit = crate::durable::lock(&shared.commit);
+            let next = if op == Op::DurableWrite { commit.on_write(res) } else { commit.on_sync(res) };
+            (next, commit.busy())
+        };
+        match next {
+            Some(io) => self.submit_durable(slot, io),
+            None => {
+                if !busy {
+                    self.durable.remove(slot);
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn serve(&mut self) -> io::Result<()> {
         loop {
+            self.start_durable()?;
             self.queue_sends()?;
             self.pool.publish();
             if self.finished() {
@@ -496,7 +572,11 @@ impl<S: Service> Worker<S> {
     }
 
     fn finished(&self) -> bool {
-        self.drain_deadline.is_some() && self.conns.is_empty() && self.accept == Accept::Stopped
+        // Durable I/O in flight reads its batch's bytes: the worker waits for it.
+        self.drain_deadline.is_some()
+            && self.conns.is_empty()
+            && self.accept == Accept::Stopped
+            && self.durable.is_empty()
     }
 
     fn complete(&mut self, cqe: &cqueue::Entry) -> io::Result<()> {
@@ -507,6 +587,7 @@ impl<S: Service> Worker<S> {
             Some(Op::Send) => self.on_send(slot, generation, cqe.result()),
             Some(Op::Wake) => self.begin_shutdown(),
             Some(Op::Deferred) => self.on_deferred(),
+            Some(op @ (Op::DurableWrite | Op::DurableSync)) => self.on_durable(slot, op, cqe.result()),
             Some(Op::AcceptRetry) => {
                 if self.accept == Accept::BackingOff {
                     self.arm_accept()?;

@@ -155,6 +155,16 @@ impl<S: Service> Processor<S> {
         self
     }
 
+    /// Durable appends run on the backend's ring, which takes the files to drive with
+    /// [`take_durable_kicks`](Self::take_durable_kicks) after each batch of events.
+    pub(crate) fn enable_durable_ring(&mut self) {
+        self.context.enable_durable_ring();
+    }
+
+    pub(crate) fn take_durable_kicks(&self, into: &mut Vec<Arc<crate::durable::Shared>>) {
+        self.context.take_durable_kicks(into);
+    }
+
     /// This core's counters.
     pub fn stats(&self) -> &CoreStats {
         self.context.stats().core(self.context.core())
