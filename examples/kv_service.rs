@@ -6,11 +6,19 @@
 
 use std::cell::Cell;
 
-use ringcall::{HandlerError, HandlerResult, Reply, Request, Server};
+use ringcall::{Ctx, HandlerError, HandlerResult, Reply, Request, Server, Service};
 
-thread_local! {
+/// The service: nothing shared; each core keeps its own counter.
+struct KvService;
+
+impl Service for KvService {
+    type Routes = KvRoutes;
     // Per core, like everything in ringcall: no lock, no shared cache line.
-    static COUNTER: Cell<u64> = const { Cell::new(0) };
+    type Local = Cell<u64>;
+
+    fn local(&self, _core: usize) -> Cell<u64> {
+        Cell::new(0)
+    }
 }
 
 /// 2000: `{"name": "..."}` → `{"greeting": "hello, ..."}`.
@@ -23,19 +31,17 @@ fn greet(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
 }
 
 /// 2001: `{"by": n}` → this core's counter after adding n.
-fn add(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
+fn add(ctx: &Ctx<'_, KvService>, request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     let by = request.param_u64("by").unwrap_or(1);
-    let value = COUNTER.with(|c| {
-        c.set(c.get().wrapping_add(by));
-        c.get()
-    });
-    reply.object().u64("core", request.context().core() as u64).u64("value", value);
+    let counter = ctx.local();
+    counter.set(counter.get().wrapping_add(by));
+    reply.object().u64("core", ctx.core() as u64).u64("value", counter.get());
     Ok(())
 }
 
 ringcall::routes! {
     /// The service's command table, checked at compile time.
-    KvService {
+    KvRoutes for KvService {
         2000 => greet,
         2001 => add,
     }

@@ -136,10 +136,6 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--dir {} is not writable: {e}", args.dir.display()))?;
     let _ = std::fs::remove_file(probe);
     let service = LogService { dir: args.dir.clone(), next_file: AtomicUsize::new(0) };
-    let server =
-        Server::builder().addr(args.addr).backend(args.backend).threads(args.threads).start(service)?;
-    println!("{}", server.local_addr());
-    tracing::info!(addr = %server.local_addr(), backend = %server.backend(), dir = %args.dir.display(), "log_service listening");
-    server.wait()?;
-    Ok(())
+    let builder = Server::builder().addr(args.addr).backend(args.backend).threads(args.threads);
+    ringcall_examples::serve(builder, service, "log_service")
 }

@@ -144,6 +144,12 @@ impl ServerBuilder {
         Self { config, addr: None }
     }
 
+    /// The number of worker threads the server will run: `threads`, or one per usable CPU
+    /// (for a service that sizes per-core state up front).
+    pub fn resolved_threads(&self) -> usize {
+        self.config.resolved_threads().max(1)
+    }
+
     /// Address to listen on, e.g. `127.0.0.1:0` for any free port.
     pub fn addr(mut self, addr: impl Into<String>) -> Self {
         self.addr = Some(addr.into());

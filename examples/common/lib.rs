@@ -11,3 +11,21 @@ pub fn init_logs() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
+
+/// Starts `service`, prints the address it listens on (stdout: what scripts and tests read),
+/// and serves until SIGINT or SIGTERM has drained it.
+///
+/// # Errors
+/// The server cannot start (the address is taken, the backend is unavailable here).
+pub fn serve<S: ringcall::Service>(
+    builder: ringcall::ServerBuilder,
+    service: S,
+    name: &str,
+) -> anyhow::Result<()> {
+    let server = builder.start(service)?;
+    println!("{}", server.local_addr());
+    tracing::info!(addr = %server.local_addr(), backend = %server.backend(), "{name} listening");
+    server.wait()?;
+    tracing::info!("{name} stopped");
+    Ok(())
+}
