@@ -14,13 +14,16 @@
 //!   (where the record lies in its worker's file; `batch`: appends made durable by the same
 //!   sync). A record must be one line (no `\n`).
 //! - 2002 tail `{"n": 10}` → the last `n` records of each file, read on the blocking pool.
+//! - 2003 stats → `{"appends": …, "syncs": …, "bytes": …, "failed": …, "appends_per_sync": …}`
+//!   over every file since start.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
 use ringcall::durable::AppendFile;
-use ringcall::{Backend, Ctx, Deferred, HandlerError, HandlerResult, Request, Server, Service};
+use ringcall::{Backend, Ctx, Deferred, HandlerError, HandlerResult, Reply, Request, Server, Service};
 use serde::Deserialize;
 
 #[derive(Parser)]
@@ -44,6 +47,8 @@ struct LogService {
     dir: PathBuf,
     /// Numbers the files: each worker opens its own, whatever its core index.
     next_file: AtomicUsize,
+    /// Every worker's file, for the stats command (locked only there and at start-up).
+    files: Mutex<Vec<AppendFile>>,
 }
 
 impl Service for LogService {
@@ -53,7 +58,9 @@ impl Service for LogService {
     fn local(&self, _core: usize) -> AppendFile {
         let name = format!("log-{}.log", self.next_file.fetch_add(1, Ordering::Relaxed));
         // The directory was checked writable at start-up.
-        AppendFile::open(self.dir.join(name)).unwrap_or_else(|e| panic!("{e}"))
+        let file = AppendFile::open(self.dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).push(file.clone());
+        file
     }
 }
 
@@ -118,10 +125,33 @@ fn read_tails(dir: &Path, n: usize) -> Result<Vec<FileTail>, HandlerError> {
     Ok(tails)
 }
 
+/// 2003: appends, syncs and bytes of every file, and appends per sync.
+fn stats(ctx: &Ctx<'_, LogService>, _: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
+    let files = ctx.service().files.lock().unwrap_or_else(|e| e.into_inner());
+    let mut total = ringcall::durable::AppendStats::default();
+    for file in files.iter() {
+        let s = file.stats();
+        total.appends += s.appends;
+        total.syncs += s.syncs;
+        total.bytes += s.bytes;
+        total.failed += s.failed;
+    }
+    let per_sync = if total.syncs == 0 { 0.0 } else { total.appends as f64 / total.syncs as f64 };
+    reply
+        .object()
+        .u64("appends", total.appends)
+        .u64("syncs", total.syncs)
+        .u64("bytes", total.bytes)
+        .u64("failed", total.failed)
+        .f64("appends_per_sync", per_sync);
+    Ok(())
+}
+
 ringcall::routes! {
     LogRoutes for LogService {
         2001 => append,
         2002 => tail,
+        2003 => stats,
     }
 }
 
@@ -135,7 +165,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&probe, b"")
         .map_err(|e| anyhow::anyhow!("--dir {} is not writable: {e}", args.dir.display()))?;
     let _ = std::fs::remove_file(probe);
-    let service = LogService { dir: args.dir.clone(), next_file: AtomicUsize::new(0) };
+    let service =
+        LogService { dir: args.dir.clone(), next_file: AtomicUsize::new(0), files: Mutex::new(Vec::new()) };
     let builder = Server::builder().addr(args.addr).backend(args.backend).threads(args.threads);
     ringcall_examples::serve(builder, service, "log_service")
 }

@@ -140,13 +140,3 @@ fn main() -> anyhow::Result<()> {
         "thumbnail",
     )
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_block_becomes_its_mean() {
-        let gray = [0, 64, 128, 192, 128, 128, 255, 255];
-        assert_eq!(super::scale(&gray, 4, 2, 2), (2, 1, vec![80, 208]));
-        assert_eq!(super::scale(&gray, 4, 2, 8), (4, 2, gray.to_vec()), "never scaled up");
-    }
-}

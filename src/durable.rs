@@ -228,6 +228,10 @@ unsafe impl Send for WriteAndSync {}
 /// Make one per core in [`Service::local`](crate::Service::local) (for example
 /// `dir/core-N.log`): each core then commits its own appends with no lock shared with
 /// other cores. Append with [`Ctx::append`](crate::Ctx::append).
+///
+/// Clones are handles to the same file (to read its [`stats`](Self::stats) from another
+/// core, say); appends through any of them share one group commit.
+#[derive(Clone)]
 pub struct AppendFile {
     shared: Arc<Shared>,
 }
@@ -323,7 +327,7 @@ fn sync_thread(shared: &Arc<Shared>) {
     let mut commit = lock(&shared.commit);
     loop {
         let Some(mut io) = commit.poll() else {
-            // Only this thread and the appenders hold the file: when they are gone, stop.
+            // When every handle of the file is gone (only this thread holds it), stop.
             if Arc::strong_count(shared) == 1 {
                 return;
             }

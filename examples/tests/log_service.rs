@@ -65,6 +65,11 @@ fn acknowledged_records_survive_kill_9_and_a_restart_appends_after_them(backend:
             client.call("{\"cmdid\":2001,\"params\":{\"record\":\"two\\nlines\"}}\n"),
             "{\"code\":400,\"error\":\"params.record: must be one line (no \\\\n)\"}\n"
         );
+        let stats: serde_json::Value = serde_json::from_str(&client.call("{\"cmdid\":2003}\n")).unwrap();
+        let (appends, syncs) =
+            (stats["data"]["appends"].as_u64().unwrap(), stats["data"]["syncs"].as_u64().unwrap());
+        assert_eq!(appends, 200, "{stats}");
+        assert!((1..=200).contains(&syncs), "{stats}");
         // Acknowledged means on disk: a crash now loses none of them.
         service.kill_9();
         let files = files(&dir.0);
