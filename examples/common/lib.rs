@@ -1,4 +1,9 @@
-//! What the example services share: log set-up.
+//! What the example services share: the allocator, log set-up, start-up.
+
+/// The allocator the `ringcall` command uses too (per-thread caches: the services allocate
+/// per request on their async and blocking paths).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Logs to stderr (stdout carries the address), at `RUST_LOG` (default `info`), coloured only
 /// on a terminal.
