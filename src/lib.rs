@@ -55,6 +55,8 @@
 //!   loop the epoll drivers share; [`backend::worker`], the contract between the server and a
 //!   worker thread; [`backend::sys`], sockets and fds (socket2, rustix), affinity, limits.
 //! - [`client`]: blocking and async clients with pipelining and id correlation.
+//! - [`pool`]: a client pool over several servers (balancing, failover, safe retries,
+//!   deadlines, endpoint discovery).
 //! - `bench_support`: hooks the criterion benches use to time one stage alone (hidden).
 //!
 //! The `ringcall` command (`serve`, `call`, `bench`, `compare`) and its load generator live
@@ -71,6 +73,7 @@ pub mod durable;
 pub mod exec;
 pub mod handlers;
 pub mod metrics;
+pub mod pool;
 pub mod protocol;
 pub mod server;
 mod signals;

@@ -1,0 +1,165 @@
+//! The client pool across a server's death and return: three `ringcall serve` processes,
+//! steady load through one `Pool` from four threads, one server killed with SIGKILL and later
+//! restarted on its port. Every call returns its own reply (checked by a token it carries)
+//! or an error that says what happened; the pool takes the dead server out, and puts it back
+//! and sends it calls once it answers again.
+
+#[macro_use]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::spawn_server;
+use ringcall::Backend;
+use ringcall::client::Call;
+use ringcall::pool::{CallOptions, Pool, PoolConfig, PoolError};
+
+fn config() -> PoolConfig {
+    PoolConfig {
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        timeout: Duration::from_secs(5),
+        ..PoolConfig::default()
+    }
+}
+
+/// Waits until `done` holds (a failsafe, not a timing assertion).
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < give_up, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn every_call_gets_its_own_reply_across_a_kill_and_a_restart() {
+    let mut servers: Vec<_> =
+        (0..3).map(|_| spawn_server(Backend::Epoll, &["--threads", "1"], None)).collect();
+    let addrs: Vec<String> = servers.iter().map(|(_, a)| a.to_string()).collect();
+    let pool = Arc::new(
+        Pool::with_endpoints(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), config()).unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let (pool, stop, calls) = (pool.clone(), stop.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let mut errors = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let token = format!("{t}-{i}");
+                    let call = Call::with_params(10000, &serde_json::json!({ "token": token })).unwrap();
+                    match pool.call(&call, CallOptions::idempotent()) {
+                        Ok(reply) => {
+                            assert_eq!(reply.code, 0, "{reply:?}");
+                            let got = ringcall::simd_json::prelude::ValueObjectAccessAsScalar::get_str(
+                                &reply.data,
+                                "token",
+                            );
+                            assert_eq!(got, Some(token.as_str()), "a reply to another call");
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+                errors
+            })
+        })
+        .collect();
+    eventually("calls flowing", || calls.load(Ordering::Relaxed) >= 2_000);
+    eventually("every server answering", || pool.status().iter().all(|s| s.answered > 0));
+
+    // SIGKILL one server under load.
+    let (mut victim, victim_addr) = servers.remove(1);
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let status = || pool.status().into_iter().find(|s| s.addr == victim_addr.to_string()).unwrap();
+    eventually("the dead server taken out", || !status().up);
+    let at_death = calls.load(Ordering::Relaxed);
+    eventually("calls flowing without it", || calls.load(Ordering::Relaxed) >= at_death + 2_000);
+
+    // It comes back on its port: the pool probes it back in and sends it calls again.
+    let answered_before = status().answered;
+    let (restarted, _) =
+        spawn_server(Backend::Epoll, &["--threads", "1", "--addr", &victim_addr.to_string()], None);
+    servers.push((restarted, victim_addr));
+    eventually("the restarted server back in", || status().up);
+    eventually("the restarted server answering calls", || status().answered >= answered_before + 200);
+
+    stop.store(true, Ordering::Relaxed);
+    let errors: Vec<String> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    // Idempotent calls that met the dead server were retried elsewhere within the budget.
+    assert!(errors.is_empty(), "{} calls failed: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    for (mut child, _) in servers {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn errors_say_whether_the_request_ran() {
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let pool = Pool::with_endpoints(&[&dead], config()).unwrap();
+    match pool.call(&Call::new(0), CallOptions::default()) {
+        Err(PoolError::NotRun(why)) => {
+            assert!(why.contains(&dead) && why.contains("cannot connect"), "{why}")
+        }
+        other => panic!("expected NotRun, got {other:?}"),
+    }
+    // Taken out: until a probe succeeds, calls are refused at once, naming the endpoint.
+    match pool.call(&Call::new(0), CallOptions::default()) {
+        Err(PoolError::NoEndpoint(why)) => assert_eq!(why, format!("{dead} down")),
+        other => panic!("expected NoEndpoint, got {other:?}"),
+    }
+    // A live server whose request outlives the deadline: a timeout, after which the pool
+    // goes on.
+    let (mut server, addr) = spawn_server(Backend::Epoll, &["--threads", "1"], None);
+    let pool = Pool::with_endpoints(&[&addr.to_string()], config()).unwrap();
+    assert_eq!(pool.call(&Call::new(0), CallOptions::default()).unwrap().code, 0);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    match pool.call(&Call::new(0), CallOptions::default()) {
+        Err(PoolError::NotRun(_) | PoolError::MayHaveRun { .. } | PoolError::NoEndpoint(_)) => {}
+        other => panic!("expected an error naming what happened, got {other:?}"),
+    }
+}
+
+#[test]
+fn endpoints_follow_a_file_and_dns_names() {
+    use ringcall::pool::{DnsNames, EndpointFile};
+    let (mut a, addr_a) = spawn_server(Backend::Epoll, &["--threads", "1"], None);
+    let (mut b, addr_b) = spawn_server(Backend::Epoll, &["--threads", "1"], None);
+    let dir = std::env::temp_dir().join(format!("ringcall-pool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("endpoints");
+    std::fs::write(&file, format!("# the log service\n{addr_a}\n")).unwrap();
+    let config = PoolConfig { rediscover_every: Duration::from_millis(50), ..config() };
+    let pool = Pool::new(EndpointFile::new(&file), config.clone()).unwrap();
+    let addrs = |pool: &Pool| pool.status().into_iter().map(|s| s.addr).collect::<Vec<_>>();
+    assert_eq!(addrs(&pool), [addr_a.to_string()]);
+    // A deploy tool replaces the file: B joins, A leaves.
+    let next = dir.join("endpoints.new");
+    std::fs::write(&next, format!("{addr_b}\n")).unwrap();
+    // A later modification time than the first write, whatever the file system's resolution.
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    std::fs::File::options().write(true).open(&next).unwrap().set_modified(later).unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    eventually("the pool following the file", || addrs(&pool) == [addr_b.to_string()]);
+    assert_eq!(pool.call(&Call::new(0), CallOptions::default()).unwrap().code, 0);
+    assert_eq!(pool.status()[0].answered, 1);
+
+    // `localhost:PORT` resolves to the server's address.
+    let pool = Pool::new(DnsNames::new(vec![format!("localhost:{}", addr_a.port())]), config).unwrap();
+    assert!(addrs(&pool).contains(&addr_a.to_string()), "{:?}", addrs(&pool));
+    let _ = std::fs::remove_dir_all(&dir);
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

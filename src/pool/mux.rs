@@ -1,0 +1,156 @@
+//! One persistent connection shared by many concurrent callers: each request gets a fresh
+//! `id`, a reader task matches replies to callers by that id, and a caller learns whether its
+//! request was written before the connection failed (a request whose line never fully
+//! reached the server was never run: the server drops an unterminated line).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use simd_json::prelude::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::oneshot;
+
+use crate::client::{Call, ClientError, Response, decode_reply, encode_call};
+
+/// How a call on a connection failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The request never reached the server whole: it did not run. Safe to send elsewhere.
+    NotWritten(ClientError),
+    /// The request was written; it may have run.
+    Written(ClientError),
+}
+
+type Waiter = oneshot::Sender<Result<Response, ClientError>>;
+
+/// A multiplexed connection.
+pub(crate) struct Mux {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
+    next_id: AtomicU64,
+    closed: Arc<AtomicBool>,
+}
+
+impl Mux {
+    /// Connects to `addr` within `timeout` and starts the reader task on the current runtime.
+    pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Arc<Self>, ClientError> {
+        let connect_err = |source| ClientError::Connect { addr: addr.to_owned(), source };
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(connect_err(e)),
+            Err(_) => return Err(connect_err(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+        };
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let mux = Arc::new(Self {
+            writer: tokio::sync::Mutex::new(write),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(1),
+            closed: Arc::new(AtomicBool::new(false)),
+        });
+        let (pending, closed) = (mux.pending.clone(), mux.closed.clone());
+        tokio::spawn(read_replies(BufReader::new(read), pending, closed));
+        Ok(mux)
+    }
+
+    /// Whether the connection has failed or closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Requests sent and not answered yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Sends `call` (with `timeout_ms` if given) and waits for its reply.
+    pub(crate) async fn call(&self, call: &Call, timeout_ms: Option<u64>) -> Result<Response, Failure> {
+        if self.is_closed() {
+            return Err(Failure::NotWritten(ClientError::Broken));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut line = Vec::with_capacity(64);
+        encode_call(&mut line, call, id);
+        if let Some(ms) = timeout_ms {
+            // `..,"timeout_ms":N}\n`: the deadline travels with the request.
+            line.truncate(line.len() - 2);
+            line.extend_from_slice(b",\"timeout_ms\":");
+            line.extend_from_slice(itoa::Buffer::new().format(ms).as_bytes());
+            line.extend_from_slice(b"}\n");
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let written = self.writer.lock().await.write_all(&line).await;
+        if let Err(e) = written {
+            lock(&self.pending).remove(&id);
+            self.closed.store(true, Ordering::Release);
+            // Part of the line may have gone out; without its newline it is not a request.
+            return Err(Failure::NotWritten(ClientError::Io(e)));
+        }
+        match rx.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(Failure::Written(e)),
+            Err(_) => Err(Failure::Written(ClientError::Closed("before the reply"))),
+        }
+    }
+
+    /// Fails the calls still waiting (the caller gave up on the connection).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for (_, waiter) in lock(&self.pending).drain() {
+            let _ = waiter.send(Err(ClientError::Closed("by the pool")));
+        }
+    }
+}
+
+fn lock(pending: &Mutex<HashMap<u64, Waiter>>) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+    pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads replies until the connection ends, handing each to the caller its id names; then
+/// fails every call still waiting.
+async fn read_replies(
+    mut read: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
+    closed: Arc<AtomicBool>,
+) {
+    let mut line = Vec::new();
+    let why = loop {
+        line.clear();
+        match read.read_until(b'\n', &mut line).await {
+            Ok(0) => break ClientError::Closed("before the reply"),
+            Ok(_) if line.last() != Some(&b'\n') => break ClientError::Closed("in the middle of a reply"),
+            Ok(_) => {}
+            Err(e) => break ClientError::Io(e),
+        }
+        let id = reply_id(&mut line.clone());
+        let Some(id) = id else {
+            // A reply without an id answers no request of ours (a 503 refusal, a 413): the
+            // server closes the connection after it.
+            let reason = decode_reply(&mut line, None)
+                .map(|r| format!("{} {}", r.code, r.error.unwrap_or_default()))
+                .unwrap_or_else(|e| e.to_string());
+            break ClientError::Protocol(format!("a reply without an id: {reason}"));
+        };
+        let waiter = lock(&pending).remove(&id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(decode_reply(&mut line, Some(id)));
+        }
+    };
+    closed.store(true, Ordering::Release);
+    let message = why.to_string();
+    for (_, waiter) in lock(&pending).drain() {
+        let _ = waiter.send(Err(match &why {
+            ClientError::Closed(what) => ClientError::Closed(what),
+            _ => ClientError::Protocol(message.clone()),
+        }));
+    }
+}
+
+fn reply_id(line: &mut [u8]) -> Option<u64> {
+    simd_json::to_owned_value(line).ok()?.get("id")?.as_u64()
+}
