@@ -62,7 +62,8 @@ struct TopArgs {
 
 #[derive(clap::Args, Debug)]
 struct CallArgs {
-    /// Server address.
+    /// Server address; several, comma-separated, make a client pool (the call goes to one of
+    /// them, and to another if the first cannot be reached).
     #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
     addr: String,
     /// Seconds to wait for the connection and each reply.
@@ -76,7 +77,8 @@ struct CallArgs {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Server address, HOST:PORT (an IP address or a host name).
+    /// Server address, HOST:PORT (an IP address or a host name); several, comma-separated,
+    /// spread the connections over them and report each one's share.
     #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
     addr: String,
     /// Connections.
@@ -420,8 +422,14 @@ fn call(args: CallArgs) -> anyhow::Result<()> {
         Some(params) => Call::with_json(cmdid, params)?,
         None => Call::new(cmdid),
     };
-    let mut client = Client::connect_timeout(&args.addr, timeout)?;
-    let response = client.send(&call)?;
+    let response = if args.addr.contains(',') {
+        let endpoints: Vec<&str> = args.addr.split(',').map(str::trim).collect();
+        let config = ringcall::pool::PoolConfig { timeout, connect_timeout: timeout, ..Default::default() };
+        let pool = ringcall::pool::Pool::with_endpoints(&endpoints, config)?;
+        pool.call(&call, ringcall::pool::CallOptions::default())?
+    } else {
+        Client::connect_timeout(&args.addr, timeout)?.send(&call)?
+    };
     anyhow::ensure!(
         response.code == 0,
         "server replied {}: {}",
@@ -502,9 +510,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (Some(n), _) => StopAfter::Count(n),
         (None, d) => StopAfter::Duration(Duration::from_secs_f64(d.unwrap_or(10.0).max(0.001))),
     };
-    let addr = resolve_server(&args.addr)?;
+    let addrs = args.addr.split(',').map(|a| resolve_server(a.trim())).collect::<anyhow::Result<Vec<_>>>()?;
     let config = BenchConfig {
-        addr,
+        addrs,
         connections: args.connections,
         pipeline: args.pipeline,
         stop,

@@ -10,10 +10,40 @@ use common::{Client, spawn_server, start, total_stat};
 use ringcall::Backend;
 use ringcall_cli::bench::{BenchConfig, StopAfter};
 
+/// Connections spread over several servers, and each server's share is what it counted.
+fn bench_over_several_servers_reports_each(backend: Backend) {
+    let (Some(a), Some(b)) = (start(backend), start(backend)) else { return };
+    let config = BenchConfig {
+        addrs: vec![a.local_addr(), b.local_addr()],
+        connections: 4,
+        pipeline: 4,
+        stop: StopAfter::Count(2000),
+        warmup: Duration::ZERO,
+        rate: None,
+        requests: vec![BenchConfig::echo_request()],
+        threads: 1,
+        cpus: Vec::new(),
+        progress: false,
+    };
+    let report = ringcall_cli::bench::run(&config).unwrap();
+    assert_eq!(report.requests, 2000);
+    assert_eq!(report.endpoints.len(), 2);
+    for (endpoint, server) in report.endpoints.iter().zip([&a, &b]) {
+        assert_eq!(endpoint.addr, server.local_addr().to_string());
+        assert!(endpoint.requests > 0, "{endpoint:?}");
+        assert_eq!(endpoint.requests, server.stats().total().requests);
+    }
+    assert!(
+        report
+            .render(ringcall_cli::bench::OutputFormat::Text)
+            .contains(&format!("endpoint    {}:", a.local_addr()))
+    );
+}
+
 fn bench_totals_match_the_server_stats(backend: Backend) {
     let Some(server) = start(backend) else { return };
     let config = BenchConfig {
-        addr: server.local_addr(),
+        addrs: vec![server.local_addr()],
         connections: 4,
         pipeline: 8,
         stop: StopAfter::Count(3000),
@@ -54,7 +84,7 @@ fn bench_totals_match_the_server_stats(backend: Backend) {
 fn open_loop_bench_reports_corrected_latency(backend: Backend) {
     let Some(server) = start(backend) else { return };
     let config = BenchConfig {
-        addr: server.local_addr(),
+        addrs: vec![server.local_addr()],
         connections: 2,
         pipeline: 1,
         stop: StopAfter::Count(200),
@@ -128,5 +158,6 @@ every_backend!(
     bench_across_a_server_shutdown_counts_what_went_unanswered,
     bench_with_sized_requests_sends_exactly_those_bytes,
     bench_totals_match_the_server_stats,
-    open_loop_bench_reports_corrected_latency
+    open_loop_bench_reports_corrected_latency,
+    bench_over_several_servers_reports_each
 );

@@ -421,7 +421,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
             for i in 0..servers.len() {
                 let server = &servers[(i + round) % servers.len()];
                 let bench = BenchConfig {
-                    addr: server.addr,
+                    addrs: vec![server.addr],
                     connections: workload.connections,
                     pipeline: workload.pipeline,
                     stop: StopAfter::Duration(config.duration),

@@ -40,8 +40,9 @@ pub enum StopAfter {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    /// The server.
-    pub addr: SocketAddr,
+    /// The servers: connection `i` goes to `addrs[i % addrs.len()]` (client-side balancing
+    /// of connections), and replies are counted per server.
+    pub addrs: Vec<SocketAddr>,
     /// Connections.
     pub connections: usize,
     /// Requests in flight per connection (closed loop).
@@ -135,6 +136,8 @@ struct ThreadResult {
     unanswered: Unanswered,
     bytes_sent: u64,
     bytes_received: u64,
+    /// Measured replies from each server (indexed like `BenchConfig::addrs`).
+    per_endpoint: Vec<u64>,
 }
 
 /// Requests sent on a connection that ended before their replies came, by how it ended.
@@ -212,6 +215,7 @@ impl ThreadResult {
             unanswered: Unanswered::default(),
             bytes_sent: 0,
             bytes_received: 0,
+            per_endpoint: Vec::new(),
         }
     }
 
@@ -226,6 +230,12 @@ impl ThreadResult {
         self.unanswered.merge(&other.unanswered);
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
+        if self.per_endpoint.len() < other.per_endpoint.len() {
+            self.per_endpoint.resize(other.per_endpoint.len(), 0);
+        }
+        for (a, b) in self.per_endpoint.iter_mut().zip(&other.per_endpoint) {
+            *a += b;
+        }
     }
 }
 
@@ -244,8 +254,12 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
     }
     let _ = sys::raise_nofile_limit();
     // Fail fast with a clear error when the server is not there at all.
-    std::net::TcpStream::connect(config.addr)
-        .map_err(|source| BenchError::Connect { addr: config.addr, source })?;
+    if config.addrs.is_empty() {
+        return Err(BenchError::Config("need at least one server address".into()));
+    }
+    for &addr in &config.addrs {
+        std::net::TcpStream::connect(addr).map_err(|source| BenchError::Connect { addr, source })?;
+    }
 
     let threads = config.threads.clamp(1, config.connections);
     let shared = Arc::new(Shared {
@@ -319,7 +333,7 @@ fn load_thread(
     let mut result = ThreadResult::new();
     let mut streams = Vec::with_capacity(connections.len());
     for &index in connections {
-        match std::net::TcpStream::connect(config.addr) {
+        match std::net::TcpStream::connect(config.addrs[index % config.addrs.len()]) {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 streams.push((index, stream));
@@ -330,7 +344,7 @@ fn load_thread(
     if config.rate.is_none()
         && let Ok(ring) = uring_load::UringLoad::setup()
     {
-        let load = uring_load::UringLoad::new(ring, streams, config.requests.len());
+        let load = uring_load::UringLoad::new(ring, streams, config);
         connected.wait();
         let last = load.run(config, shared, &mut result).unwrap_or_else(|e| {
             tracing::warn!("load thread stopped: {e}");
@@ -381,7 +395,7 @@ async fn connection(
     let mut result = ThreadResult::new();
     let mut last_measured = None;
     // (send time — or intended send time in open loop —, measured?) per request in flight.
-    let mut flight = Flight::new(index, config.requests.len());
+    let mut flight = Flight::new(index, &config);
     let mut out = Vec::with_capacity(4096);
     let mut buf = vec![0u8; 64 * 1024];
     let mut filled = 0;
@@ -508,11 +522,19 @@ struct Flight {
     in_flight: VecDeque<(Instant, bool)>,
     next_request: usize,
     request_count: usize,
+    /// Which of `BenchConfig::addrs` the connection goes to.
+    endpoint: usize,
 }
 
 impl Flight {
-    fn new(index: usize, request_count: usize) -> Self {
-        Self { in_flight: VecDeque::new(), next_request: index % request_count, request_count }
+    fn new(index: usize, config: &BenchConfig) -> Self {
+        let request_count = config.requests.len();
+        Self {
+            in_flight: VecDeque::new(),
+            next_request: index % request_count,
+            request_count,
+            endpoint: index % config.addrs.len().max(1),
+        }
     }
 
     fn len(&self) -> usize {
@@ -553,6 +575,10 @@ impl Flight {
             return Reply::Unmeasured;
         }
         let _ = result.latency.record(now.saturating_duration_since(sent).as_nanos().max(1) as u64);
+        if result.per_endpoint.len() <= self.endpoint {
+            result.per_endpoint.resize(self.endpoint + 1, 0);
+        }
+        result.per_endpoint[self.endpoint] += 1;
         match reply_code(line) {
             Some(code) if (code as usize) < CODE_SLOTS => result.codes[code as usize] += 1,
             Some(_) => result.other_codes += 1,

@@ -54,11 +54,25 @@ pub struct Latency {
     pub mean: f64,
 }
 
+/// One server's share of a run over several.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EndpointReport {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// Measured replies it gave.
+    pub requests: u64,
+    /// Of those, per second measured.
+    pub requests_per_sec: f64,
+}
+
 /// The result of one run (its JSON form is this struct, serialized).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BenchReport {
-    /// The server.
+    /// The server (several: their addresses, space-separated).
     pub addr: String,
+    /// With several servers: the replies each gave.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointReport>,
     /// Connections.
     pub connections: usize,
     /// Requests in flight per connection (closed loop).
@@ -113,7 +127,24 @@ impl BenchReport {
         let requests = codes.values().sum::<u64>() + result.other_codes + result.invalid_replies;
         let secs = elapsed.as_secs_f64();
         Self {
-            addr: config.addr.to_string(),
+            addr: config.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
+            endpoints: if config.addrs.len() > 1 {
+                config
+                    .addrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        let requests = result.per_endpoint.get(i).copied().unwrap_or(0);
+                        EndpointReport {
+                            addr: a.to_string(),
+                            requests,
+                            requests_per_sec: if secs > 0.0 { requests as f64 / secs } else { 0.0 },
+                        }
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             connections: config.connections,
             pipeline: config.pipeline,
             rate: config.rate,
@@ -170,6 +201,10 @@ impl BenchReport {
                 "  odd replies {} other codes, {} invalid",
                 self.other_codes, self.invalid_replies
             );
+        }
+        for e in &self.endpoints {
+            let _ =
+                writeln!(s, "  endpoint    {}: {} requests, {:.1}/s", e.addr, e.requests, e.requests_per_sec);
         }
         let _ = writeln!(s, "  errors      {} connections failed", self.errors);
         let u = &self.unanswered;

@@ -58,13 +58,13 @@ impl UringLoad {
     pub(super) fn new(
         (ring, pool): (IoUring, BufferPool),
         streams: Vec<(usize, TcpStream)>,
-        request_count: usize,
+        config: &BenchConfig,
     ) -> Self {
         let conns = streams
             .into_iter()
             .map(|(index, stream)| Conn {
                 stream,
-                flight: Flight::new(index, request_count),
+                flight: Flight::new(index, config),
                 out: Vec::with_capacity(1024),
                 sending: Vec::with_capacity(1024),
                 sent: 0,
