@@ -1,6 +1,7 @@
 #!/bin/bash
 # What each way to scale costs on one host: one server on one core; one server on two cores;
-# three servers behind HAProxy (deploy/haproxy.cfg with its addresses rewritten). Needs a
+# three servers with the client spreading its connections over them; three servers behind
+# HAProxy (deploy/haproxy.cfg with its addresses rewritten). Needs a
 # release build (cargo build --release) and haproxy. Two rounds; prints req/s and p99 (µs).
 set -e
 TMP=$(mktemp -d)
@@ -22,6 +23,7 @@ for round in 1 2; do
   A=$(start --threads 2 --backend uring --no-pin); P=$(cat $TMP/pid); echo "round $round two cores (uring, 2 threads, load shares them): $(run $A)"; kill $P; wait $P 2>/dev/null || true
   S=(); PIDS=()
   for i in 1 2 3; do a=$(start --threads 1 --backend uring --no-pin); S+=($a); PIDS+=($(cat $TMP/pid)); done
+  echo "round $round three servers, the client spreading its connections (bench --addr a,b,c): $(run "${S[0]},${S[1]},${S[2]}")"
   FP=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
   sed -e "s/^    bind .*/    bind 127.0.0.1:$FP/" -e "s/^    maxconn 100000/    maxconn 9000/" \
       -e "s/ringcall-1 10.0.0.11:8889/ringcall-1 ${S[0]}/" -e "s/ringcall-2 10.0.0.12:8889/ringcall-2 ${S[1]}/" -e "s/ringcall-3 10.0.0.13:8889/ringcall-3 ${S[2]}/" \
