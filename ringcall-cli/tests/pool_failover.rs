@@ -163,3 +163,112 @@ fn endpoints_follow_a_file_and_dns_names() {
         let _ = child.wait();
     }
 }
+
+/// A DNS server for one zone, over UDP on 127.0.0.1: SRV records for `_ringcall._tcp.test.`
+/// (the ports given, each on target `sN.test.`), and an A record 127.0.0.1 for every target.
+/// The ports can be changed while it runs.
+struct SrvZone {
+    addr: std::net::SocketAddr,
+    ports: Arc<std::sync::Mutex<Vec<u16>>>,
+}
+
+impl SrvZone {
+    fn start(ports: Vec<u16>) -> Self {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let ports = Arc::new(std::sync::Mutex::new(ports));
+        let zone = ports.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                if let Some(reply) = answer(&buf[..n], &zone.lock().unwrap()) {
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+        });
+        Self { addr, ports }
+    }
+}
+
+/// The labels of a name, written as DNS wants them.
+fn labels(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.trim_end_matches('.').split('.') {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+fn answer(query: &[u8], ports: &[u16]) -> Option<Vec<u8>> {
+    // The question: its name ends at a zero label, then type and class.
+    let mut end = 12;
+    while query.get(end).copied()? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let qtype = u16::from_be_bytes([query[end + 1], query[end + 2]]);
+    let question = &query[12..end + 5];
+    let mut name = String::new();
+    let mut at = 12;
+    while query[at] != 0 {
+        let len = usize::from(query[at]);
+        name.push_str(&String::from_utf8_lossy(&query[at + 1..at + 1 + len]));
+        name.push('.');
+        at += 1 + len;
+    }
+    let mut records: Vec<Vec<u8>> = Vec::new();
+    match (qtype, name.as_str()) {
+        (33, "_ringcall._tcp.test.") => {
+            for (i, port) in ports.iter().enumerate() {
+                let mut rdata = vec![0, 10, 0, 5];
+                rdata.extend_from_slice(&port.to_be_bytes());
+                rdata.extend_from_slice(&labels(&format!("s{i}.test.")));
+                records.push(
+                    [&[0xc0, 12, 0, 33, 0, 1, 0, 0, 0, 0][..], &(rdata.len() as u16).to_be_bytes(), &rdata]
+                        .concat(),
+                );
+            }
+        }
+        (1, target) if target.ends_with(".test.") => {
+            records.push(vec![0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 0, 0, 4, 127, 0, 0, 1]);
+        }
+        _ => {}
+    }
+    let mut reply = vec![query[0], query[1], 0x81, 0x80, 0, 1];
+    reply.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    reply.extend_from_slice(&[0, 0, 0, 0]);
+    reply.extend_from_slice(question);
+    for record in records {
+        reply.extend_from_slice(&record);
+    }
+    Some(reply)
+}
+
+#[test]
+fn endpoints_follow_dns_srv_records() {
+    use ringcall::pool::DnsSrv;
+    let (mut a, addr_a) = spawn_server(Backend::Epoll, &["--threads", "1"], None);
+    let (mut b, addr_b) = spawn_server(Backend::Epoll, &["--threads", "1"], None);
+    let zone = SrvZone::start(vec![addr_a.port(), addr_b.port()]);
+    let discover = DnsSrv::with_nameserver(vec!["_ringcall._tcp.test.".into()], zone.addr);
+    let config = PoolConfig { rediscover_every: Duration::from_millis(50), ..config() };
+    let pool = Pool::new(discover, config).unwrap();
+    let mut addrs: Vec<String> = pool.status().into_iter().map(|s| s.addr).collect();
+    addrs.sort();
+    let mut expected = vec![addr_a.to_string(), addr_b.to_string()];
+    expected.sort();
+    assert_eq!(addrs, expected);
+    for _ in 0..20 {
+        assert_eq!(pool.call(&Call::new(0), CallOptions::default()).unwrap().code, 0);
+    }
+    // The registry drops A: the pool follows (the records have a TTL of 0).
+    *zone.ports.lock().unwrap() = vec![addr_b.port()];
+    eventually("the pool following the SRV records", || {
+        pool.status().into_iter().map(|s| s.addr).collect::<Vec<_>>() == [addr_b.to_string()]
+    });
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -12,8 +12,9 @@
 //!   plus `retry_floor` per second), so a failing cluster is not hit by a retry storm.
 //! - **Deadlines**: a call's timeout bounds everything (connecting, retries, the reply), and
 //!   is sent as the request's `timeout_ms`, so the server stops working on it too.
-//! - **Discovery**: endpoints come from a [`Discover`] source — a static list, DNS names
-//!   re-resolved on an interval, a file re-read when it changes, or your own — and are
+//! - **Discovery**: endpoints come from a [`Discover`] source — a static list, DNS names or
+//!   SRV records re-resolved on an interval, a file re-read when it changes, or your own —
+//!   and are
 //!   added and removed as it changes.
 //!
 //! Nothing is lost silently: every call returns a reply or a [`PoolError`] that says what
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use discover::{Discover, DnsNames, EndpointFile, StaticList};
+pub use discover::{Discover, DnsNames, DnsSrv, EndpointFile, StaticList};
 use mux::{Failure, Mux};
 
 use crate::client::{Call, ClientError, Response};
