@@ -155,6 +155,22 @@ impl Collector for Scrape {
                 None,
             )?;
         }
+        let mut in_server = encoder.encode_descriptor(
+            "command_in_server_seconds",
+            "Time in the server of each command's replies, from reading the request to the end \
+             of the send that carried the reply (all cores).",
+            None,
+            MetricType::Histogram,
+        )?;
+        for command in &commands {
+            let labels = [("cmdid", command.cmdid.to_string())];
+            in_server.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                command.in_server_seconds,
+                command.in_server_buckets.iter().sum(),
+                &latency_buckets(&command.in_server_buckets),
+                None,
+            )?;
+        }
         Ok(())
     }
 }

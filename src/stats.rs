@@ -287,6 +287,7 @@ impl Histogram {
 pub struct CommandStats {
     replies: [AtomicU64; COUNTED_CODES.len() + 1],
     handler: Histogram,
+    in_server: Histogram,
 }
 
 impl CommandStats {
@@ -301,12 +302,20 @@ impl CommandStats {
         }
     }
 
+    /// A reply to this command was sent whole, `time` after its request was read.
+    #[inline]
+    pub fn sent(&self, time: Duration) {
+        self.in_server.observe(time);
+    }
+
     fn snapshot(&self, cmdid: u32) -> CommandSnapshot {
         CommandSnapshot {
             cmdid,
             replies: self.replies.each_ref().map(|c| c.load(Relaxed)),
             handler_seconds: self.handler.seconds(),
             handler_buckets: self.handler.buckets(),
+            in_server_seconds: self.in_server.seconds(),
+            in_server_buckets: self.in_server.buckets(),
         }
     }
 }
@@ -322,6 +331,11 @@ pub struct CommandSnapshot {
     pub handler_seconds: f64,
     /// Handler times per bucket of [`LATENCY_BUCKETS_US`] (not cumulative), then above.
     pub handler_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Total time in the server of its replies: from reading the request to the end of the
+    /// send that carried the reply.
+    pub in_server_seconds: f64,
+    /// Times in the server per bucket of [`LATENCY_BUCKETS_US`] (not cumulative), then above.
+    pub in_server_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
 }
 
 impl CommandSnapshot {
@@ -341,6 +355,10 @@ impl CommandSnapshot {
         }
         self.handler_seconds += other.handler_seconds;
         for (a, b) in self.handler_buckets.iter_mut().zip(&other.handler_buckets) {
+            *a += b;
+        }
+        self.in_server_seconds += other.in_server_seconds;
+        for (a, b) in self.in_server_buckets.iter_mut().zip(&other.in_server_buckets) {
             *a += b;
         }
     }

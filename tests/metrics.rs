@@ -102,6 +102,11 @@ fn metrics_count_the_traffic_exactly(backend: Backend) {
         seen = batches(&scrape(metrics.local_addr(), "/metrics").1);
     }
     assert_eq!(seen, 12, "{body}");
+    // The same batches, per command: the five echoes and three pings (unknown cmdids and
+    // unparsable lines belong to no command).
+    let body = scrape(metrics.local_addr(), "/metrics").1;
+    assert!(body.contains("ringcall_command_in_server_seconds_count{cmdid=\"10000\"} 5\n"), "{body}");
+    assert!(body.contains("ringcall_command_in_server_seconds_count{cmdid=\"0\"} 3\n"), "{body}");
 
     // Anything but /metrics.
     assert_eq!(scrape(metrics.local_addr(), "/").0, "HTTP/1.1 404 Not Found");

@@ -187,6 +187,8 @@ pub struct Connection {
     /// When the oldest request answered in `sending` arrived (for `out`, the output keeps
     /// it): a batch's time in the server, observed when it is sent whole.
     sending_since: Option<Instant>,
+    /// While metrics are served: the cmdid and arrival of each reply in `sending`.
+    sending_times: Vec<(u32, Instant)>,
     /// The last time bytes moved either way.
     last_activity: Instant,
     /// Since when the peer owes the rest of a line it started.
@@ -212,6 +214,7 @@ impl Connection {
             session: Session::new(),
             out: Output::default(),
             sending: Vec::new(),
+            sending_times: Vec::new(),
             sent: 0,
             sending_since: None,
             last_activity: now,
@@ -374,7 +377,8 @@ impl Connection {
             // Everything handed out before is sent: the replies produced since go next.
             self.sending.clear();
             self.sent = 0;
-            self.sending_since = self.out.take_ready(&mut self.sending);
+            self.sending_times.clear();
+            self.sending_since = self.out.take_ready(&mut self.sending, &mut self.sending_times);
         }
         true
     }
@@ -401,6 +405,11 @@ impl Connection {
         if self.sent == self.sending.len() {
             if let Some(since) = self.sending_since.take() {
                 stats.batch_sent(now.saturating_duration_since(since));
+            }
+            for (cmdid, arrived) in self.sending_times.drain(..) {
+                if let Some(command) = stats.command(cmdid) {
+                    command.sent(now.saturating_duration_since(arrived));
+                }
             }
             self.sending.clear();
             self.sent = 0;
@@ -1156,5 +1165,32 @@ mod tests {
         handles.next().unwrap().ok(&1);
         conn.on_deferred(f.at(3), f.stats.core(0));
         assert!(conn.wants_read(), "2 pending is half");
+    }
+
+    #[test]
+    fn each_command_counts_its_replies_time_in_the_server_once_sent() {
+        let stats = StatsRegistry::with_commands(1, &[0, 10000, 3000]);
+        stats.time_handlers();
+        let mut f = Fixture {
+            processor: Processor::new(0, Arc::new(Echo), stats.clone(), limits()),
+            stats,
+            t0: Instant::now(),
+        };
+        let mut conn = Connection::new(limits(), f.t0, f.stats.core(0));
+        // An echo at 0 ms, a deferred reply and a ping at 2 ms.
+        f.recv(&mut conn, ECHO_LINE, 0);
+        f.recv(&mut conn, &[LATER_LINE, b"{\"cmdid\":0}\n"].concat(), 2);
+        f.send_all(&mut conn, 5);
+        let in_server = |cmdid| {
+            let c = f.stats.commands().into_iter().find(|c| c.cmdid == cmdid).unwrap();
+            (c.in_server_buckets.iter().sum::<u64>(), c.in_server_seconds)
+        };
+        assert_eq!(in_server(10000), (1, 0.005), "sent whole at 5 ms");
+        assert_eq!(in_server(0).0, 0, "the ping waits behind the deferred reply");
+        held().pop().unwrap().ok(&"done");
+        conn.on_deferred(f.at(9), f.stats.core(0));
+        f.send_all(&mut conn, 10);
+        assert_eq!(in_server(3000), (1, 0.008));
+        assert_eq!(in_server(0), (1, 0.008));
     }
 }

@@ -274,6 +274,10 @@ struct Slot {
     deadline: Option<Instant>,
     /// `"id":…,` for the 504 the core may have to write itself.
     id: Option<Box<[u8]>>,
+    /// Its time in the server is measured (metrics are on).
+    timed: bool,
+    /// `(cmdid, arrival)` of the replies in `after`, when they are timed.
+    after_times: Vec<(u32, Instant)>,
 }
 
 impl Slot {
@@ -322,6 +326,9 @@ pub struct Output {
     now: Option<Instant>,
     /// When the oldest reply in `ready` arrived.
     ready_since: Option<Instant>,
+    /// While metrics are served: `(cmdid, arrival)` of each reply in `ready`, in order, for
+    /// the per-command time in the server.
+    ready_times: Vec<(u32, Instant)>,
 }
 
 impl Output {
@@ -353,11 +360,28 @@ impl Output {
         self.ready.is_empty()
     }
 
-    /// Swaps the ready bytes into `sending` (emptied by the caller), leaving its buffer for
-    /// the next replies; returns when the oldest of them arrived.
-    pub(crate) fn take_ready(&mut self, sending: &mut Vec<u8>) -> Option<Instant> {
+    /// Swaps the ready bytes into `sending` (emptied by the caller), and their timings into
+    /// `times` (emptied too), leaving the buffers for the next replies; returns when the
+    /// oldest of them arrived.
+    pub(crate) fn take_ready(
+        &mut self,
+        sending: &mut Vec<u8>,
+        times: &mut Vec<(u32, Instant)>,
+    ) -> Option<Instant> {
         std::mem::swap(&mut self.ready, sending);
+        std::mem::swap(&mut self.ready_times, times);
         self.ready_since.take()
+    }
+
+    /// Notes the reply just written to the sink: a reply to `cmdid` whose request arrived at
+    /// `arrived` (called only while metrics are served).
+    pub(crate) fn note_time(&mut self, cmdid: u32, arrived: Instant) {
+        match &mut self.deferred {
+            Some(d) if !d.queue.is_empty() => {
+                d.queue.back_mut().expect("non-empty").after_times.push((cmdid, arrived));
+            }
+            _ => self.ready_times.push((cmdid, arrived)),
+        }
     }
 
     /// Frees the ready buffer if it grew past `keep` bytes of capacity (it is empty).
@@ -420,6 +444,8 @@ impl Output {
             arrived,
             deadline,
             id: id.clone(),
+            timed: stats.times_handlers(),
+            after_times: Vec::new(),
         });
         deferrals.pending += 1;
         stats.deferred();
@@ -539,6 +565,10 @@ impl Output {
             }
             self.ready.extend_from_slice(&line);
             self.ready.extend_from_slice(&slot.after);
+            if slot.timed {
+                self.ready_times.push((slot.cmdid, slot.arrived));
+            }
+            self.ready_times.extend_from_slice(&slot.after_times);
             moved = true;
         }
         moved

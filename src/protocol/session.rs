@@ -320,6 +320,10 @@ impl<S: Service> Processor<S> {
             }
         }));
         let handler_time = started.map(|started| started.elapsed());
+        if metrics && !deferred {
+            // The reply's time in the server is observed when the send carrying it is done.
+            out.note_time(cmdid, out.now().unwrap_or_else(Instant::now));
+        }
         let code = if deferred {
             match outcome {
                 // Answered later, through the handle.
