@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub handle_signals: bool,
     /// The async runtime and blocking pool of handlers that use them.
     pub exec: ExecConfig,
+    /// Serve TLS with this certificate and key (`None`: plain TCP).
+    pub tls: Option<crate::protocol::TlsConfig>,
 }
 
 /// The default listen address.
@@ -54,6 +56,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             handle_signals: true,
             exec: ExecConfig::default(),
+            tls: None,
         }
     }
 }
@@ -226,6 +229,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves TLS on every connection, with this certificate and key
+    /// ([`TlsConfig::from_pem_files`](crate::protocol::TlsConfig::from_pem_files)).
+    pub fn tls(mut self, tls: crate::protocol::TlsConfig) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
     /// The I/O driver.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
@@ -320,6 +330,7 @@ impl ServerBuilder {
                 stats: stats.clone(),
                 stop: control.clone(),
                 exec: exec.clone(),
+                tls: config.tls.clone(),
                 ready: ready_tx.clone(),
             };
             let backend = config.backend;

@@ -226,6 +226,12 @@ struct ServeArgs {
     /// its cmdid, code, core and peer (off unless given).
     #[arg(long, allow_hyphen_values = true, value_parser = positive_millis)]
     slow_ms: Option<f64>,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -357,6 +363,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         handle_signals: true,
         // The shipped commands answer at once: no async runtime or blocking pool is started.
         exec: ringcall::exec::ExecConfig::default(),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(ringcall::protocol::TlsConfig::from_pem_files(cert, key)?),
+            _ => None,
+        },
     };
     let server = ringcall::ServerBuilder::config(config.clone())
         .addr(args.addr.as_str())

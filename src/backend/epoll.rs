@@ -38,11 +38,12 @@ pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
 
 async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     let exec = setup.exec.clone();
+    let tls = setup.tls.clone();
     serve_worker::<S, _>(
         setup,
         1,
         |core, stats, limits| {
-            LocalCore(Rc::new(RefCell::new(CoreIo::new(core, service, exec, stats, limits))))
+            LocalCore(Rc::new(RefCell::new(CoreIo::new(core, service, exec, tls, stats, limits))))
         },
         |stream, access, drain, guard| {
             tokio::task::spawn_local(async move {

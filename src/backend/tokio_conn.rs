@@ -34,11 +34,12 @@ impl<S: Service> CoreIo<S> {
         core: usize,
         service: Arc<S>,
         exec: Arc<crate::exec::Executors>,
+        tls: Option<crate::protocol::TlsConfig>,
         stats: Arc<StatsRegistry>,
         limits: Limits,
     ) -> Self {
         Self {
-            processor: Processor::new(core, service, stats, limits).with_executors(exec),
+            processor: Processor::new(core, service, stats, limits).with_executors(exec).with_tls(tls),
             buf: vec![0; RECV_BUF_SIZE + PADDING].into(),
         }
     }
@@ -204,7 +205,13 @@ pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
     let Drain { mut stop, timeout } = drain;
     // One clock read per wake-up: the events handled together share it.
     let mut now = Instant::now();
-    let mut conn = access.with(|core| Connection::new(core.processor.limits(), now, core.processor.stats()));
+    let mut conn = access.with(|core| {
+        let mut conn = Connection::new(core.processor.limits(), now, core.processor.stats());
+        if let Some(tls) = core.processor.tls() {
+            conn.start_tls(tls);
+        }
+        conn
+    });
     sys::name_peer(stream.as_fd(), &mut conn);
     let mut draining = false;
     loop {

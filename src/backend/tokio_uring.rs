@@ -110,13 +110,15 @@ impl<S: Service> Core<S> {
 }
 
 async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
-    let WorkerSetup { core: index, listener, config, stats, stop, ready, exec, .. } = setup;
+    let WorkerSetup { core: index, listener, config, stats, stop, ready, exec, tls, .. } = setup;
     let limits = config.limits;
     let listener = std::net::TcpListener::from(listener);
     let listener_fd = listener.as_raw_fd();
     let listener = TcpListener::from_std(listener);
     let core = Rc::new(Core {
-        processor: RefCell::new(Processor::<S>::new(index, service, stats, limits).with_executors(exec)),
+        processor: RefCell::new(
+            Processor::<S>::new(index, service, stats, limits).with_executors(exec).with_tls(tls),
+        ),
         conns: RefCell::new(Slab::new()),
         timers: RefCell::new(Timers::default()),
         timer_changed: Notify::new(),
@@ -201,6 +203,9 @@ fn open<S: Service>(core: &Rc<Core<S>>, stream: TcpStream) {
     }
     let _ = stream.set_nodelay(true);
     let mut connection = Connection::new(core.limits, Instant::now(), core.processor.borrow().stats());
+    if let Some(tls) = core.processor.borrow().tls() {
+        connection.start_tls(tls);
+    }
     sys::name_peer(fd_of(&stream), &mut connection);
     if let Some(deadline) = core.drain_deadline.get() {
         connection.on_shutdown(deadline);

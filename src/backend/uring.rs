@@ -371,7 +371,8 @@ impl<S: Service> Worker<S> {
         let pool = BufferPool::new(&ring).map_err(unavailable)?;
         let processor = {
             let mut processor = Processor::new(setup.core, service, setup.stats, setup.config.limits)
-                .with_executors(setup.exec);
+                .with_executors(setup.exec)
+                .with_tls(setup.tls);
             processor.enable_durable_ring();
             processor
         };
@@ -666,6 +667,9 @@ impl<S: Service> Worker<S> {
         }
         self.next_generation = self.next_generation.wrapping_add(1) & 0x00ff_ffff;
         let mut conn = Connection::new(self.limits, self.now, self.processor.stats());
+        if let Some(tls) = self.processor.tls() {
+            conn.start_tls(tls);
+        }
         sys::name_peer(fd.as_fd(), &mut conn);
         if let Some(deadline) = self.drain_deadline {
             conn.on_shutdown(deadline);

@@ -201,6 +201,57 @@ pub struct Connection {
     /// `connection{peer=…}`, entered while this machine handles an event, so that what its
     /// requests log carries it; a disabled span (no cost) unless debug logging is on.
     span: tracing::Span,
+    /// The TLS session, on a TLS port: bytes received are decrypted before framing, bytes
+    /// sent are encrypted.
+    tls: Option<Box<Tls>>,
+}
+
+/// A connection's TLS session and its reusable plaintext buffer.
+#[derive(Debug)]
+struct Tls {
+    session: rustls::ServerConnection,
+    /// The replies of a batch, taken out of the output to be encrypted.
+    plain: Vec<u8>,
+    /// `close_notify` was queued (before our FIN).
+    closing: bool,
+}
+
+impl Tls {
+    /// Decrypts `received` and feeds the plaintext to the protocol session. Returns the
+    /// flow and whether the peer closed the TLS session (`close_notify`); `Err` when the
+    /// bytes are not TLS or the handshake failed.
+    fn receive<S: Service>(
+        &mut self,
+        mut received: &[u8],
+        processor: &mut Processor<S>,
+        session: &mut Session,
+        out: &mut Output,
+    ) -> Result<(Flow, bool), rustls::Error> {
+        use std::io::Read;
+        let mut flow = Flow::Continue;
+        let mut peer_closed = false;
+        let mut plain = [0u8; 16 * 1024];
+        while !received.is_empty() {
+            if self.session.read_tls(&mut received).is_err() {
+                break;
+            }
+            self.session.process_new_packets()?;
+            loop {
+                match self.session.reader().read(&mut plain) {
+                    Ok(0) => {
+                        peer_closed = true;
+                        break;
+                    }
+                    Ok(n) if flow == Flow::Continue => {
+                        flow = processor.on_recv_copy(session, &plain[..n], out)
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok((flow, peer_closed))
+    }
 }
 
 impl Connection {
@@ -227,6 +278,20 @@ impl Connection {
             } else {
                 tracing::Span::none()
             },
+            tls: None,
+        }
+    }
+
+    /// Makes this a TLS connection: what is received is decrypted, what is sent encrypted.
+    pub fn start_tls(&mut self, config: &super::tls::TlsConfig) {
+        match config.session() {
+            Ok(session) => {
+                self.tls = Some(Box::new(Tls { session, plain: Vec::new(), closing: false }));
+            }
+            Err(e) => {
+                tracing::warn!("cannot start a TLS session: {e}");
+                self.state = State::Closed(CloseReason::Error);
+            }
         }
     }
 
@@ -300,7 +365,10 @@ impl Connection {
 
     /// Whether every reply owed was handed to the kernel and sent, deferred ones included.
     fn output_done(&self) -> bool {
-        !self.send_in_flight() && self.unsent() == 0 && self.out.pending() == 0
+        !self.send_in_flight()
+            && self.unsent() == 0
+            && self.out.pending() == 0
+            && !self.tls.as_ref().is_some_and(|t| t.session.wants_write())
     }
 
     /// Reply bytes the connection holds in memory: those not yet handed to the kernel, and the
@@ -337,7 +405,9 @@ impl Connection {
     pub fn wants_send(&self) -> bool {
         self.send == Send::Idle
             && !matches!(self.state, State::Closed(_))
-            && (self.sent < self.sending.len() || !self.out.ready_is_empty())
+            && (self.sent < self.sending.len()
+                || !self.out.ready_is_empty()
+                || self.tls.as_ref().is_some_and(|t| t.session.wants_write()))
     }
 
     /// Whether a send (or a lent buffer) is still with the kernel.
@@ -378,7 +448,27 @@ impl Connection {
             self.sending.clear();
             self.sent = 0;
             self.sending_times.clear();
-            self.sending_since = self.out.take_ready(&mut self.sending, &mut self.sending_times);
+            match &mut self.tls {
+                None => self.sending_since = self.out.take_ready(&mut self.sending, &mut self.sending_times),
+                Some(tls) => {
+                    // The batch is encrypted into the send buffer; the plaintext buffer stays.
+                    tls.plain.clear();
+                    self.sending_since = self.out.take_ready(&mut tls.plain, &mut self.sending_times);
+                    if !tls.plain.is_empty() {
+                        use std::io::Write;
+                        // Without a buffer limit, rustls takes everything.
+                        let _ = tls.session.writer().write_all(&tls.plain);
+                    }
+                    while tls.session.wants_write() {
+                        if tls.session.write_tls(&mut self.sending).is_err() {
+                            break;
+                        }
+                    }
+                    if tls.plain.capacity() > OUT_KEEP {
+                        tls.plain = Vec::new();
+                    }
+                }
+            }
         }
         true
     }
@@ -449,7 +539,27 @@ impl Connection {
             }
         }
         self.out.set_now(now);
-        let flow = processor.on_recv(&mut self.session, buf, len, &mut self.out);
+        let flow = match &mut self.tls {
+            None => processor.on_recv(&mut self.session, buf, len, &mut self.out),
+            Some(tls) => match tls.receive(&buf[..len], processor, &mut self.session, &mut self.out) {
+                Ok((flow, false)) => flow,
+                Ok((flow, true)) => {
+                    self.out.mark_ready_since(now);
+                    if flow == Flow::Continue {
+                        self.on_peer_closed(now);
+                        return;
+                    }
+                    flow
+                }
+                Err(e) => {
+                    // Not TLS (a plain-text client on a TLS port), or a failed handshake:
+                    // common enough from scanners that it is not worth more than debug.
+                    tracing::debug!("TLS failed, closing the connection: {e}");
+                    self.state = State::Closed(CloseReason::Error);
+                    return;
+                }
+            },
+        };
         self.out.mark_ready_since(now);
         if flow == Flow::Close {
             self.state = State::Desynced;
@@ -581,6 +691,14 @@ impl Connection {
     }
 
     fn shutdown_write(&mut self, now: Instant) -> Step {
+        // TLS: close_notify goes out before the FIN (the next poll sends the FIN).
+        if let Some(tls) = &mut self.tls
+            && !tls.closing
+        {
+            tls.closing = true;
+            tls.session.send_close_notify();
+            return Step::Wait;
+        }
         self.state = State::Lingering { since: now };
         Step::ShutdownWrite
     }

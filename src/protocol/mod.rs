@@ -11,6 +11,7 @@ mod params;
 pub mod reply;
 pub mod request;
 pub mod session;
+pub mod tls;
 
 pub use connection::{
     Admission, CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE,
@@ -20,3 +21,4 @@ pub use deferred::{Deferred, Mailbox, Output};
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
 pub use session::{Flow, PADDING, Processor, Responder, Session};
+pub use tls::{TlsConfig, TlsError};

@@ -129,6 +129,7 @@ pub struct Processor<S: Service> {
     scratch: Vec<u8>,
     service: Arc<S>,
     local: S::Local,
+    tls: Option<super::tls::TlsConfig>,
 }
 
 impl<S: Service> Processor<S> {
@@ -145,7 +146,20 @@ impl<S: Service> Processor<S> {
             scratch: Vec::new(),
             service,
             local,
+            tls: None,
         }
+    }
+
+    /// Serves TLS: every connection of this core starts a TLS session (see
+    /// [`Connection::start_tls`](super::Connection::start_tls)).
+    pub fn with_tls(mut self, tls: Option<super::tls::TlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS configuration, on a TLS port.
+    pub fn tls(&self) -> Option<&super::tls::TlsConfig> {
+        self.tls.as_ref()
     }
 
     /// Runs async and blocking handler work on `exec` (the server's) instead of executors

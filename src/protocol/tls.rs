@@ -1,0 +1,116 @@
+//! TLS for every backend, in the connection core: rustls is sans-I/O (`read_tls`,
+//! `process_new_packets`, `write_tls`), so the TLS session sits between the bytes a backend
+//! moves and the protocol session, once, for all backends. Received ciphertext is decrypted
+//! into plaintext the processor frames as usual (copied once: a TLS record is not a line);
+//! replies are encrypted when a batch is handed to the backend. Connections without TLS do
+//! not touch any of this.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A server's TLS configuration (certificate chain and key), shared by every connection.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub(crate) server: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig").finish_non_exhaustive()
+    }
+}
+
+/// Why the TLS configuration could not be loaded. Each names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file is missing or unreadable.
+    #[error("cannot read {what} {path}: {source} (give a readable PEM file)")]
+    Read {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A file holds no certificate or no key in PEM form.
+    #[error("{path} holds no {what} in PEM form ({detail}); expected -----BEGIN {pem}----- blocks")]
+    Pem {
+        /// What was looked for.
+        what: &'static str,
+        /// The PEM label expected.
+        pem: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The parser's words.
+        detail: String,
+    },
+    /// The key does not belong to the certificate, or rustls refuses them.
+    #[error(
+        "the certificate {cert} and the key {key} cannot be used together: {source} (is the key the one the certificate was issued for?)"
+    )]
+    Mismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+}
+
+impl TlsConfig {
+    /// Loads a certificate chain (PEM, leaf first) and its private key (PEM: PKCS#8, PKCS#1
+    /// or SEC1), checking that they match.
+    ///
+    /// # Errors
+    /// A file is missing, unreadable, holds no PEM object of its kind, or the key does not
+    /// match the certificate.
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let read = |what, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
+        };
+        let cert_pem = read("certificate", cert)?;
+        let key_pem = read("key", key)?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Pem {
+                what: "certificate",
+                pem: "CERTIFICATE",
+                path: cert.to_owned(),
+                detail: e.to_string(),
+            })?;
+        if chain.is_empty() {
+            return Err(TlsError::Pem {
+                what: "certificate",
+                pem: "CERTIFICATE",
+                path: cert.to_owned(),
+                detail: "no block found".into(),
+            });
+        }
+        let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+            what: "private key",
+            pem: "PRIVATE KEY",
+            path: key.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
+            .map_err(|source| TlsError::Mismatch { cert: cert.to_owned(), key: key.to_owned(), source })?;
+        Ok(Self { server: Arc::new(server) })
+    }
+
+    /// A session for a new connection.
+    pub(crate) fn session(&self) -> Result<rustls::ServerConnection, rustls::Error> {
+        let mut conn = rustls::ServerConnection::new(self.server.clone())?;
+        // Replies are bounded by the connection's own backpressure, not by rustls's buffer.
+        conn.set_buffer_limit(None);
+        Ok(conn)
+    }
+}
