@@ -21,7 +21,8 @@ pub fn with_request<T>(line: &mut [u8], len: usize, f: impl FnOnce(&Request<'_, 
     simd_json::fill_tape_padded(line, len, &mut buffers, &mut tape).expect("valid JSON");
     let empty = Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]);
     let context = CoreContext::new(0, StatsRegistry::new(1));
-    let request = decode(&tape, &empty, &context).map_err(|r| r.error.to_string()).expect("valid request");
+    let request =
+        decode(&tape, &empty, &context, None).map_err(|r| r.error.to_string()).expect("valid request");
     f(&request)
 }
 

@@ -287,6 +287,14 @@ impl ServerBuilder {
         let workers_wanted = if config.backend == Backend::EpollMt { 1 } else { threads };
         let (listeners, local_addr) = sys::reuseport_listeners(config.addr, workers_wanted)
             .map_err(|e| ServerError::listen(config.addr, e))?;
+        if config.tls.is_none() && !local_addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %local_addr,
+                "serving plain TCP on a non-loopback address: anyone who can reach it can call \
+                 every command, and the traffic crosses the network in clear text; give it a \
+                 certificate (--tls-cert/--tls-key) to serve other hosts"
+            );
+        }
         let control = Arc::new(
             StopSignal::new(workers_wanted)
                 .map_err(|source| ServerError::Io { what: "cannot create eventfd", source })?,

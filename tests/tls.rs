@@ -133,8 +133,6 @@ fn tls_round_trips_and_plain_clients_are_closed(backend: Backend) {
     assert_eq!(reply, "{\"code\":0,\"data\":{\"via\":\"openssl\"}}\n");
 }
 
-every_backend!(tls_round_trips_and_plain_clients_are_closed);
-
 #[test]
 fn a_bad_certificate_or_key_is_refused_naming_the_file() {
     let certs = Certs::new("errors");
@@ -150,3 +148,155 @@ fn a_bad_certificate_or_key_is_refused_naming_the_file() {
     assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
     assert!(e.to_string().contains("cannot be used together"), "{e}");
 }
+
+#[test]
+fn plain_tcp_on_a_non_loopback_address_is_warned_about_once() {
+    let log = common::captured_log(tracing::Level::WARN);
+    let warning = "serving plain TCP on a non-loopback address";
+    let count = || String::from_utf8_lossy(&log.lock().unwrap()).matches(warning).count();
+    let before = count();
+    let loopback = ringcall::Server::builder()
+        .addr("127.0.0.1:0")
+        .threads(1)
+        .backend(Backend::Epoll)
+        .start(TestRoutes)
+        .unwrap();
+    assert_eq!(count(), before, "loopback is fine");
+    let certs = Certs::new("warn");
+    let tls = ringcall::Server::builder()
+        .addr("0.0.0.0:0")
+        .threads(1)
+        .backend(Backend::Epoll)
+        .tls(certs.config())
+        .start(TestRoutes)
+        .unwrap();
+    assert_eq!(count(), before, "TLS is fine");
+    let open = ringcall::Server::builder()
+        .addr("0.0.0.0:0")
+        .threads(2)
+        .backend(Backend::Epoll)
+        .start(TestRoutes)
+        .unwrap();
+    assert_eq!(count(), before + 1, "one warning per server, not per worker");
+    drop((loopback, tls, open));
+}
+
+/// A CA, a server certificate it signed, and client certificates it (or another CA) signed.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ringcall-pki-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        let pki = Self { dir, ca, ca_key };
+        let (cert, key) = pki.issue("localhost");
+        std::fs::write(pki.dir.join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(pki.dir.join("server.key"), key.serialize_pem()).unwrap();
+        pki
+    }
+
+    fn issue(&self, name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        (params.signed_by(&key, &self.ca, &self.ca_key).unwrap(), key)
+    }
+
+    fn server_config(&self) -> TlsConfig {
+        TlsConfig::mutual_from_pem_files(
+            &self.dir.join("server.pem"),
+            &self.dir.join("server.key"),
+            &self.dir.join("ca.pem"),
+        )
+        .unwrap()
+    }
+
+    /// A client trusting this CA, presenting `client` (a certificate and key) if given.
+    fn client(
+        &self,
+        addr: std::net::SocketAddr,
+        client: Option<&(rcgen::Certificate, rcgen::KeyPair)>,
+    ) -> BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let builder =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
+        let config = match client {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let session =
+            rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        BufReader::new(rustls::StreamOwned::new(session, tcp))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The caller is refused: no reply line comes, only an error or the end of the stream.
+fn refused(client: &mut BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>) {
+    let _ = client.get_mut().write_all(b"{\"cmdid\":0}\n");
+    let mut line = String::new();
+    let read = client.read_line(&mut line);
+    assert!(read.is_err() || line.is_empty(), "a refused client got {line:?}");
+}
+
+fn mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what(backend: Backend) {
+    let pki = Pki::new(backend.name());
+    let acl =
+        ringcall::protocol::Acl::parse("[allow]\n\"*\" = [0]\n\"billing.internal\" = [10000]\n").unwrap();
+    let Some(server) = start_service(backend, TestRoutes, |b| b.tls(pki.server_config().with_acl(acl)))
+    else {
+        return;
+    };
+    let addr = server.local_addr();
+    let billing = pki.issue("billing.internal");
+    let mut client = pki.client(addr, Some(&billing));
+    client.get_mut().write_all(b"{\"cmdid\":10000,\"params\":{\"a\":1}}\n").unwrap();
+    assert_eq!(line(&mut client), "{\"code\":0,\"data\":{\"a\":1}}\n");
+    // Not in its rules: 403, and the connection goes on.
+    client.get_mut().write_all(b"{\"cmdid\":1,\"id\":5}\n{\"cmdid\":0}\n").unwrap();
+    assert_eq!(
+        line(&mut client),
+        "{\"code\":403,\"id\":5,\"error\":\"billing.internal may not call cmdid 1\"}\n"
+    );
+    assert_eq!(line(&mut client), "{\"code\":0,\"data\":\"pong\"}\n");
+    // Another identity the same CA signed: only what "*" allows.
+    let mut other = pki.client(addr, Some(&pki.issue("frontend.internal")));
+    other.get_mut().write_all(b"{\"cmdid\":10000}\n{\"cmdid\":0}\n").unwrap();
+    assert_eq!(line(&mut other), "{\"code\":403,\"error\":\"frontend.internal may not call cmdid 10000\"}\n");
+    assert_eq!(line(&mut other), "{\"code\":0,\"data\":\"pong\"}\n");
+    // No certificate, or one from another CA: refused at the handshake.
+    refused(&mut pki.client(addr, None));
+    let stranger = Pki::new(&format!("{}-other", backend.name()));
+    refused(&mut pki.client(addr, Some(&stranger.issue("billing.internal"))));
+    assert_eq!(server.stats().total().replies_with(403), 2);
+}
+
+every_backend!(
+    tls_round_trips_and_plain_clients_are_closed,
+    mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what,
+);

@@ -232,6 +232,14 @@ struct ServeArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Mutual TLS: require a client certificate signed by a CA in this file (PEM); the
+    /// client's identity is the first DNS name of its certificate.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// Access policy (TOML: which client identity may call which cmdids; see
+    /// docs/operations.md); needs --tls-client-ca.
+    #[arg(long, requires = "tls_client_ca")]
+    acl: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -363,8 +371,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         handle_signals: true,
         // The shipped commands answer at once: no async runtime or blocking pool is started.
         exec: ringcall::exec::ExecConfig::default(),
-        tls: match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(ringcall::protocol::TlsConfig::from_pem_files(cert, key)?),
+        tls: match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+            (Some(cert), Some(key), None) => Some(ringcall::protocol::TlsConfig::from_pem_files(cert, key)?),
+            (Some(cert), Some(key), Some(ca)) => {
+                let tls = ringcall::protocol::TlsConfig::mutual_from_pem_files(cert, key, ca)?;
+                Some(match &args.acl {
+                    Some(acl) => tls.with_acl(ringcall::protocol::Acl::from_file(acl)?),
+                    None => tls,
+                })
+            }
             _ => None,
         },
     };

@@ -95,6 +95,9 @@ fn rss_kib(pid: u32) -> u64 {
 const STORM_LEFTOVER_PER_CONNECTION_KIB: u64 = 8;
 
 /// What a second storm may add to what the first left: the allocator's steps, not growth.
+/// A leak adds as much again per storm; the allocator's reuse varies with how the storm's
+/// frees interleave (tokio-uring's debug build was seen adding 0.3x to 0.36x of the first
+/// storm), so the bound is half the first storm's leftover, and at least this.
 const SECOND_STORM_SLACK_KIB: u64 = 8 << 10;
 
 /// Two storms of 5,000 connections that each make a request and close. What stays resident
@@ -135,7 +138,7 @@ fn a_connection_storm_leaves_no_memory_behind(backend: Backend) {
         );
         let first = *first_leftover.get_or_insert(leftover);
         assert!(
-            leftover <= first + SECOND_STORM_SLACK_KIB,
+            leftover <= first + SECOND_STORM_SLACK_KIB.max(first / 2),
             "{backend}: the second storm left {leftover} KiB, the first {first} KiB: memory grows per storm"
         );
     }

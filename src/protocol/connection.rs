@@ -214,6 +214,8 @@ struct Tls {
     plain: Vec<u8>,
     /// `close_notify` was queued (before our FIN).
     closing: bool,
+    /// Client certificates are required, and the identity is not read yet.
+    identity_pending: bool,
 }
 
 impl Tls {
@@ -236,6 +238,12 @@ impl Tls {
                 break;
             }
             self.session.process_new_packets()?;
+            if self.identity_pending && !self.session.is_handshaking() {
+                self.identity_pending = false;
+                if let Some(identity) = super::tls::client_identity(&self.session) {
+                    session.set_identity(identity);
+                }
+            }
             loop {
                 match self.session.reader().read(&mut plain) {
                     Ok(0) => {
@@ -286,7 +294,12 @@ impl Connection {
     pub fn start_tls(&mut self, config: &super::tls::TlsConfig) {
         match config.session() {
             Ok(session) => {
-                self.tls = Some(Box::new(Tls { session, plain: Vec::new(), closing: false }));
+                self.tls = Some(Box::new(Tls {
+                    session,
+                    plain: Vec::new(),
+                    closing: false,
+                    identity_pending: config.mutual,
+                }));
             }
             Err(e) => {
                 tracing::warn!("cannot start a TLS session: {e}");

@@ -4,6 +4,7 @@
 //! half-close, draining. No sockets, no runtime, no clock: every backend drives this same
 //! code, and tests drive it directly.
 
+pub mod acl;
 pub mod connection;
 pub mod deferred;
 pub mod frame;
@@ -13,6 +14,7 @@ pub mod request;
 pub mod session;
 pub mod tls;
 
+pub use acl::{Acl, AclError};
 pub use connection::{
     Admission, CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE,
     DEFAULT_MAX_DEFERRED, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step, Timers,

@@ -74,6 +74,7 @@ pub struct Request<'t, 'i> {
     params: Value<'t, 'i>,
     id: Option<Value<'t, 'i>>,
     context: &'t CoreContext,
+    identity: Option<&'t str>,
 }
 
 impl<'t, 'i> Request<'t, 'i> {
@@ -143,6 +144,12 @@ impl<'t, 'i> Request<'t, 'i> {
         self.param(key).and_then(|v| v.as_bool())
     }
 
+    /// The caller's verified identity: with mutual TLS, the first DNS name in its client
+    /// certificate's subject alternative names (`None` without mutual TLS).
+    pub fn identity(&self) -> Option<&'t str> {
+        self.identity
+    }
+
     /// The core this request runs on, and the server's counters.
     pub fn context(&self) -> &'t CoreContext {
         self.context
@@ -188,6 +195,7 @@ pub(crate) fn decode<'t, 'i>(
     tape: &'t Tape<'i>,
     empty_params: &'t Tape<'static>,
     context: &'t CoreContext,
+    identity: Option<&'t str>,
 ) -> Result<Request<'t, 'i>, Rejected<'t, 'i>> {
     let root = tape.as_value();
     let reject = |error, id| Err(Rejected { error, id });
@@ -238,6 +246,7 @@ pub(crate) fn decode<'t, 'i>(
         params: params.unwrap_or_else(|| empty_params.as_value()),
         id,
         context,
+        identity,
     })
 }
 

@@ -47,6 +47,8 @@ pub struct Session {
     new_partial: bool,
     /// The peer's address, for the logs (set only when something logs it).
     peer: Option<std::net::SocketAddr>,
+    /// The client's verified identity (mutual TLS), for handlers and the access policy.
+    identity: Option<Arc<str>>,
 }
 
 impl Session {
@@ -69,6 +71,16 @@ impl Session {
     /// Names the peer in what this connection's requests log (slow requests, debug lines).
     pub fn set_peer(&mut self, peer: std::net::SocketAddr) {
         self.peer = Some(peer);
+    }
+
+    /// The client's verified identity (from its TLS certificate), given to every request.
+    pub fn set_identity(&mut self, identity: Arc<str>) {
+        self.identity = Some(identity);
+    }
+
+    /// The client's verified identity, if it has one.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
     }
 
     /// The peer closed its side: an unterminated last line is not a frame and is dropped.
@@ -196,6 +208,21 @@ impl<S: Service> Processor<S> {
     /// kept) by the parser. Lines inside `buf` are parsed in place, which rewrites escaped
     /// strings inside them.
     pub fn on_recv(&mut self, session: &mut Session, buf: &mut [u8], len: usize, out: &mut Output) -> Flow {
+        // Lent to the requests of this receive while the session's buffers are borrowed.
+        let identity = session.identity.take();
+        let flow = self.receive(session, buf, len, out, identity.as_deref());
+        session.identity = identity;
+        flow
+    }
+
+    fn receive(
+        &mut self,
+        session: &mut Session,
+        buf: &mut [u8],
+        len: usize,
+        out: &mut Output,
+        identity: Option<&str>,
+    ) -> Flow {
         assert!(buf.len() >= len + PADDING, "receive buffers need PADDING bytes of slack");
         self.stats().bytes_in(len);
         if session.desynced {
@@ -215,7 +242,7 @@ impl<S: Service> Processor<S> {
             let line_len = carry.len();
             carry.resize(line_len + PADDING, 0);
             let peer = session.peer;
-            self.handle_line(carry, line_len, out, peer);
+            self.handle_line(carry, line_len, out, peer, identity);
             // Kept while the next line is carried too (below), so a stream of long lines
             // does not grow the carry from nothing for each.
             carry.clear();
@@ -225,7 +252,7 @@ impl<S: Service> Processor<S> {
             match find_newline(&buf[pos..len]) {
                 Some(nl) if nl > max_line => return self.too_long(session, out),
                 Some(nl) => {
-                    self.handle_line(&mut buf[pos..], nl, out, session.peer);
+                    self.handle_line(&mut buf[pos..], nl, out, session.peer, identity);
                     pos += nl + 1;
                 }
                 None => return self.stash(session, &buf[pos..len], out),
@@ -276,6 +303,7 @@ impl<S: Service> Processor<S> {
         len: usize,
         out: &mut Output,
         peer: Option<std::net::SocketAddr>,
+        identity: Option<&str>,
     ) {
         let len = content_len(&buf[..len]);
         if is_blank(&buf[..len]) {
@@ -284,7 +312,7 @@ impl<S: Service> Processor<S> {
         self.stats().request();
         let mut tape = std::mem::replace(&mut self.tape, Tape(Vec::new())).reset();
         let code = match simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape) {
-            Ok(()) => self.dispatch(&tape, out, peer),
+            Ok(()) => self.dispatch(&tape, out, peer, identity),
             Err(e) => {
                 write_error(
                     out.sink(),
@@ -303,8 +331,14 @@ impl<S: Service> Processor<S> {
 
     /// Validates the envelope, runs the handler, encodes the reply. Returns the reply code
     /// (`None` for a reply deferred: it is counted when it is answered).
-    fn dispatch(&self, tape: &Tape<'_>, out: &mut Output, peer: Option<std::net::SocketAddr>) -> Option<u16> {
-        let request = match decode(tape, &self.empty_params, &self.context) {
+    fn dispatch(
+        &self,
+        tape: &Tape<'_>,
+        out: &mut Output,
+        peer: Option<std::net::SocketAddr>,
+        identity: Option<&str>,
+    ) -> Option<u16> {
+        let request = match decode(tape, &self.empty_params, &self.context, identity) {
             Ok(request) => request,
             Err(Rejected { error, id }) => {
                 write_error(out.sink(), 400, id, format_args!("{error}"));
@@ -312,6 +346,13 @@ impl<S: Service> Processor<S> {
             }
         };
         let cmdid = request.cmdid();
+        if let Some(acl) = self.tls.as_ref().and_then(|t| t.acl.as_deref())
+            && !acl.allows(request.identity(), cmdid)
+        {
+            let who = request.identity().unwrap_or("a caller without a client certificate");
+            write_error(out.sink(), 403, request.id(), format_args!("{who} may not call cmdid {cmdid}"));
+            return Some(403);
+        }
         let sink = out.sink();
         let start = sink.len();
         begin_ok(sink, request.id());

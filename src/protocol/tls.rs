@@ -12,10 +12,15 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// A server's TLS configuration (certificate chain and key), shared by every connection.
+/// A server's TLS configuration (certificate chain and key, and the CA that client
+/// certificates must be signed by, for mutual TLS), shared by every connection.
 #[derive(Clone)]
 pub struct TlsConfig {
     pub(crate) server: Arc<rustls::ServerConfig>,
+    /// Client certificates are required (mutual TLS).
+    pub(crate) mutual: bool,
+    /// Which identity may call which cmdids.
+    pub(crate) acl: Option<Arc<super::acl::Acl>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -63,6 +68,48 @@ pub enum TlsError {
     },
 }
 
+/// Reads a certificate chain and a private key.
+fn load_pair(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let read = |what, path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
+    };
+    let cert_pem = read("certificate", cert)?;
+    let key_pem = read("key", key)?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&cert_pem).collect::<Result<_, _>>().map_err(|e| TlsError::Pem {
+            what: "certificate",
+            pem: "CERTIFICATE",
+            path: cert.to_owned(),
+            detail: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem {
+            what: "certificate",
+            pem: "CERTIFICATE",
+            path: cert.to_owned(),
+            detail: "no block found".into(),
+        });
+    }
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+        what: "private key",
+        pem: "PRIVATE KEY",
+        path: key.to_owned(),
+        detail: e.to_string(),
+    })?;
+    Ok((chain, private))
+}
+
+/// The identity of a verified client: the first DNS name of its certificate's subject
+/// alternative names.
+pub(crate) fn client_identity(session: &rustls::ServerConnection) -> Option<Arc<str>> {
+    let leaf = session.peer_certificates()?.first()?;
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    cert.valid_dns_names().next().map(Arc::from)
+}
+
 impl TlsConfig {
     /// Loads a certificate chain (PEM, leaf first) and its private key (PEM: PKCS#8, PKCS#1
     /// or SEC1), checking that they match.
@@ -71,39 +118,81 @@ impl TlsConfig {
     /// A file is missing, unreadable, holds no PEM object of its kind, or the key does not
     /// match the certificate.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let read = |what, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
-        };
-        let cert_pem = read("certificate", cert)?;
-        let key_pem = read("key", key)?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::Pem {
-                what: "certificate",
-                pem: "CERTIFICATE",
-                path: cert.to_owned(),
-                detail: e.to_string(),
-            })?;
-        if chain.is_empty() {
-            return Err(TlsError::Pem {
-                what: "certificate",
-                pem: "CERTIFICATE",
-                path: cert.to_owned(),
-                detail: "no block found".into(),
-            });
-        }
-        let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
-            what: "private key",
-            pem: "PRIVATE KEY",
-            path: key.to_owned(),
-            detail: e.to_string(),
-        })?;
+        Self::build(cert, key, None)
+    }
+
+    /// [`from_pem_files`](Self::from_pem_files), and every client must present a certificate
+    /// signed by a CA in `ca` (PEM): mutual TLS. A client's identity, the first DNS name of its certificate's subject alternative
+    /// names, is given to handlers ([`Request::identity`](crate::Request::identity)).
+    ///
+    /// # Errors
+    /// The CA file is missing, unreadable or holds no certificate.
+    pub fn mutual_from_pem_files(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
+        Self::build(cert, key, Some(ca))
+    }
+
+    fn build(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsError> {
+        let (chain, private) = load_pair(cert, key)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
             .map_err(|source| TlsError::Mismatch { cert: cert.to_owned(), key: key.to_owned(), source })?;
-        Ok(Self { server: Arc::new(server) })
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|source| TlsError::Read {
+                    what: "client CA",
+                    path: ca.to_owned(),
+                    source,
+                })?;
+                let mut roots = rustls::RootCertStore::empty();
+                for der in CertificateDer::pem_slice_iter(&pem) {
+                    let der = der.map_err(|e| TlsError::Pem {
+                        what: "CA certificate",
+                        pem: "CERTIFICATE",
+                        path: ca.to_owned(),
+                        detail: e.to_string(),
+                    })?;
+                    roots.add(der).map_err(|source| TlsError::Mismatch {
+                        cert: ca.to_owned(),
+                        key: ca.to_owned(),
+                        source,
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(TlsError::Pem {
+                        what: "CA certificate",
+                        pem: "CERTIFICATE",
+                        path: ca.to_owned(),
+                        detail: "no block found".into(),
+                    });
+                }
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| TlsError::Pem {
+                            what: "usable CA certificate",
+                            pem: "CERTIFICATE",
+                            path: ca.to_owned(),
+                            detail: e.to_string(),
+                        })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let server = builder.with_single_cert(chain, private).map_err(|source| TlsError::Mismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
+        Ok(Self { server: Arc::new(server), mutual: client_ca.is_some(), acl: None })
+    }
+
+    /// Answers 403 to every call `acl` does not allow (see [`Acl`](super::acl::Acl)); the
+    /// identities it names are those of client certificates, so give it with
+    /// [`mutual_from_pem_files`](Self::mutual_from_pem_files).
+    pub fn with_acl(mut self, acl: super::acl::Acl) -> Self {
+        self.acl = Some(Arc::new(acl));
+        self
     }
 
     /// A session for a new connection.
