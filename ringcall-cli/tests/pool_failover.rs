@@ -117,6 +117,22 @@ fn errors_say_whether_the_request_ran() {
         Err(PoolError::NoEndpoint(why)) => assert_eq!(why, format!("{dead} down")),
         other => panic!("expected NoEndpoint, got {other:?}"),
     }
+    // A server at its connection limit refuses the pool's connection with a 503 before
+    // reading anything: the call did not run.
+    let (mut full, full_addr) =
+        spawn_server(Backend::Epoll, &["--threads", "1", "--max-connections-per-core", "1"], None);
+    let mut holder = common::Client::connect(full_addr);
+    assert_eq!(holder.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
+    let pool = Pool::with_endpoints(&[&full_addr.to_string()], config()).unwrap();
+    match pool.call(&Call::new(0), CallOptions::default()) {
+        Err(PoolError::NotRun(why)) => assert!(
+            why.contains("too many connections") || why.contains("reset") || why.contains("Broken pipe"),
+            "{why}"
+        ),
+        other => panic!("expected NotRun, got {other:?}"),
+    }
+    let _ = full.kill();
+    let _ = full.wait();
     // A live server whose request outlives the deadline: a timeout, after which the pool
     // goes on.
     let (mut server, addr) = spawn_server(Backend::Epoll, &["--threads", "1"], None);

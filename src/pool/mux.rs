@@ -93,6 +93,8 @@ impl Mux {
         }
         match rx.await {
             Ok(Ok(response)) => Ok(response),
+            // The server refused the connection before reading anything (its core was full).
+            Ok(Err(e @ ClientError::Server { code: 503, .. })) => Err(Failure::NotWritten(e)),
             Ok(Err(e)) => Err(Failure::Written(e)),
             Err(_) => Err(Failure::Written(ClientError::Closed("before the reply"))),
         }
@@ -129,12 +131,19 @@ async fn read_replies(
         }
         let id = reply_id(&mut line.clone());
         let Some(id) = id else {
-            // A reply without an id answers no request of ours (a 503 refusal, a 413): the
-            // server closes the connection after it.
-            let reason = decode_reply(&mut line, None)
-                .map(|r| format!("{} {}", r.code, r.error.unwrap_or_default()))
-                .unwrap_or_else(|e| e.to_string());
-            break ClientError::Protocol(format!("a reply without an id: {reason}"));
+            // A reply without an id answers no request of ours: a 503 refusal (the server's
+            // core was full: nothing it was sent ran) or a 413. It closes the connection.
+            break match decode_reply(&mut line, None) {
+                Ok(r) if r.code == 503 => {
+                    ClientError::Server { code: 503, message: r.error.unwrap_or_default() }
+                }
+                Ok(r) => ClientError::Protocol(format!(
+                    "a reply without an id: {} {}",
+                    r.code,
+                    r.error.unwrap_or_default()
+                )),
+                Err(e) => e,
+            };
         };
         let waiter = lock(&pending).remove(&id);
         if let Some(waiter) = waiter {
@@ -146,6 +155,9 @@ async fn read_replies(
     for (_, waiter) in lock(&pending).drain() {
         let _ = waiter.send(Err(match &why {
             ClientError::Closed(what) => ClientError::Closed(what),
+            ClientError::Server { code, message } => {
+                ClientError::Server { code: *code, message: message.clone() }
+            }
             _ => ClientError::Protocol(message.clone()),
         }));
     }
