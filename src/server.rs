@@ -315,7 +315,7 @@ impl ServerBuilder {
         let (ready_tx, ready_rx) = mpsc::channel();
         let signals = match config.handle_signals {
             true => Some(
-                signals::register(control.clone())
+                signals::register(control.clone(), config.tls.clone())
                     .map_err(|source| ServerError::Io { what: "cannot install signal handlers", source })?,
             ),
             false => None,

@@ -4,20 +4,23 @@
 //! This module owns the process's handlers for the two signals (installed with signal-hook
 //! when the first server that wants them starts) and the list of servers they stop. The first
 //! signal begins a graceful shutdown of every registered server; a second one exits at once
-//! with status 130. A signal that arrives while no server is registered does what it would
-//! have done without ringcall (the default action: the process ends).
+//! with status 130. SIGHUP makes every registered TLS server read its certificate and key
+//! again (for new connections; open ones keep theirs). A signal that arrives while no server
+//! is registered does what it would have done without ringcall (the default action: the
+//! process ends).
 
 use std::io;
 use std::sync::{Mutex, OnceLock};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use slab::Slab;
 
 use crate::backend::worker::StopSignal;
 
 struct Registry {
-    servers: Slab<std::sync::Arc<StopSignal>>,
+    /// Each server's stop signal, and its TLS configuration if it serves TLS.
+    servers: Slab<(std::sync::Arc<StopSignal>, Option<crate::protocol::TlsConfig>)>,
     /// A first signal already asked the servers to stop.
     stopping: bool,
 }
@@ -47,18 +50,21 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 
 /// Stops `server` gracefully at the first SIGINT or SIGTERM, installing the handlers if this
 /// is the first server that asks.
-pub(crate) fn register(server: std::sync::Arc<StopSignal>) -> io::Result<Registration> {
+pub(crate) fn register(
+    server: std::sync::Arc<StopSignal>,
+    tls: Option<crate::protocol::TlsConfig>,
+) -> io::Result<Registration> {
     LISTENING.get_or_init(listen).as_ref().map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
     let mut registry = registry();
     if registry.stopping {
         // Started after the shutdown was asked for: it stops too.
         server.stop();
     }
-    Ok(Registration(registry.servers.insert(server)))
+    Ok(Registration(registry.servers.insert((server, tls))))
 }
 
 fn listen() -> io::Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new().name("ringcall-signals".into()).spawn(move || {
         for signal in signals.forever() {
             on_signal(signal);
@@ -75,15 +81,35 @@ fn on_signal(signal: i32) {
         let _ = signal_hook::low_level::emulate_default_handler(signal);
         return;
     }
+    if signal == SIGHUP {
+        let configs: Vec<_> = registry.servers.iter().filter_map(|(_, (_, tls))| tls.clone()).collect();
+        drop(registry);
+        reload(&configs);
+        return;
+    }
     if registry.stopping {
         tracing::warn!(signal, "second signal: exiting without draining");
         std::process::exit(130);
     }
     registry.stopping = true;
     // Stop first: nothing (not even a failing log write) may delay the shutdown.
-    for (_, server) in &registry.servers {
+    for (_, (server, _)) in &registry.servers {
         server.stop();
     }
     drop(registry);
     tracing::info!(signal, "shutdown requested; send the signal again to exit at once");
+}
+
+/// SIGHUP: every TLS server reads its certificate and key again; a failure keeps the one in
+/// use and says why.
+fn reload(configs: &[crate::protocol::TlsConfig]) {
+    if configs.is_empty() {
+        tracing::info!("SIGHUP: no server serves TLS; nothing to reload");
+    }
+    for tls in configs {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections use it"),
+            Err(e) => tracing::warn!("SIGHUP: TLS certificate not reloaded, the one in use stays: {e}"),
+        }
+    }
 }

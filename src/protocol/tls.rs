@@ -21,6 +21,30 @@ pub struct TlsConfig {
     pub(crate) mutual: bool,
     /// Which identity may call which cmdids.
     pub(crate) acl: Option<Arc<super::acl::Acl>>,
+    /// The certificate in use, replaced by [`reload`](Self::reload).
+    cert: Arc<CertSource>,
+}
+
+/// The certificate and key every handshake uses, and the files they come from: a reload
+/// swaps them for new handshakes while connections already open keep theirs.
+#[derive(Debug)]
+struct CertSource {
+    cert: PathBuf,
+    key: PathBuf,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for CertSource {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    }
+}
+
+/// Loads `cert` and `key` as a certified key, checking that they match.
+fn certified_key(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let (chain, private) = load_pair(cert, key)?;
+    rustls::sign::CertifiedKey::from_der(chain, private, &rustls::crypto::ring::default_provider())
+        .map_err(|source| TlsError::Mismatch { cert: cert.to_owned(), key: key.to_owned(), source })
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -131,8 +155,23 @@ impl TlsConfig {
         Self::build(cert, key, Some(ca))
     }
 
+    /// Reads the certificate and key files again and uses them for every new handshake
+    /// (connections already open keep theirs). On an error the certificate in use stays.
+    ///
+    /// # Errors
+    /// As [`from_pem_files`](Self::from_pem_files).
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = certified_key(&self.cert.cert, &self.cert.key)?;
+        *self.cert.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+        Ok(())
+    }
+
     fn build(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsError> {
-        let (chain, private) = load_pair(cert, key)?;
+        let source = Arc::new(CertSource {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            current: std::sync::RwLock::new(Arc::new(certified_key(cert, key)?)),
+        });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -179,12 +218,8 @@ impl TlsConfig {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let server = builder.with_single_cert(chain, private).map_err(|source| TlsError::Mismatch {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            source,
-        })?;
-        Ok(Self { server: Arc::new(server), mutual: client_ca.is_some(), acl: None })
+        let server = builder.with_cert_resolver(source.clone());
+        Ok(Self { server: Arc::new(server), mutual: client_ca.is_some(), acl: None, cert: source })
     }
 
     /// Answers 403 to every call `acl` does not allow (see [`Acl`](super::acl::Acl)); the
