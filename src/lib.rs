@@ -33,7 +33,8 @@
 //!   encodes replies, [`protocol::session`] turns received bytes into reply bytes, and
 //!   [`protocol::connection`] holds every rule of a connection — backpressure, deadlines,
 //!   FIN and linger, draining, the connection limit — as one state machine every backend
-//!   drives.
+//!   drives; [`protocol::tls`] (TLS, mutual TLS, certificate reload) and [`protocol::acl`]
+//!   (which client identity may call what) sit in it too.
 //! - [`dispatch`]: services ([`Service`]: shared and per-core state), the [`Routes`] trait,
 //!   the [`routes!`] macro (compile-time tables), the handler shapes and their [`Ctx`].
 //! - [`protocol::deferred`]: replies answered later ([`Deferred`]), kept in request order.
@@ -41,9 +42,10 @@
 //!   `uring`.
 //! - [`exec`]: where async and blocking handler work runs (a tokio runtime, a bounded
 //!   blocking pool).
-//! - [`handlers`]: the built-in commands (ping, stats, echo) and
-//!   [`WithBuiltins`](handlers::WithBuiltins), which puts them in front of a table.
-//! - [`stats`]: per-core counters (and per command: replies by code, handler time), merged
+//! - [`handlers`]: the built-in commands (ping, stats, echo); the processor answers the
+//!   first two for every service, and any table can route echo.
+//! - [`stats`]: per-core counters (and per command: replies by code, handler time, time in
+//!   the server), merged
 //!   on read.
 //! - [`metrics`]: those counters as Prometheus metrics, and a `/metrics` endpoint on its own
 //!   thread.
