@@ -45,8 +45,7 @@
 //! - [`handlers`]: the built-in commands (ping, stats, echo); the processor answers the
 //!   first two for every service, and any table can route echo.
 //! - [`stats`]: per-core counters (and per command: replies by code, handler time, time in
-//!   the server), merged
-//!   on read.
+//!   the server), merged on read.
 //! - [`metrics`]: those counters as Prometheus metrics, and a `/metrics` endpoint on its own
 //!   thread.
 //! - [`server`]: configuration, the builder, start-up and shutdown fan-out.
