@@ -231,8 +231,41 @@ fn map_read_error(e: io::Error, timeout: Duration) -> ClientError {
 pub struct Client {
     addr: SocketAddr,
     timeout: Duration,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Stream>,
     wire: Wire,
+    tls: Option<crate::protocol::ClientTls>,
+}
+
+/// The blocking client's connection: plain TCP, or TLS over it.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
@@ -257,18 +290,52 @@ impl Client {
     /// # Errors
     /// The address does not resolve or the connection fails.
     pub fn connect_timeout(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let addr = resolve(addr)?;
-        let stream = Self::open(addr, timeout)?;
-        Ok(Self { addr, timeout, reader: BufReader::new(stream), wire: Wire::new() })
+        Self::connect_with(addr, timeout, None)
     }
 
-    fn open(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ClientError> {
+    /// Connects over TLS ([`ClientTls`](crate::protocol::ClientTls): the CA to trust, the
+    /// server's name, the client's certificate for mutual TLS); `timeout` bounds the
+    /// connection and every reply.
+    ///
+    /// # Errors
+    /// The address does not resolve or the connection fails (a failed handshake shows at the
+    /// first call).
+    pub fn connect_tls(
+        addr: &str,
+        timeout: Duration,
+        tls: crate::protocol::ClientTls,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(addr, timeout, Some(tls))
+    }
+
+    fn connect_with(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<crate::protocol::ClientTls>,
+    ) -> Result<Self, ClientError> {
+        let addr = resolve(addr)?;
+        let stream = Self::open(addr, timeout, tls.as_ref())?;
+        Ok(Self { addr, timeout, reader: BufReader::new(stream), wire: Wire::new(), tls })
+    }
+
+    fn open(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<&crate::protocol::ClientTls>,
+    ) -> Result<Stream, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_string(), source };
         let stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(stream)
+        Ok(match tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let session = rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                    .map_err(|e| ClientError::Io(io::Error::other(e)))?;
+                Stream::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
+            }
+        })
     }
 
     /// Drops the connection and opens a new one (the only way past a timeout or error).
@@ -276,7 +343,7 @@ impl Client {
     /// # Errors
     /// The new connection fails.
     pub fn reconnect(&mut self) -> Result<(), ClientError> {
-        self.reader = BufReader::new(Self::open(self.addr, self.timeout)?);
+        self.reader = BufReader::new(Self::open(self.addr, self.timeout, self.tls.as_ref())?);
         self.wire.broken = false;
         Ok(())
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use common::{TestRoutes, start_service};
 use ringcall::Backend;
 use ringcall::protocol::{TlsConfig, TlsError};
+use ringcall::simd_json::prelude::*;
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, written to a directory of its own.
 struct Certs {
@@ -299,4 +300,44 @@ fn mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what(bac
 every_backend!(
     tls_round_trips_and_plain_clients_are_closed,
     mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what,
+    the_blocking_client_speaks_tls_and_mutual_tls,
 );
+
+fn the_blocking_client_speaks_tls_and_mutual_tls(backend: Backend) {
+    let pki = Pki::new(&format!("client-{}", backend.name()));
+    let acl = ringcall::protocol::Acl::parse("[allow]\n\"billing.internal\" = [10000]\n").unwrap();
+    let Some(server) = start_service(backend, TestRoutes, |b| b.tls(pki.server_config().with_acl(acl)))
+    else {
+        return;
+    };
+    let (cert, key) = pki.issue("billing.internal");
+    std::fs::write(pki.dir.join("billing.pem"), cert.pem()).unwrap();
+    std::fs::write(pki.dir.join("billing.key"), key.serialize_pem()).unwrap();
+    let tls = ringcall::protocol::ClientTls::from_pem_files(
+        &pki.dir.join("ca.pem"),
+        "localhost",
+        Some((&pki.dir.join("billing.pem"), &pki.dir.join("billing.key"))),
+    )
+    .unwrap();
+    let mut client =
+        ringcall::client::Client::connect_tls(&server.local_addr().to_string(), Duration::from_secs(30), tls)
+            .unwrap();
+    let data = client.call(10000, &serde_json::json!({"over": "tls"})).unwrap();
+    assert_eq!(data.encode(), "{\"over\":\"tls\"}");
+    match client.call(1, &serde_json::json!({})) {
+        Err(ringcall::client::ClientError::Server { code: 403, message }) => {
+            assert_eq!(message, "billing.internal may not call cmdid 1")
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    // Without a client certificate the handshake fails, and the call says so.
+    let anonymous =
+        ringcall::protocol::ClientTls::from_pem_files(&pki.dir.join("ca.pem"), "localhost", None).unwrap();
+    let mut client = ringcall::client::Client::connect_tls(
+        &server.local_addr().to_string(),
+        Duration::from_secs(30),
+        anonymous,
+    )
+    .unwrap();
+    assert!(client.call(10000, &serde_json::json!({})).is_err());
+}

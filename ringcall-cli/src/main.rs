@@ -69,6 +69,18 @@ struct CallArgs {
     /// Seconds to wait for the connection and each reply.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Speak TLS, trusting the CA certificates in this file (PEM).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry (default: the host of --addr).
+    #[arg(long, requires = "tls_ca")]
+    tls_name: Option<String>,
+    /// Mutual TLS: this client certificate (PEM); needs --tls-key.
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// The command id, or `-` to read request lines from stdin.
     cmdid: String,
     /// The params, as a JSON object.
@@ -447,7 +459,17 @@ fn call(args: CallArgs) -> anyhow::Result<()> {
         Some(params) => Call::with_json(cmdid, params)?,
         None => Call::new(cmdid),
     };
-    let response = if args.addr.contains(',') {
+    let response = if let Some(ca) = &args.tls_ca {
+        anyhow::ensure!(
+            !args.addr.contains(','),
+            "--tls-ca takes one server (the client pool has no TLS yet)"
+        );
+        let host = args.addr.rsplit_once(':').map_or(args.addr.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+        let name = args.tls_name.as_deref().unwrap_or(host);
+        let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+        let tls = ringcall::protocol::ClientTls::from_pem_files(ca, name, identity)?;
+        Client::connect_tls(&args.addr, timeout, tls)?.send(&call)?
+    } else if args.addr.contains(',') {
         let endpoints: Vec<&str> = args.addr.split(',').map(str::trim).collect();
         let config = ringcall::pool::PoolConfig { timeout, connect_timeout: timeout, ..Default::default() };
         let pool = ringcall::pool::Pool::with_endpoints(&endpoints, config)?;

@@ -23,4 +23,4 @@ pub use deferred::{Deferred, Mailbox, Output};
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
 pub use session::{Flow, PADDING, Processor, Responder, Session};
-pub use tls::{TlsConfig, TlsError};
+pub use tls::{ClientTls, TlsConfig, TlsError};

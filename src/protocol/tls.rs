@@ -238,3 +238,81 @@ impl TlsConfig {
         Ok(conn)
     }
 }
+
+/// What a client needs to speak TLS to a server: the CA that signed the server's certificate,
+/// the name the certificate must carry, and, for mutual TLS, the client's own certificate.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Trusts the CA certificates in `ca` (PEM) for a server named `server_name` (a DNS name
+    /// or an IP address its certificate carries); presents `identity` (certificate and key
+    /// files) when the server asks for one.
+    ///
+    /// # Errors
+    /// A file is missing or unreadable, holds no PEM object of its kind, or the name is not
+    /// a valid DNS name or IP address.
+    pub fn from_pem_files(
+        ca: &Path,
+        server_name: &str,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<Self, TlsError> {
+        let pem =
+            std::fs::read(ca).map_err(|source| TlsError::Read { what: "CA", path: ca.to_owned(), source })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for der in CertificateDer::pem_slice_iter(&pem) {
+            let der = der.map_err(|e| TlsError::Pem {
+                what: "CA certificate",
+                pem: "CERTIFICATE",
+                path: ca.to_owned(),
+                detail: e.to_string(),
+            })?;
+            roots.add(der).map_err(|source| TlsError::Mismatch {
+                cert: ca.to_owned(),
+                key: ca.to_owned(),
+                source,
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::Pem {
+                what: "CA certificate",
+                pem: "CERTIFICATE",
+                path: ca.to_owned(),
+                detail: "no block found".into(),
+            });
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|source| TlsError::Mismatch { cert: ca.to_owned(), key: ca.to_owned(), source })?
+            .with_root_certificates(roots);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let (chain, private) = load_pair(cert, key)?;
+                builder.with_client_auth_cert(chain, private).map_err(|source| TlsError::Mismatch {
+                    cert: cert.to_owned(),
+                    key: key.to_owned(),
+                    source,
+                })?
+            }
+        };
+        let server_name =
+            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| TlsError::Pem {
+                what: "valid server name",
+                pem: "",
+                path: PathBuf::from(server_name),
+                detail: e.to_string(),
+            })?;
+        Ok(Self { config: Arc::new(config), server_name })
+    }
+}
