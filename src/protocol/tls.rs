@@ -126,6 +126,34 @@ fn load_pair(
     Ok((chain, private))
 }
 
+/// The CA certificates in `ca` (PEM), as trust roots.
+fn load_roots(ca: &Path, what: &'static str) -> Result<rustls::RootCertStore, TlsError> {
+    let pem = std::fs::read(ca).map_err(|source| TlsError::Read { what, path: ca.to_owned(), source })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(&pem) {
+        let der = der.map_err(|e| TlsError::Pem {
+            what: "CA certificate",
+            pem: "CERTIFICATE",
+            path: ca.to_owned(),
+            detail: e.to_string(),
+        })?;
+        roots.add(der).map_err(|source| TlsError::Mismatch {
+            cert: ca.to_owned(),
+            key: ca.to_owned(),
+            source,
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Pem {
+            what: "CA certificate",
+            pem: "CERTIFICATE",
+            path: ca.to_owned(),
+            detail: "no block found".into(),
+        });
+    }
+    Ok(roots)
+}
+
 /// The identity of a verified client: the first DNS name of its certificate's subject
 /// alternative names.
 pub(crate) fn client_identity(session: &rustls::ServerConnection) -> Option<Arc<str>> {
@@ -179,33 +207,7 @@ impl TlsConfig {
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
-                let pem = std::fs::read(ca).map_err(|source| TlsError::Read {
-                    what: "client CA",
-                    path: ca.to_owned(),
-                    source,
-                })?;
-                let mut roots = rustls::RootCertStore::empty();
-                for der in CertificateDer::pem_slice_iter(&pem) {
-                    let der = der.map_err(|e| TlsError::Pem {
-                        what: "CA certificate",
-                        pem: "CERTIFICATE",
-                        path: ca.to_owned(),
-                        detail: e.to_string(),
-                    })?;
-                    roots.add(der).map_err(|source| TlsError::Mismatch {
-                        cert: ca.to_owned(),
-                        key: ca.to_owned(),
-                        source,
-                    })?;
-                }
-                if roots.is_empty() {
-                    return Err(TlsError::Pem {
-                        what: "CA certificate",
-                        pem: "CERTIFICATE",
-                        path: ca.to_owned(),
-                        detail: "no block found".into(),
-                    });
-                }
+                let roots = load_roots(ca, "client CA")?;
                 let verifier =
                     rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
@@ -266,30 +268,7 @@ impl ClientTls {
         server_name: &str,
         identity: Option<(&Path, &Path)>,
     ) -> Result<Self, TlsError> {
-        let pem =
-            std::fs::read(ca).map_err(|source| TlsError::Read { what: "CA", path: ca.to_owned(), source })?;
-        let mut roots = rustls::RootCertStore::empty();
-        for der in CertificateDer::pem_slice_iter(&pem) {
-            let der = der.map_err(|e| TlsError::Pem {
-                what: "CA certificate",
-                pem: "CERTIFICATE",
-                path: ca.to_owned(),
-                detail: e.to_string(),
-            })?;
-            roots.add(der).map_err(|source| TlsError::Mismatch {
-                cert: ca.to_owned(),
-                key: ca.to_owned(),
-                source,
-            })?;
-        }
-        if roots.is_empty() {
-            return Err(TlsError::Pem {
-                what: "CA certificate",
-                pem: "CERTIFICATE",
-                path: ca.to_owned(),
-                detail: "no block found".into(),
-            });
-        }
+        let roots = load_roots(ca, "CA")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
