@@ -125,10 +125,8 @@ fn errors_say_whether_the_request_ran() {
     assert_eq!(holder.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
     let pool = Pool::with_endpoints(&[&full_addr.to_string()], config()).unwrap();
     match pool.call(&Call::new(0), CallOptions::default()) {
-        Err(PoolError::NotRun(why)) => assert!(
-            why.contains("too many connections") || why.contains("reset") || why.contains("Broken pipe"),
-            "{why}"
-        ),
+        // Whether the refusal, a reset or the closed connection was seen first, it did not run.
+        Err(PoolError::NotRun(why)) => assert!(why.contains(&full_addr.to_string()), "{why}"),
         other => panic!("expected NotRun, got {other:?}"),
     }
     let _ = full.kill();
