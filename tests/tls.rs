@@ -301,6 +301,7 @@ every_backend!(
     tls_round_trips_and_plain_clients_are_closed,
     mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what,
     the_blocking_client_speaks_tls_and_mutual_tls,
+    the_client_pool_speaks_mutual_tls,
 );
 
 fn the_blocking_client_speaks_tls_and_mutual_tls(backend: Backend) {
@@ -340,4 +341,32 @@ fn the_blocking_client_speaks_tls_and_mutual_tls(backend: Backend) {
     )
     .unwrap();
     assert!(client.call(10000, &serde_json::json!({})).is_err());
+}
+
+fn the_client_pool_speaks_mutual_tls(backend: Backend) {
+    let pki = Pki::new(&format!("pool-{}", backend.name()));
+    let (Some(a), Some(b)) = (
+        start_service(backend, TestRoutes, |s| s.tls(pki.server_config())),
+        start_service(backend, TestRoutes, |s| s.tls(pki.server_config())),
+    ) else {
+        return;
+    };
+    let (cert, key) = pki.issue("billing.internal");
+    std::fs::write(pki.dir.join("pool.pem"), cert.pem()).unwrap();
+    std::fs::write(pki.dir.join("pool.key"), key.serialize_pem()).unwrap();
+    let tls = ringcall::protocol::ClientTls::from_pem_files(
+        &pki.dir.join("ca.pem"),
+        "localhost",
+        Some((&pki.dir.join("pool.pem"), &pki.dir.join("pool.key"))),
+    )
+    .unwrap();
+    let config = ringcall::pool::PoolConfig { tls: Some(tls), ..Default::default() };
+    let endpoints = [a.local_addr().to_string(), b.local_addr().to_string()];
+    let pool = ringcall::pool::Pool::with_endpoints(&[&endpoints[0], &endpoints[1]], config).unwrap();
+    for i in 0..50 {
+        let call = ringcall::client::Call::with_params(10000, &serde_json::json!({ "i": i })).unwrap();
+        let reply = pool.call(&call, ringcall::pool::CallOptions::default()).unwrap();
+        assert_eq!(reply.data.encode(), format!("{{\"i\":{i}}}"));
+    }
+    assert!(pool.status().iter().all(|s| s.answered > 0), "{:?}", pool.status());
 }

@@ -72,7 +72,8 @@ struct CallArgs {
     /// Speak TLS, trusting the CA certificates in this file (PEM).
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
-    /// The name the server's certificate must carry (default: the host of --addr).
+    /// The name the servers' certificates must carry (default: the host of --addr, the
+    /// first one's with several).
     #[arg(long, requires = "tls_ca")]
     tls_name: Option<String>,
     /// Mutual TLS: this client certificate (PEM); needs --tls-key.
@@ -459,21 +460,24 @@ fn call(args: CallArgs) -> anyhow::Result<()> {
         Some(params) => Call::with_json(cmdid, params)?,
         None => Call::new(cmdid),
     };
-    let response = if let Some(ca) = &args.tls_ca {
-        anyhow::ensure!(
-            !args.addr.contains(','),
-            "--tls-ca takes one server (the client pool has no TLS yet)"
-        );
-        let host = args.addr.rsplit_once(':').map_or(args.addr.as_str(), |(h, _)| h).trim_matches(['[', ']']);
-        let name = args.tls_name.as_deref().unwrap_or(host);
-        let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
-        let tls = ringcall::protocol::ClientTls::from_pem_files(ca, name, identity)?;
-        Client::connect_tls(&args.addr, timeout, tls)?.send(&call)?
-    } else if args.addr.contains(',') {
+    let tls = match &args.tls_ca {
+        Some(ca) => {
+            let first = args.addr.split(',').next().unwrap_or_default().trim();
+            let host = first.rsplit_once(':').map_or(first, |(h, _)| h).trim_matches(['[', ']']);
+            let name = args.tls_name.as_deref().unwrap_or(host);
+            let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+            Some(ringcall::protocol::ClientTls::from_pem_files(ca, name, identity)?)
+        }
+        None => None,
+    };
+    let response = if args.addr.contains(',') {
         let endpoints: Vec<&str> = args.addr.split(',').map(str::trim).collect();
-        let config = ringcall::pool::PoolConfig { timeout, connect_timeout: timeout, ..Default::default() };
+        let config =
+            ringcall::pool::PoolConfig { timeout, connect_timeout: timeout, tls, ..Default::default() };
         let pool = ringcall::pool::Pool::with_endpoints(&endpoints, config)?;
         pool.call(&call, ringcall::pool::CallOptions::default())?
+    } else if let Some(tls) = tls {
+        Client::connect_tls(&args.addr, timeout, tls)?.send(&call)?
     } else {
         Client::connect_timeout(&args.addr, timeout)?.send(&call)?
     };

@@ -51,6 +51,9 @@ pub struct PoolConfig {
     pub retry_ratio: f64,
     /// Retries allowed per second on top of the ratio.
     pub retry_floor: f64,
+    /// Speak TLS to every endpoint (the endpoints' certificates must carry the name it
+    /// gives).
+    pub tls: Option<crate::protocol::ClientTls>,
 }
 
 impl Default for PoolConfig {
@@ -64,6 +67,7 @@ impl Default for PoolConfig {
             rediscover_every: Duration::from_secs(5),
             retry_ratio: 0.2,
             retry_floor: 10.0,
+            tls: None,
         }
     }
 }
@@ -246,7 +250,7 @@ impl Endpoint {
                 .find(|&i| conns[i].as_ref().is_none_or(|c| c.is_closed()));
             (empty.expect("a free slot"), live.first().map(|(_, c)| (*c).clone()))
         };
-        match Mux::connect(&self.addr, config.connect_timeout).await {
+        match Mux::connect(&self.addr, config.connect_timeout, config.tls.as_ref()).await {
             Ok(mux) => {
                 lock(&self.conns)[slot] = Some(mux.clone());
                 Ok(mux)
@@ -444,7 +448,9 @@ async fn maintain(pool: std::sync::Weak<Inner>, discover: impl Discover) {
             let inner = inner.clone();
             tokio::spawn(async move {
                 let probe = async {
-                    let mux = Mux::connect(&endpoint.addr, inner.config.connect_timeout).await?;
+                    let mux =
+                        Mux::connect(&endpoint.addr, inner.config.connect_timeout, inner.config.tls.as_ref())
+                            .await?;
                     match mux.call(&Call::new(crate::handlers::PING), None).await {
                         Ok(r) if r.code == 0 => Ok(mux),
                         Ok(r) => {

@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use simd_json::prelude::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
 use crate::client::{Call, ClientError, Response, decode_reply, encode_call};
@@ -28,8 +27,11 @@ pub(crate) enum Failure {
 type Waiter = oneshot::Sender<Result<Response, ClientError>>;
 
 /// A multiplexed connection.
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+
 pub(crate) struct Mux {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Writer>,
     pending: Arc<Mutex<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
     closed: Arc<AtomicBool>,
@@ -37,7 +39,11 @@ pub(crate) struct Mux {
 
 impl Mux {
     /// Connects to `addr` within `timeout` and starts the reader task on the current runtime.
-    pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Arc<Self>, ClientError> {
+    pub(crate) async fn connect(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<&crate::protocol::ClientTls>,
+    ) -> Result<Arc<Self>, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_owned(), source };
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => stream,
@@ -45,7 +51,23 @@ impl Mux {
             Err(_) => return Err(connect_err(std::io::Error::from(std::io::ErrorKind::TimedOut))),
         };
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
+        let (read, write): (Box<dyn AsyncRead + Send + Unpin>, Writer) = match tls {
+            None => {
+                let (read, write) = stream.into_split();
+                (Box::new(read), Box::new(write))
+            }
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let handshake = connector.connect(tls.server_name.clone(), stream);
+                let stream = match tokio::time::timeout(timeout, handshake).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return Err(connect_err(e)),
+                    Err(_) => return Err(connect_err(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+                };
+                let (read, write) = tokio::io::split(stream);
+                (Box::new(read), Box::new(write))
+            }
+        };
         let mux = Arc::new(Self {
             writer: tokio::sync::Mutex::new(write),
             pending: Arc::new(Mutex::new(HashMap::new())),
@@ -84,7 +106,14 @@ impl Mux {
         }
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
-        let written = self.writer.lock().await.write_all(&line).await;
+        let written = {
+            let mut writer = self.writer.lock().await;
+            match writer.write_all(&line).await {
+                // A TLS stream holds what it encrypted until flushed.
+                Ok(()) => writer.flush().await,
+                Err(e) => Err(e),
+            }
+        };
         if let Err(e) = written {
             lock(&self.pending).remove(&id);
             self.closed.store(true, Ordering::Release);
@@ -115,11 +144,7 @@ fn lock(pending: &Mutex<HashMap<u64, Waiter>>) -> std::sync::MutexGuard<'_, Hash
 
 /// Reads replies until the connection ends, handing each to the caller its id names; then
 /// fails every call still waiting.
-async fn read_replies(
-    mut read: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
-    closed: Arc<AtomicBool>,
-) {
+async fn read_replies(mut read: Reader, pending: Arc<Mutex<HashMap<u64, Waiter>>>, closed: Arc<AtomicBool>) {
     let mut line = Vec::new();
     let why = loop {
         line.clear();
