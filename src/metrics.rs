@@ -140,39 +140,45 @@ impl Collector for Scrape {
                 ConstCounter::new(count).encode(by_command.encode_family(&labels)?)?;
             }
         }
-        let mut handler = encoder.encode_descriptor(
+        command_histogram(
+            &mut encoder,
             "command_handler_seconds",
             "How long each command's handler ran (all cores).",
-            None,
-            MetricType::Histogram,
+            &commands,
+            |c| (c.handler_seconds, &c.handler_buckets),
         )?;
-        for command in &commands {
-            let labels = [("cmdid", command.cmdid.to_string())];
-            handler.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                command.handler_seconds,
-                command.timed(),
-                &latency_buckets(&command.handler_buckets),
-                None,
-            )?;
-        }
-        let mut in_server = encoder.encode_descriptor(
+        command_histogram(
+            &mut encoder,
             "command_in_server_seconds",
             "Time in the server of each command's replies, from reading the request to the end \
              of the send that carried the reply (all cores).",
-            None,
-            MetricType::Histogram,
+            &commands,
+            |c| (c.in_server_seconds, &c.in_server_buckets),
         )?;
-        for command in &commands {
-            let labels = [("cmdid", command.cmdid.to_string())];
-            in_server.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                command.in_server_seconds,
-                command.in_server_buckets.iter().sum(),
-                &latency_buckets(&command.in_server_buckets),
-                None,
-            )?;
-        }
         Ok(())
     }
+}
+
+/// A histogram per cmdid, of the seconds and buckets `pick` reads off each command.
+fn command_histogram(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    commands: &[crate::stats::CommandSnapshot],
+    pick: fn(&crate::stats::CommandSnapshot) -> (f64, &[u64; LATENCY_BUCKETS_US.len() + 1]),
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for command in commands {
+        let (seconds, buckets) = pick(command);
+        let labels = [("cmdid", command.cmdid.to_string())];
+        family.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            seconds,
+            buckets.iter().sum(),
+            &latency_buckets(buckets),
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// Histogram buckets for the encoder: each bound of [`LATENCY_BUCKETS_US`] in seconds, then

@@ -243,7 +243,7 @@ pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
             Wake::Readable(true) => receive(&stream, &mut conn, &access, now),
             Wake::Readable(false) | Wake::Writable(false) => conn.on_error(),
             Wake::Deadline => access.with(|core| conn.on_timeout(now, core.processor.stats())),
-            Wake::Deferred => access.with(|core| conn.on_deferred(now, core.processor.stats())),
+            Wake::Deferred => access.with(|core| conn.on_deferred(core.processor.stats())),
             Wake::Writable(true) | Wake::Stop => {}
         }
     }

@@ -356,7 +356,7 @@ async fn serve_connection<S: Service>(core: &Core<S>, slot: usize, conn: &Conn) 
             }
             () = defer.as_mut(), if read_deferred_until.is_some() => {}
             () = super::deferred_ready(mailbox.as_deref()), if mailbox.is_some() => {
-                conn.conn.borrow_mut().on_deferred(Instant::now(), core.processor.borrow().stats());
+                conn.conn.borrow_mut().on_deferred(core.processor.borrow().stats());
             }
             () = wake.as_mut() => wake.set(conn.wake.notified()),
         }

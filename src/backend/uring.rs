@@ -465,7 +465,7 @@ impl<S: Service> Worker<S> {
         );
         for &(slot, generation) in &ready {
             let Some(c) = self.conns.get_mut(slot).filter(|c| c.generation == generation) else { continue };
-            c.conn.on_deferred(self.now, self.processor.stats());
+            c.conn.on_deferred(self.processor.stats());
             self.drive(slot, false)?;
         }
         ready.clear();
@@ -771,7 +771,7 @@ impl<S: Service> Worker<S> {
             let waker = ConnWaker { slot, generation: c.generation, core: self.deferred.clone() };
             mailbox.set_waker(std::task::Waker::from(Arc::new(waker)));
             // Answers may have come before the waker was set.
-            c.conn.on_deferred(self.now, self.processor.stats());
+            c.conn.on_deferred(self.processor.stats());
         }
         if c.conn.wants_send() {
             self.send_queue.push(slot);

@@ -229,10 +229,8 @@ impl Tls {
         session: &mut Session,
         out: &mut Output,
     ) -> Result<(Flow, bool), rustls::Error> {
-        use std::io::Read;
         let mut flow = Flow::Continue;
         let mut peer_closed = false;
-        let mut plain = [0u8; 16 * 1024];
         while !received.is_empty() {
             if self.session.read_tls(&mut received).is_err() {
                 break;
@@ -245,15 +243,18 @@ impl Tls {
                 }
             }
             loop {
-                match self.session.reader().read(&mut plain) {
-                    Ok(0) => {
+                // Once the stream is out of sync the processor discards what it is fed.
+                match processor.on_recv_from(session, out, &mut self.session.reader()) {
+                    Ok(Some(next)) => {
+                        if flow == Flow::Continue {
+                            flow = next;
+                        }
+                    }
+                    Ok(None) => {
                         peer_closed = true;
                         break;
                     }
-                    Ok(n) if flow == Flow::Continue => {
-                        flow = processor.on_recv_copy(session, &plain[..n], out)
-                    }
-                    Ok(_) => {}
+                    // WouldBlock: no more plaintext until more records arrive.
                     Err(_) => break,
                 }
             }
@@ -329,19 +330,19 @@ impl Connection {
 
     /// Deferred replies were answered (the mailbox woke the backend): they join the output
     /// in request order, with the replies that waited behind them.
-    pub fn on_deferred(&mut self, now: Instant, stats: &CoreStats) {
+    pub fn on_deferred(&mut self, stats: &CoreStats) {
         let span = self.span.clone();
         let _entered = span.enter();
         if matches!(self.state, State::Closed(_)) {
             return;
         }
         self.out.take_completions(stats);
-        self.resume_if_below(stats, now);
+        self.resume_if_below();
     }
 
     /// Resumes reading once the connection holds at most half of `max_pending_output` and
     /// half of `max_deferred`.
-    fn resume_if_below(&mut self, _stats: &CoreStats, _now: Instant) {
+    fn resume_if_below(&mut self) {
         if self.reading == Reading::Paused
             && self.held() <= self.limits.max_pending_output / 2
             && self.out.pending() <= self.limits.max_deferred / 2
@@ -527,7 +528,7 @@ impl Connection {
                 self.out.shrink_ready(OUT_KEEP);
             }
         }
-        self.resume_if_below(stats, now);
+        self.resume_if_below();
     }
 
     /// `buf[..len]` was received (`buf` extends [`super::PADDING`] bytes past `len`): every
@@ -668,7 +669,7 @@ impl Connection {
         // Requests whose `timeout_ms` passed get their 504 in their place.
         if self.out.next_deadline().is_some_and(|at| at <= now) {
             self.out.expire(now, stats);
-            self.resume_if_below(stats, now);
+            self.resume_if_below();
         }
         if self.close_deadline().is_none_or(|at| at > now) {
             return;
@@ -1191,10 +1192,10 @@ mod tests {
         assert_eq!(f.total().deferred_pending, 2);
         // The second answers first: it waits for the first.
         second.ok(&"b");
-        conn.on_deferred(f.at(2), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         assert_eq!(f.send_all(&mut conn, 2), b"");
         first.ok(&"a");
-        conn.on_deferred(f.at(3), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         assert_eq!(
             f.send_all(&mut conn, 3),
             [
@@ -1230,7 +1231,7 @@ mod tests {
         );
         assert_eq!(conn.poll_timeout(), None);
         late.ok(&"too late");
-        conn.on_deferred(f.at(2_000), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         assert_eq!(f.send_all(&mut conn, 2_000), b"");
         let total = f.total();
         assert_eq!((total.deadline_expired, total.late_replies, total.replies_with(504)), (1, 1, 1));
@@ -1241,7 +1242,7 @@ mod tests {
         let (mut f, mut conn) = Fixture::new(limits());
         f.recv(&mut conn, &[LATER_LINE, b"{\"cmdid\":3001,\"id\":2}\n", b"{\"cmdid\":0}\n"].concat(), 0);
         drop(held());
-        conn.on_deferred(f.at(1), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         assert_eq!(
             String::from_utf8(f.send_all(&mut conn, 1)).unwrap(),
             "{\"code\":500,\"id\":7,\"error\":\"handler for cmdid 3000 dropped its reply without answering\"}\n\
@@ -1260,7 +1261,7 @@ mod tests {
         conn.on_peer_closed(f.at(1));
         assert_eq!(conn.poll(f.at(1), || 0), Step::Wait, "a reply is still owed");
         held().pop().unwrap().ok(&1);
-        conn.on_deferred(f.at(2), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         assert_eq!(f.send_all(&mut conn, 2), b"{\"code\":0,\"id\":7,\"data\":1}\n");
         assert_eq!(conn.poll(f.at(2), || 0), Step::Close(CloseReason::PeerClosed));
     }
@@ -1291,10 +1292,10 @@ mod tests {
         assert_eq!(f.total().backpressure_pauses, 1);
         let mut handles = held().into_iter();
         handles.next().unwrap().ok(&0);
-        conn.on_deferred(f.at(2), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         assert!(!conn.wants_read(), "3 pending is above half");
         handles.next().unwrap().ok(&1);
-        conn.on_deferred(f.at(3), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         assert!(conn.wants_read(), "2 pending is half");
     }
 
@@ -1319,7 +1320,7 @@ mod tests {
         assert_eq!(in_server(10000), (1, 0.005), "sent whole at 5 ms");
         assert_eq!(in_server(0).0, 0, "the ping waits behind the deferred reply");
         held().pop().unwrap().ok(&"done");
-        conn.on_deferred(f.at(9), f.stats.core(0));
+        conn.on_deferred(f.stats.core(0));
         f.send_all(&mut conn, 10);
         assert_eq!(in_server(3000), (1, 0.008));
         assert_eq!(in_server(0), (1, 0.008));

@@ -277,6 +277,29 @@ impl<S: Service> Processor<S> {
         flow
     }
 
+    /// Feeds what one read of `source` yields (TLS plaintext), read straight into the padded
+    /// scratch buffer: `Ok(None)` at its end.
+    pub(crate) fn on_recv_from(
+        &mut self,
+        session: &mut Session,
+        out: &mut Output,
+        source: &mut impl std::io::Read,
+    ) -> std::io::Result<Option<Flow>> {
+        const CHUNK: usize = 16 * 1024;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // Grown once, never cleared: the padding's contents do not matter to the parser.
+        if scratch.len() < CHUNK + PADDING {
+            scratch.resize(CHUNK + PADDING, 0);
+        }
+        let result = match source.read(&mut scratch[..CHUNK]) {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(self.on_recv(session, &mut scratch, n, out))),
+            Err(e) => Err(e),
+        };
+        self.scratch = scratch;
+        result
+    }
+
     fn stash(&mut self, session: &mut Session, rest: &[u8], out: &mut Output) -> Flow {
         if session.carry.len() + rest.len() > self.limits.max_line {
             return self.too_long(session, out);
