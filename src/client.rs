@@ -93,6 +93,13 @@ impl Call {
         Self { cmdid, params: None }
     }
 
+    /// The hello presenting `token` ([`access`](crate::protocol::access)).
+    pub fn hello(token: &crate::protocol::HelloToken) -> Self {
+        let mut params = simd_json::owned::Object::new();
+        params.insert("token".into(), OwnedValue::from(token.as_str()));
+        Self { cmdid: crate::protocol::access::HELLO, params: Some(OwnedValue::from(params)) }
+    }
+
     /// A call whose params are given as JSON text (must be an object).
     ///
     /// # Errors
@@ -234,6 +241,7 @@ pub struct Client {
     reader: BufReader<Stream>,
     wire: Wire,
     tls: Option<crate::protocol::ClientTls>,
+    token: Option<crate::protocol::HelloToken>,
 }
 
 /// The blocking client's connection: plain TCP, or TLS over it.
@@ -315,7 +323,7 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let addr = resolve(addr)?;
         let stream = Self::open(addr, timeout, tls.as_ref())?;
-        Ok(Self { addr, timeout, reader: BufReader::new(stream), wire: Wire::new(), tls })
+        Ok(Self { addr, timeout, reader: BufReader::new(stream), wire: Wire::new(), tls, token: None })
     }
 
     fn open(
@@ -345,7 +353,26 @@ impl Client {
     pub fn reconnect(&mut self) -> Result<(), ClientError> {
         self.reader = BufReader::new(Self::open(self.addr, self.timeout, self.tls.as_ref())?);
         self.wire.broken = false;
-        Ok(())
+        match self.token.clone() {
+            Some(token) => self.hello(&token),
+            None => Ok(()),
+        }
+    }
+
+    /// Presents `token` (the server's `--token-file`) as this connection's first line, and
+    /// again after every [`reconnect`](Self::reconnect).
+    ///
+    /// # Errors
+    /// The server refused the token (`Server { code: 401, .. }`; it closes the connection),
+    /// or the connection failed.
+    pub fn with_token(mut self, token: crate::protocol::HelloToken) -> Result<Self, ClientError> {
+        self.hello(&token)?;
+        self.token = Some(token);
+        Ok(self)
+    }
+
+    fn hello(&mut self, token: &crate::protocol::HelloToken) -> Result<(), ClientError> {
+        self.send(&Call::hello(token))?.into_result().map(drop)
     }
 
     /// Calls `cmdid` with `params` (any value serializing to an object) and returns `data`.
@@ -406,9 +433,15 @@ impl Client {
 pub struct AsyncClient {
     addr: SocketAddr,
     timeout: Duration,
-    stream: tokio::io::BufStream<tokio::net::TcpStream>,
+    stream: tokio::io::BufStream<Box<dyn AsyncIo>>,
     wire: Wire,
+    tls: Option<crate::protocol::ClientTls>,
+    token: Option<crate::protocol::HelloToken>,
 }
+
+/// The async client's connection: plain TCP, or TLS over it.
+trait AsyncIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + std::fmt::Debug {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + std::fmt::Debug> AsyncIo for T {}
 
 impl AsyncClient {
     /// Connects with the default timeout.
@@ -424,21 +457,56 @@ impl AsyncClient {
     /// # Errors
     /// The address does not resolve or the connection fails.
     pub async fn connect_timeout(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_with(addr, timeout, None).await
+    }
+
+    /// Connects over TLS, as [`Client::connect_tls`]; here the handshake is done before this
+    /// returns, so a refused certificate fails the connection.
+    ///
+    /// # Errors
+    /// The address does not resolve, the connection fails or the handshake fails.
+    pub async fn connect_tls(
+        addr: &str,
+        timeout: Duration,
+        tls: crate::protocol::ClientTls,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(addr, timeout, Some(tls)).await
+    }
+
+    async fn connect_with(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<crate::protocol::ClientTls>,
+    ) -> Result<Self, ClientError> {
         let addr = resolve(addr)?;
-        let stream = Self::open(addr, timeout).await?;
-        Ok(Self { addr, timeout, stream, wire: Wire::new() })
+        let stream = Self::open(addr, timeout, tls.as_ref()).await?;
+        Ok(Self { addr, timeout, stream, wire: Wire::new(), tls, token: None })
     }
 
     async fn open(
         addr: SocketAddr,
         timeout: Duration,
-    ) -> Result<tokio::io::BufStream<tokio::net::TcpStream>, ClientError> {
+        tls: Option<&crate::protocol::ClientTls>,
+    ) -> Result<tokio::io::BufStream<Box<dyn AsyncIo>>, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_string(), source };
         let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Timeout(timeout))?
             .map_err(connect_err)?;
         stream.set_nodelay(true)?;
+        let stream: Box<dyn AsyncIo> = match tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let handshake = connector.connect(tls.server_name.clone(), stream);
+                Box::new(
+                    tokio::time::timeout(timeout, handshake)
+                        .await
+                        .map_err(|_| ClientError::Timeout(timeout))?
+                        .map_err(connect_err)?,
+                )
+            }
+        };
         Ok(tokio::io::BufStream::new(stream))
     }
 
@@ -447,9 +515,26 @@ impl AsyncClient {
     /// # Errors
     /// The new connection fails.
     pub async fn reconnect(&mut self) -> Result<(), ClientError> {
-        self.stream = Self::open(self.addr, self.timeout).await?;
+        self.stream = Self::open(self.addr, self.timeout, self.tls.as_ref()).await?;
         self.wire.broken = false;
-        Ok(())
+        match self.token.clone() {
+            Some(token) => self.hello(&token).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Presents `token` as this connection's first line, as [`Client::with_token`].
+    ///
+    /// # Errors
+    /// As [`Client::with_token`].
+    pub async fn with_token(mut self, token: crate::protocol::HelloToken) -> Result<Self, ClientError> {
+        self.hello(&token).await?;
+        self.token = Some(token);
+        Ok(self)
+    }
+
+    async fn hello(&mut self, token: &crate::protocol::HelloToken) -> Result<(), ClientError> {
+        self.send(&Call::hello(token)).await?.into_result().map(drop)
     }
 
     /// Calls `cmdid` with `params` and returns `data`.

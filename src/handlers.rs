@@ -1,4 +1,4 @@
-//! The built-in commands. `ping` (0) and `stats` (1) are answered by every ringcall server
+//! The built-in commands. `ping` (0), `stats` (1) and the token hello (2) are answered by every ringcall server
 //! (cmdids below [`RESERVED_BELOW`](crate::dispatch::RESERVED_BELOW) are reserved for them);
 //! [`echo`] is the shipped server's cmdid 10000 (tornado-TCP's `TEST_CMDID`), and any table
 //! can route it.
@@ -11,6 +11,9 @@ use crate::stats::{COUNTED_CODES, StatsSnapshot};
 pub const PING: u32 = 0;
 /// cmdid of [`stats`].
 pub const STATS: u32 = 1;
+/// cmdid of the token hello ([`access`](crate::protocol::access)): checked by the core
+/// before a connection is admitted, answered `"hello"` afterwards and where no token is set.
+pub const HELLO: u32 = crate::protocol::access::HELLO;
 /// cmdid of [`echo`] in the shipped server.
 pub const ECHO: u32 = 10000;
 
@@ -19,6 +22,10 @@ pub(crate) fn call_builtin(cmdid: u32, request: &Request<'_, '_>, reply: Reply<'
     match cmdid {
         PING => Some(ping(request, reply)),
         STATS => Some(stats(request, reply)),
+        HELLO => {
+            reply.str("hello");
+            Some(Ok(()))
+        }
         _ => None,
     }
 }

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub exec: ExecConfig,
     /// Serve TLS with this certificate and key (`None`: plain TCP).
     pub tls: Option<crate::protocol::TlsConfig>,
+    /// Admit a connection only after its first line presents this token
+    /// ([`access`](crate::protocol::access)); `None`: no hello is asked for.
+    pub token: Option<crate::protocol::HelloToken>,
 }
 
 /// The default listen address.
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             handle_signals: true,
             exec: ExecConfig::default(),
             tls: None,
+            token: None,
         }
     }
 }
@@ -236,6 +240,14 @@ impl ServerBuilder {
         self
     }
 
+    /// Admits a connection only once its first line is the hello presenting `token`: for
+    /// plain TCP on one host, where it keeps out whoever lacks the secret. It crosses the
+    /// wire in clear text: across hosts, use [`tls`](Self::tls) with client certificates.
+    pub fn token(mut self, token: crate::protocol::HelloToken) -> Self {
+        self.config.token = Some(token);
+        self
+    }
+
     /// The I/O driver.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
@@ -338,7 +350,7 @@ impl ServerBuilder {
                 stats: stats.clone(),
                 stop: control.clone(),
                 exec: exec.clone(),
-                tls: config.tls.clone(),
+                access: crate::protocol::Access { tls: config.tls.clone(), token: config.token.clone() },
                 ready: ready_tx.clone(),
             };
             let backend = config.backend;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The reply codes counted separately; anything else is counted as `other`.
-pub const COUNTED_CODES: [u16; 8] = [0, 400, 403, 404, 413, 500, 503, 504];
+pub const COUNTED_CODES: [u16; 9] = [0, 400, 401, 403, 404, 413, 500, 503, 504];
 
 /// One core's counters. Written only by the owning core.
 #[derive(Debug, Default)]

@@ -33,7 +33,10 @@ fn processor() -> Processor<CoreRoutes> {
 
 /// Feeds `stream` split at `cuts` (sorted offsets) and returns the output and the last flow.
 fn run(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
-    let mut p = processor();
+    run_with(processor(), stream, cuts)
+}
+
+fn run_with(mut p: Processor<CoreRoutes>, stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
     let mut session = Session::new();
     let mut out = Output::default();
     let mut flow = Flow::Continue;
@@ -89,6 +92,58 @@ fn replies_are_the_expected_bytes() {
     );
     let (out, _) = run(b"{\"cmdid\":2000,\"id\":3}\n", &[]);
     assert_eq!(out, b"{\"code\":400,\"id\":3,\"error\":\"no\"}\n");
+}
+
+const TOKEN: &str = "0123456789abcdef-token";
+
+fn guarded() -> Processor<CoreRoutes> {
+    let token = ringcall::protocol::HelloToken::new(TOKEN).unwrap();
+    processor().with_access(ringcall::protocol::Access { tls: None, token: Some(token) })
+}
+
+#[test]
+fn the_token_hello_admits_a_connection_whatever_the_split() {
+    let hello = format!("{{\"cmdid\":2,\"id\":1,\"params\":{{\"token\":\"{TOKEN}\"}}}}\n");
+    let stream = format!("{hello}{{\"cmdid\":10000,\"id\":2,\"params\":{{\"a\":1}}}}\n{hello}");
+    let (whole, flow) = run_with(guarded(), stream.as_bytes(), &[]);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(
+        String::from_utf8(whole.clone()).unwrap(),
+        "{\"code\":0,\"id\":1,\"data\":\"hello\"}\n{\"code\":0,\"id\":2,\"data\":{\"a\":1}}\n{\"code\":0,\"id\":1,\"data\":\"hello\"}\n"
+    );
+    let cuts: Vec<usize> = (1..stream.len()).collect();
+    assert_eq!(run_with(guarded(), stream.as_bytes(), &cuts), (whole.clone(), Flow::Continue));
+    // Without a token set, the hello is answered all the same.
+    assert_eq!(run(stream.as_bytes(), &[]).0, whole);
+}
+
+#[test]
+fn anything_but_the_right_token_first_is_refused_and_closes() {
+    let refused_first = "this server admits a connection only after its token: send {\\\"cmdid\\\":2,\\\"params\\\":{\\\"token\\\":\\\"…\\\"}} first";
+    let cases = [
+        // A command before the hello: refused, and the hello after it is never read.
+        (
+            format!("{{\"cmdid\":10000,\"id\":5}}\n{{\"cmdid\":2,\"params\":{{\"token\":\"{TOKEN}\"}}}}\n"),
+            format!("{{\"code\":401,\"id\":5,\"error\":\"{refused_first}\"}}\n"),
+        ),
+        (
+            "{\"cmdid\":2,\"id\":7,\"params\":{\"token\":\"0123456789abcdef-tokeN\"}}\n{\"cmdid\":0}\n"
+                .to_owned(),
+            "{\"code\":401,\"id\":7,\"error\":\"the token is not this server's\"}\n".to_owned(),
+        ),
+        (
+            "{\"cmdid\":2,\"id\":8,\"params\":{\"token\":17}}\n".to_owned(),
+            "{\"code\":401,\"id\":8,\"error\":\"the token is not this server's\"}\n".to_owned(),
+        ),
+        ("not json\n{\"cmdid\":0}\n".to_owned(), format!("{{\"code\":401,\"error\":\"{refused_first}\"}}\n")),
+    ];
+    for (stream, expected) in cases {
+        let (out, flow) = run_with(guarded(), stream.as_bytes(), &[]);
+        assert_eq!((String::from_utf8(out).unwrap(), flow), (expected.clone(), Flow::Close), "{stream}");
+        let cuts: Vec<usize> = (1..stream.len()).collect();
+        let (out, flow) = run_with(guarded(), stream.as_bytes(), &cuts);
+        assert_eq!((String::from_utf8(out).unwrap(), flow), (expected, Flow::Close), "{stream}");
+    }
 }
 
 #[test]

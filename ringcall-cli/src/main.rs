@@ -82,6 +82,9 @@ struct CallArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Present the token in this file first (servers started with --token-file).
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
     /// The command id, or `-` to read request lines from stdin.
     cmdid: String,
     /// The params, as a JSON object.
@@ -253,6 +256,11 @@ struct ServeArgs {
     /// docs/operations.md); needs --tls-client-ca.
     #[arg(long, requires = "tls_client_ca")]
     acl: Option<std::path::PathBuf>,
+    /// Admit a connection only once its first line presents the token in this file
+    /// (`{"cmdid":2,"params":{"token":"…"}}`): for plain TCP on one host. The token crosses
+    /// the wire in clear text; across hosts, use TLS with client certificates.
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -395,6 +403,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             _ => None,
         },
+        token: args.token_file.as_deref().map(ringcall::protocol::HelloToken::from_file).transpose()?,
     };
     let server = ringcall::ServerBuilder::config(config.clone())
         .addr(args.addr.as_str())
@@ -448,12 +457,13 @@ fn announce_address(addr: SocketAddr, file: Option<&std::path::Path>) -> anyhow:
 fn call(args: CallArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
+    let token = args.token_file.as_deref().map(ringcall::protocol::HelloToken::from_file).transpose()?;
     if args.cmdid == "-" {
         anyhow::ensure!(
             args.params.is_none(),
             "with `-`, each stdin line is a whole request; give no params"
         );
-        return call_stdin(&args.addr, timeout);
+        return call_stdin(&args.addr, timeout, token.as_ref());
     }
     let cmdid: u32 = args.cmdid.parse().context("CMDID must be an integer from 0 to 4294967295, or -")?;
     let call = match &args.params {
@@ -472,14 +482,25 @@ fn call(args: CallArgs) -> anyhow::Result<()> {
     };
     let response = if args.addr.contains(',') {
         let endpoints: Vec<&str> = args.addr.split(',').map(str::trim).collect();
-        let config =
-            ringcall::pool::PoolConfig { timeout, connect_timeout: timeout, tls, ..Default::default() };
+        let config = ringcall::pool::PoolConfig {
+            timeout,
+            connect_timeout: timeout,
+            tls,
+            token,
+            ..Default::default()
+        };
         let pool = ringcall::pool::Pool::with_endpoints(&endpoints, config)?;
         pool.call(&call, ringcall::pool::CallOptions::default())?
-    } else if let Some(tls) = tls {
-        Client::connect_tls(&args.addr, timeout, tls)?.send(&call)?
     } else {
-        Client::connect_timeout(&args.addr, timeout)?.send(&call)?
+        let client = match tls {
+            Some(tls) => Client::connect_tls(&args.addr, timeout, tls)?,
+            None => Client::connect_timeout(&args.addr, timeout)?,
+        };
+        match token {
+            Some(token) => client.with_token(token)?,
+            None => client,
+        }
+        .send(&call)?
     };
     anyhow::ensure!(
         response.code == 0,
@@ -492,11 +513,29 @@ fn call(args: CallArgs) -> anyhow::Result<()> {
 }
 
 /// Sends stdin's request lines as they are and prints the reply lines, in order.
-fn call_stdin(addr: &str, timeout: Duration) -> anyhow::Result<()> {
+fn call_stdin(
+    addr: &str,
+    timeout: Duration,
+    token: Option<&ringcall::protocol::HelloToken>,
+) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Write};
     let stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    if let Some(token) = token {
+        // The hello's reply is not one of stdin's: it is checked, not printed.
+        writer.write_all(&token.hello_line(0))?;
+        reader.read_until(b'\n', &mut line).context("reading the reply to the token hello")?;
+        let reply = ringcall::client::decode_reply(&mut line, Some(0))?;
+        anyhow::ensure!(
+            reply.code == 0,
+            "the server refused the token hello: {} {}",
+            reply.code,
+            reply.error.unwrap_or_default()
+        );
+    }
     // Send from a thread so a long input is pipelined while replies stream back.
     let sender = std::thread::spawn(move || -> std::io::Result<usize> {
         let mut sent = 0;
@@ -514,8 +553,6 @@ fn call_stdin(addr: &str, timeout: Duration) -> anyhow::Result<()> {
     });
     let mut replies = 0usize;
     let mut out = std::io::stdout().lock();
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
     loop {
         line.clear();
         let n = reader.read_until(b'\n', &mut line).context("reading replies")?;

@@ -1,5 +1,7 @@
 //! The command-line tools end to end: `ringcall call` and a short `ringcall compare`.
 
+mod common;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -225,4 +227,56 @@ fn top_shows_a_running_servers_rates_and_stops_after_count() {
     assert_eq!(rates.len(), 2, "{text}");
     assert!(rates.iter().all(|&r| r > 0.0), "the load shows as requests/s: {text}");
     assert!(text.contains("     1   "), "a line per core: {text}");
+}
+
+#[test]
+fn serve_and_call_speak_the_token_hello() {
+    let dir = std::env::temp_dir().join(format!("ringcall-token-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "9c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f\n").unwrap();
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "0000000000000000000000000000000000\n").unwrap();
+    let token_arg = token.to_str().unwrap();
+    let (mut server, addr) = common::spawn_server(Backend::Epoll, &["--token-file", token_arg], None);
+    let addr = addr.to_string();
+    let call = |extra: &[&str]| {
+        let out = Command::new(RINGCALL).args(["call", "--addr", &addr]).args(extra).output().unwrap();
+        (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    assert_eq!(call(&["--token-file", token_arg, "0"]), (true, "\"pong\"\n".into(), String::new()));
+    let (ok, _, err) = call(&["0"]);
+    assert!(!ok && err.contains("401") && err.contains("only after its token"), "{err}");
+    let (ok, _, err) = call(&["--token-file", wrong.to_str().unwrap(), "0"]);
+    assert!(!ok && err.contains("the token is not this server's"), "{err}");
+    // Several addresses go through the pool, which presents the token on each connection.
+    let both = format!("{addr},{addr}");
+    let out = Command::new(RINGCALL)
+        .args(["call", "--addr", &both, "--token-file", token_arg, "10000", "{\"a\":1}"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "{\"a\":1}\n");
+    // Request lines from stdin follow the hello, whose reply is not printed.
+    let mut child = Command::new(RINGCALL)
+        .args(["call", "--addr", &addr, "--token-file", token_arg, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"{\"cmdid\":0,\"id\":1}\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "{\"code\":0,\"id\":1,\"data\":\"pong\"}\n");
+    // A token file that is missing or too short stops the server at start-up, naming it.
+    let short = dir.join("short");
+    std::fs::write(&short, "abc").unwrap();
+    let out = Command::new(RINGCALL)
+        .args(["serve", "--addr", "127.0.0.1:0", "--token-file", short.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("short") && err.contains("openssl rand"), "{err}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }

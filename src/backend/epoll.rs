@@ -38,12 +38,12 @@ pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
 
 async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     let exec = setup.exec.clone();
-    let tls = setup.tls.clone();
+    let access = setup.access.clone();
     serve_worker::<S, _>(
         setup,
         1,
         |core, stats, limits| {
-            LocalCore(Rc::new(RefCell::new(CoreIo::new(core, service, exec, tls, stats, limits))))
+            LocalCore(Rc::new(RefCell::new(CoreIo::new(core, service, exec, access, stats, limits))))
         },
         |stream, access, drain, guard| {
             tokio::task::spawn_local(async move {

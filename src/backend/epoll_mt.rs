@@ -26,7 +26,7 @@ thread_local! {
 struct ThreadCore<S: Service> {
     service: Arc<S>,
     exec: Arc<crate::exec::Executors>,
-    tls: Option<crate::protocol::TlsConfig>,
+    access: crate::protocol::Access,
     stats: Arc<StatsRegistry>,
     limits: Limits,
     next_index: Arc<AtomicUsize>,
@@ -38,7 +38,7 @@ impl<S: Service> Clone for ThreadCore<S> {
         Self {
             service: self.service.clone(),
             exec: self.exec.clone(),
-            tls: self.tls.clone(),
+            access: self.access.clone(),
             stats: self.stats.clone(),
             limits: self.limits,
             next_index: self.next_index.clone(),
@@ -57,7 +57,7 @@ impl<S: Service> CoreAccess<S> for ThreadCore<S> {
                     index,
                     self.service.clone(),
                     self.exec.clone(),
-                    self.tls.clone(),
+                    self.access.clone(),
                     self.stats.clone(),
                     self.limits,
                 ))
@@ -102,7 +102,7 @@ pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
 
 async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     let exec = setup.exec.clone();
-    let tls = setup.tls.clone();
+    let access = setup.access.clone();
     let threads = setup.config.threads.max(1);
     serve_worker::<S, _>(
         setup,
@@ -110,7 +110,7 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
         |_, stats, limits| ThreadCore::<S> {
             service,
             exec,
-            tls,
+            access,
             stats,
             limits,
             next_index: Arc::new(AtomicUsize::new(0)),

@@ -34,12 +34,12 @@ impl<S: Service> CoreIo<S> {
         core: usize,
         service: Arc<S>,
         exec: Arc<crate::exec::Executors>,
-        tls: Option<crate::protocol::TlsConfig>,
+        access: crate::protocol::Access,
         stats: Arc<StatsRegistry>,
         limits: Limits,
     ) -> Self {
         Self {
-            processor: Processor::new(core, service, stats, limits).with_executors(exec).with_tls(tls),
+            processor: Processor::new(core, service, stats, limits).with_executors(exec).with_access(access),
             buf: vec![0; RECV_BUF_SIZE + PADDING].into(),
         }
     }

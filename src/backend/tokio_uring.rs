@@ -110,14 +110,14 @@ impl<S: Service> Core<S> {
 }
 
 async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
-    let WorkerSetup { core: index, listener, config, stats, stop, ready, exec, tls, .. } = setup;
+    let WorkerSetup { core: index, listener, config, stats, stop, ready, exec, access, .. } = setup;
     let limits = config.limits;
     let listener = std::net::TcpListener::from(listener);
     let listener_fd = listener.as_raw_fd();
     let listener = TcpListener::from_std(listener);
     let core = Rc::new(Core {
         processor: RefCell::new(
-            Processor::<S>::new(index, service, stats, limits).with_executors(exec).with_tls(tls),
+            Processor::<S>::new(index, service, stats, limits).with_executors(exec).with_access(access),
         ),
         conns: RefCell::new(Slab::new()),
         timers: RefCell::new(Timers::default()),

@@ -372,7 +372,7 @@ impl<S: Service> Worker<S> {
         let processor = {
             let mut processor = Processor::new(setup.core, service, setup.stats, setup.config.limits)
                 .with_executors(setup.exec)
-                .with_tls(setup.tls);
+                .with_access(setup.access);
             processor.enable_durable_ring();
             processor
         };

@@ -116,8 +116,8 @@ pub struct WorkerSetup {
     pub stop: Arc<StopSignal>,
     /// Where handlers' async and blocking work runs (shared by every worker).
     pub exec: Arc<crate::exec::Executors>,
-    /// TLS, on a TLS port.
-    pub tls: Option<crate::protocol::TlsConfig>,
+    /// How connections are admitted (TLS, the token hello).
+    pub access: crate::protocol::Access,
     /// Reports the end of the worker's set-up: `Ok` once it is serving.
     pub ready: mpsc::Sender<Result<(), WorkerError>>,
 }

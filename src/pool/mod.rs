@@ -54,6 +54,8 @@ pub struct PoolConfig {
     /// Speak TLS to every endpoint (the endpoints' certificates must carry the name it
     /// gives).
     pub tls: Option<crate::protocol::ClientTls>,
+    /// Present this token on every new connection (servers started with `--token-file`).
+    pub token: Option<crate::protocol::HelloToken>,
 }
 
 impl Default for PoolConfig {
@@ -68,6 +70,7 @@ impl Default for PoolConfig {
             retry_ratio: 0.2,
             retry_floor: 10.0,
             tls: None,
+            token: None,
         }
     }
 }
@@ -250,7 +253,9 @@ impl Endpoint {
                 .find(|&i| conns[i].as_ref().is_none_or(|c| c.is_closed()));
             (empty.expect("a free slot"), live.first().map(|(_, c)| (*c).clone()))
         };
-        match Mux::connect(&self.addr, config.connect_timeout, config.tls.as_ref()).await {
+        match Mux::connect(&self.addr, config.connect_timeout, config.tls.as_ref(), config.token.as_ref())
+            .await
+        {
             Ok(mux) => {
                 lock(&self.conns)[slot] = Some(mux.clone());
                 Ok(mux)
@@ -448,9 +453,13 @@ async fn maintain(pool: std::sync::Weak<Inner>, discover: impl Discover) {
             let inner = inner.clone();
             tokio::spawn(async move {
                 let probe = async {
-                    let mux =
-                        Mux::connect(&endpoint.addr, inner.config.connect_timeout, inner.config.tls.as_ref())
-                            .await?;
+                    let mux = Mux::connect(
+                        &endpoint.addr,
+                        inner.config.connect_timeout,
+                        inner.config.tls.as_ref(),
+                        inner.config.token.as_ref(),
+                    )
+                    .await?;
                     match mux.call(&Call::new(crate::handlers::PING), None).await {
                         Ok(r) if r.code == 0 => Ok(mux),
                         Ok(r) => {

@@ -43,6 +43,7 @@ impl Mux {
         addr: &str,
         timeout: Duration,
         tls: Option<&crate::protocol::ClientTls>,
+        token: Option<&crate::protocol::HelloToken>,
     ) -> Result<Arc<Self>, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_owned(), source };
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -76,6 +77,22 @@ impl Mux {
         });
         let (pending, closed) = (mux.pending.clone(), mux.closed.clone());
         tokio::spawn(read_replies(BufReader::new(read), pending, closed));
+        if let Some(token) = token {
+            let refused = |why: String| {
+                mux.close();
+                connect_err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why))
+            };
+            match mux.call(&crate::client::Call::hello(token), None).await {
+                Ok(response) if response.code == 0 => {}
+                Ok(response) => {
+                    let why = response.error.unwrap_or_default();
+                    return Err(refused(format!("the server refused the token hello: {why}")));
+                }
+                Err(Failure::NotWritten(e) | Failure::Written(e)) => {
+                    return Err(refused(format!("the token hello failed: {e}")));
+                }
+            }
+        }
         Ok(mux)
     }
 

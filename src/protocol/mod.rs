@@ -1,9 +1,11 @@
-//! The sans-I/O core: framing ([`frame`]), the parsed request ([`request`]), reply encoding
-//! ([`reply`]), the per-core engine that turns received bytes into reply bytes
-//! ([`session`]), deferred replies and their ordering ([`deferred`]), and every rule of a connection ([`connection`]): backpressure, deadlines,
+//! The sans-I/O core: who may talk ([`access`], [`tls`], [`acl`]), framing ([`frame`]), the
+//! parsed request ([`request`]), reply encoding ([`reply`]), the per-core engine that turns
+//! received bytes into reply bytes ([`session`]), deferred replies and their ordering
+//! ([`deferred`]), and every rule of a connection ([`connection`]): backpressure, deadlines,
 //! half-close, draining. No sockets, no runtime, no clock: every backend drives this same
 //! code, and tests drive it directly.
 
+pub mod access;
 pub mod acl;
 pub mod connection;
 pub mod deferred;
@@ -14,6 +16,7 @@ pub mod request;
 pub mod session;
 pub mod tls;
 
+pub use access::{Access, HelloToken, TokenError};
 pub use acl::{Acl, AclError};
 pub use connection::{
     Admission, CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE,

@@ -49,6 +49,8 @@ pub struct Session {
     peer: Option<std::net::SocketAddr>,
     /// The client's verified identity (mutual TLS), for handlers and the access policy.
     identity: Option<Arc<str>>,
+    /// The connection may call commands: it presented the token, or none is asked for.
+    greeted: bool,
 }
 
 impl Session {
@@ -141,7 +143,7 @@ pub struct Processor<S: Service> {
     scratch: Vec<u8>,
     service: Arc<S>,
     local: S::Local,
-    tls: Option<super::tls::TlsConfig>,
+    access: super::access::Access,
 }
 
 impl<S: Service> Processor<S> {
@@ -158,20 +160,21 @@ impl<S: Service> Processor<S> {
             scratch: Vec::new(),
             service,
             local,
-            tls: None,
+            access: super::access::Access::default(),
         }
     }
 
-    /// Serves TLS: every connection of this core starts a TLS session (see
-    /// [`Connection::start_tls`](super::Connection::start_tls)).
-    pub fn with_tls(mut self, tls: Option<super::tls::TlsConfig>) -> Self {
-        self.tls = tls;
+    /// Admits connections as `access` says: with TLS, every connection of this core starts a
+    /// TLS session (see [`Connection::start_tls`](super::Connection::start_tls)); with a
+    /// token, every connection's first line must be its hello.
+    pub fn with_access(mut self, access: super::access::Access) -> Self {
+        self.access = access;
         self
     }
 
     /// The TLS configuration, on a TLS port.
     pub fn tls(&self) -> Option<&super::tls::TlsConfig> {
-        self.tls.as_ref()
+        self.access.tls.as_ref()
     }
 
     /// Runs async and blocking handler work on `exec` (the server's) instead of executors
@@ -228,6 +231,9 @@ impl<S: Service> Processor<S> {
         if session.desynced {
             return Flow::Close;
         }
+        if !session.greeted && self.access.token.is_none() {
+            session.greeted = true;
+        }
         let max_line = self.limits.max_line;
         let mut pos = 0;
         if !session.carry.is_empty() {
@@ -242,17 +248,25 @@ impl<S: Service> Processor<S> {
             let line_len = carry.len();
             carry.resize(line_len + PADDING, 0);
             let peer = session.peer;
-            self.handle_line(carry, line_len, out, peer, identity);
+            let flow = self.handle_line(carry, line_len, out, peer, identity, &mut session.greeted);
             // Kept while the next line is carried too (below), so a stream of long lines
             // does not grow the carry from nothing for each.
             carry.clear();
+            if flow == Flow::Close {
+                return self.refused(session);
+            }
             pos = nl + 1;
         }
         while pos < len {
             match find_newline(&buf[pos..len]) {
                 Some(nl) if nl > max_line => return self.too_long(session, out),
                 Some(nl) => {
-                    self.handle_line(&mut buf[pos..], nl, out, session.peer, identity);
+                    let greeted = &mut session.greeted;
+                    if self.handle_line(&mut buf[pos..], nl, out, session.peer, identity, greeted)
+                        == Flow::Close
+                    {
+                        return self.refused(session);
+                    }
                     pos += nl + 1;
                 }
                 None => return self.stash(session, &buf[pos..len], out),
@@ -309,6 +323,13 @@ impl<S: Service> Processor<S> {
         Flow::Continue
     }
 
+    /// The hello was refused: nothing more is read from this connection.
+    fn refused(&self, session: &mut Session) -> Flow {
+        session.carry = Vec::new();
+        session.desynced = true;
+        Flow::Close
+    }
+
     fn too_long(&mut self, session: &mut Session, out: &mut Output) -> Flow {
         session.carry = Vec::new();
         session.desynced = true;
@@ -319,7 +340,9 @@ impl<S: Service> Processor<S> {
         Flow::Close
     }
 
-    /// Handles the line `buf[..len]` (without its `\n`); `buf[len..]` is padding.
+    /// Handles the line `buf[..len]` (without its `\n`); `buf[len..]` is padding. Before
+    /// the connection is `greeted`, the line must be the token hello: `Flow::Close` when it
+    /// is not.
     fn handle_line(
         &mut self,
         buf: &mut [u8],
@@ -327,28 +350,83 @@ impl<S: Service> Processor<S> {
         out: &mut Output,
         peer: Option<std::net::SocketAddr>,
         identity: Option<&str>,
-    ) {
+        greeted: &mut bool,
+    ) -> Flow {
         let len = content_len(&buf[..len]);
         if is_blank(&buf[..len]) {
-            return;
+            return Flow::Continue;
         }
         self.stats().request();
         let mut tape = std::mem::replace(&mut self.tape, Tape(Vec::new())).reset();
-        let code = match simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape) {
-            Ok(()) => self.dispatch(&tape, out, peer, identity),
-            Err(e) => {
-                write_error(
-                    out.sink(),
-                    400,
-                    None,
-                    format_args!("invalid JSON at byte {}: {}", e.index(), json_error(&e)),
-                );
-                Some(400)
+        let parsed = simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape);
+        let mut flow = Flow::Continue;
+        let code = if !*greeted {
+            if self.greet(parsed.is_ok().then_some(&tape), out) {
+                *greeted = true;
+                Some(0)
+            } else {
+                let peer = peer.map(tracing::field::display);
+                tracing::debug!(peer, "refused a connection that did not begin with the token hello");
+                flow = Flow::Close;
+                Some(401)
+            }
+        } else {
+            match parsed {
+                Ok(()) => self.dispatch(&tape, out, peer, identity),
+                Err(e) => {
+                    write_error(
+                        out.sink(),
+                        400,
+                        None,
+                        format_args!("invalid JSON at byte {}: {}", e.index(), json_error(&e)),
+                    );
+                    Some(400)
+                }
             }
         };
         self.tape = tape.reset();
         if let Some(code) = code {
             self.stats().reply(code);
+        }
+        flow
+    }
+
+    /// Answers the first line (`tape`, if it parsed) of a connection that must present the
+    /// token: `"hello"` and true when it is the hello with the right token, else a 401.
+    fn greet(&self, tape: Option<&Tape<'_>>, out: &mut Output) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Hello<'a> {
+            token: &'a str,
+        }
+        let request = tape.and_then(|tape| decode(tape, &self.empty_params, &self.context, None).ok());
+        let id = request.as_ref().and_then(Request::id);
+        let hello = request.as_ref().filter(|r| r.cmdid() == super::access::HELLO);
+        let sink = out.sink();
+        let token = self.access.token.as_ref();
+        match hello.map(|r| r.params::<Hello<'_>>()) {
+            Some(Ok(hello)) if token.is_none_or(|t| t.matches(hello.token.as_bytes())) => {
+                begin_ok(sink, id);
+                let data_start = sink.len();
+                Reply::new(sink).str("hello");
+                end_ok(sink, data_start);
+                true
+            }
+            Some(_) => {
+                write_error(sink, 401, id, format_args!("the token is not this server's"));
+                false
+            }
+            None => {
+                write_error(
+                    sink,
+                    401,
+                    id,
+                    format_args!(
+                        "this server admits a connection only after its token: send {{\"cmdid\":{},\"params\":{{\"token\":\"…\"}}}} first",
+                        super::access::HELLO
+                    ),
+                );
+                false
+            }
         }
     }
 
@@ -369,7 +447,7 @@ impl<S: Service> Processor<S> {
             }
         };
         let cmdid = request.cmdid();
-        if let Some(acl) = self.tls.as_ref().and_then(|t| t.acl.as_deref())
+        if let Some(acl) = self.access.tls.as_ref().and_then(|t| t.acl.as_deref())
             && !acl.allows(request.identity(), cmdid)
         {
             let who = request.identity().unwrap_or("a caller without a client certificate");
