@@ -26,9 +26,10 @@ def binary():
 class Server:
     """A `ringcall serve` child; `port` 0 picks a free one."""
 
-    def __init__(self, port=0, backend="auto"):
+    def __init__(self, port=0, backend="auto", extra=()):
         self.process = subprocess.Popen(
-            [binary(), "serve", "--addr", f"127.0.0.1:{port}", "--threads", "2", "--no-pin", "--backend", backend],
+            [binary(), "serve", "--addr", f"127.0.0.1:{port}", "--threads", "2", "--no-pin", "--backend", backend]
+            + list(extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )

@@ -7,11 +7,12 @@
 :class:`Client` (blocking, thread-safe, pipelined), :class:`Pool` (several connections),
 :class:`AsyncClient` (asyncio). Errors: :class:`ServerError` (``.code``, ``.message``),
 :class:`TimeoutError`, :class:`ConnectionError`, :class:`ProtocolError`, all
-:class:`RingcallError`.
+:class:`RingcallError`. TLS: ``Client(..., tls=ringcall.tls_context("ca.pem"))``; a server
+started with ``--token-file``: ``Client(..., token="…")``.
 """
 
 from .aio import AsyncClient
-from .client import DEFAULT_PORT, Call, Client
+from .client import DEFAULT_PORT, Call, Client, tls_context
 from .errors import ConnectionError, ProtocolError, RingcallError, ServerError, TimeoutError
 from .pool import Pool
 
@@ -26,5 +27,6 @@ __all__ = [
     "RingcallError",
     "ServerError",
     "TimeoutError",
+    "tls_context",
 ]
 __version__ = "0.1.0"

@@ -13,9 +13,10 @@ from .errors import ProtocolError, ServerError
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
-#: Codes after which the server closes the connection: 413 (a line over its limit: the
-#: stream is out of step) and 503 (over its connection limit).
-CLOSING_CODES = (413, 503)
+#: Codes after which the server closes the connection: 401 (a connection without the
+#: server's token), 413 (a line over its limit: the stream is out of step) and 503 (over its
+#: connection limit).
+CLOSING_CODES = (401, 413, 503)
 
 
 def encode_request(cmdid, params, call_id):

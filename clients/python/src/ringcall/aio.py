@@ -9,7 +9,7 @@ import collections
 import itertools
 
 from ._protocol import CLOSING_CODES, decode_reply, encode_request
-from .client import DEFAULT_PORT
+from .client import DEFAULT_PORT, HELLO
 from .errors import ConnectionError, ProtocolError, RingcallError, ServerError, TimeoutError
 
 # Longest reply line accepted (the server's own default request limit is 1 MiB; replies can
@@ -26,11 +26,25 @@ class AsyncClient:
     :class:`ConnectionError`.
     """
 
-    def __init__(self, host="127.0.0.1", port=DEFAULT_PORT, *, timeout=10.0, connect_timeout=None):
+    def __init__(
+        self,
+        host="127.0.0.1",
+        port=DEFAULT_PORT,
+        *,
+        timeout=10.0,
+        connect_timeout=None,
+        tls=None,
+        server_hostname=None,
+        token=None,
+    ):
+        """``tls``, ``server_hostname`` and ``token`` as for the blocking :class:`Client`."""
         self.host = host
         self.port = port
         self.timeout = timeout
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self._tls = tls
+        self._server_hostname = server_hostname
+        self._token = token
         self._ids = itertools.count(1)
         self._writer = None
         self._reader_task = None
@@ -50,9 +64,12 @@ class AsyncClient:
                 self._connecting = None
 
     async def _open(self):
+        tls = {}
+        if self._tls is not None:
+            tls = {"ssl": self._tls, "server_hostname": self._server_hostname or self.host}
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=_MAX_REPLY), self.connect_timeout
+                asyncio.open_connection(self.host, self.port, limit=_MAX_REPLY, **tls), self.connect_timeout
             )
         except (OSError, asyncio.TimeoutError) as e:
             raise ConnectionError(f"cannot connect to {self.host}:{self.port}: {e!r}", sent=False) from None
@@ -60,6 +77,13 @@ class AsyncClient:
         self._broken = None
         self._in_flight = collections.deque()
         self._reader_task = asyncio.ensure_future(self._read(reader, self._in_flight))
+        if self._token is not None:
+            # The first line of the connection, before any call waiting for it.
+            call_id = next(self._ids)
+            future = asyncio.get_running_loop().create_future()
+            self._in_flight.append((call_id, HELLO, future))
+            writer.write(encode_request(HELLO, {"token": self._token}, call_id))
+            await asyncio.wait_for(future, self.connect_timeout)
 
     async def _read(self, reader, in_flight):
         reason, kind = "the server closed the connection", ConnectionError

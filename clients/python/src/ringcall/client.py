@@ -11,6 +11,7 @@ import itertools
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import Future
@@ -19,6 +20,19 @@ from ._protocol import CLOSING_CODES, decode_reply, encode_request
 from .errors import ConnectionError, ProtocolError, RingcallError, ServerError, TimeoutError
 
 DEFAULT_PORT = 8889
+
+#: cmdid of the token hello (servers started with ``--token-file``).
+HELLO = 2
+
+
+def tls_context(cafile, certfile=None, keyfile=None):
+    """An ``ssl.SSLContext`` for the ``tls=`` argument of the clients: trusts the CA
+    certificates in ``cafile`` (PEM) and, for mutual TLS, presents the client certificate
+    ``certfile`` with its key ``keyfile``."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile)
+    return context
 
 #: Request bytes :meth:`Client.call_many` keeps in flight at most.
 WINDOW_BYTES = 256 << 10
@@ -62,17 +76,31 @@ class _Connection:
     reader leaves, and one of them reads next. A lone caller thus costs no thread switch.
     """
 
-    def __init__(self, host, port, connect_timeout):
+    def __init__(self, host, port, connect_timeout, tls=None):
+        self.address = f"{host}:{port}"
         try:
             self.sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
             raise ConnectionError(f"cannot connect to {host}:{port}: {e}", sent=False) from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TLS runs over the plain socket through memory buffers (``ssl.SSLObject``): callers
+        # write and read the socket from several threads at once, which an ``SSLSocket``
+        # does not allow; here only the (de)ciphering is serialised, under ``tls_lock``.
+        self.tls = None
+        self.tls_lock = threading.Lock()
+        if tls is not None:
+            context, server_hostname = tls
+            self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = context.wrap_bio(self.tls_in, self.tls_out, server_hostname=server_hostname or host)
+            try:
+                self._handshake()
+            except (OSError, ssl.SSLError) as e:
+                self.sock.close()
+                raise ConnectionError(f"TLS handshake with {host}:{port} failed: {e}", sent=False) from None
         # Blocking from here on, and never changed: several threads use the socket at once,
         # and its timeout is one setting for all of them. Reads wait with select instead.
         self.sock.settimeout(None)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pid = os.getpid()
-        self.address = f"{host}:{port}"
         # (id, cmdid, future) per call in flight, in the order they were written.
         self.in_flight = collections.deque()
         self.lock = threading.Lock()
@@ -83,6 +111,57 @@ class _Connection:
         self.replied = threading.Condition(self.lock)
         self.buffer = bytearray()
         self.broken = None
+        if self.tls is not None:
+            # Application data that came with the handshake's last flight.
+            self.buffer += self._decipher(b"")
+
+    def _handshake(self):
+        """Runs the TLS handshake on the socket (still blocking, with the connect timeout)."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            self._send_tls_out()
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise OSError("the server closed the connection during the handshake")
+            self.tls_in.write(data)
+        self._send_tls_out()
+
+    def _send_tls_out(self):
+        data = self.tls_out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _encipher(self, line):
+        """The bytes to put on the wire for ``line`` (with ``send_lock`` held, so records
+        go out in the order they were made)."""
+        if self.tls is None:
+            return line
+        with self.tls_lock:
+            self.tls.write(line)
+            return self.tls_out.read()
+
+    def _decipher(self, chunk):
+        """The plaintext in ``chunk``, just received (TLS records may span receives)."""
+        if self.tls is None:
+            return chunk
+        plain = bytearray()
+        with self.tls_lock:
+            if chunk:
+                self.tls_in.write(chunk)
+            while True:
+                try:
+                    data = self.tls.read(1 << 16)
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    # Zero return: the server's close_notify; its FIN ends the connection.
+                    break
+                if not data:
+                    break
+                plain += data
+        return bytes(plain)
 
     def send(self, line, call_id, cmdid, default_timeout):
         future = Call(self, default_timeout)
@@ -93,7 +172,7 @@ class _Connection:
                 # Appended in the order of the writes: replies come back in that order.
                 self.in_flight.append((call_id, cmdid, future))
             try:
-                self._send_all(line)
+                self._send_all(self._encipher(line))
             except OSError as e:
                 with self.lock:
                     # Part of the line may have gone out: fail everything from here on.
@@ -136,7 +215,12 @@ class _Connection:
             with self.lock:
                 self._break("the server closed the connection")
             return
-        self.buffer += chunk
+        try:
+            self.buffer += self._decipher(chunk)
+        except ssl.SSLError as e:
+            with self.lock:
+                self._break(f"TLS failed: {e}")
+            return
         while True:
             newline = self.buffer.find(b"\n")
             if newline < 0:
@@ -180,6 +264,12 @@ class _Connection:
                     if not readable:
                         return False
                     chunk = self.sock.recv(1 << 16)
+                    if chunk:
+                        self.buffer += self._decipher(chunk)
+                except ssl.SSLError as e:
+                    with self.lock:
+                        self._break(f"TLS failed: {e}")
+                    return True
                 except (OSError, ValueError) as e:
                     with self.lock:
                         self._break(f"connection lost: {e}")
@@ -188,7 +278,6 @@ class _Connection:
                     with self.lock:
                         self._break("the server closed the connection")
                     return True
-                self.buffer += chunk
                 continue
             line = bytes(self.buffer[: newline + 1])
             del self.buffer[: newline + 1]
@@ -246,13 +335,29 @@ class Client:
     process after ``fork``, e.g. under a pre-forking web server). A call that fails raises
     :class:`ServerError` (the server's code and message; the connection stays usable),
     :class:`TimeoutError`, or :class:`ConnectionError`.
+
+    ``tls`` (an ``ssl.SSLContext``, e.g. from :func:`tls_context`) speaks TLS, checking the
+    server's certificate for ``server_hostname`` (default: ``host``); ``token`` is presented
+    as the first line of every connection, for servers started with ``--token-file``.
     """
 
-    def __init__(self, host="127.0.0.1", port=DEFAULT_PORT, *, timeout=10.0, connect_timeout=None):
+    def __init__(
+        self,
+        host="127.0.0.1",
+        port=DEFAULT_PORT,
+        *,
+        timeout=10.0,
+        connect_timeout=None,
+        tls=None,
+        server_hostname=None,
+        token=None,
+    ):
         self.host = host
         self.port = port
         self.timeout = timeout
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self._tls = None if tls is None else (tls, server_hostname)
+        self._token = token
         self._conn = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -266,8 +371,21 @@ class Client:
                 # After fork the parent's reader thread does not exist here: just let it go.
                 conn = self._conn = None
             if conn is None:
-                conn = self._conn = _Connection(self.host, self.port, self.connect_timeout)
+                conn = _Connection(self.host, self.port, self.connect_timeout, self._tls)
+                if self._token is not None:
+                    self._hello(conn)
+                self._conn = conn
             return conn
+
+    def _hello(self, conn):
+        """Presents the token on a new connection, before any call can use it."""
+        call_id = next(self._ids)
+        line = encode_request(HELLO, {"token": self._token}, call_id)
+        try:
+            conn.send(line, call_id, HELLO, self.connect_timeout).result()
+        except BaseException:
+            conn.close()
+            raise
 
     def submit(self, cmdid, params=None):
         """Sends one call and returns it in flight, a :class:`Call`: ``.result(timeout)``

@@ -11,12 +11,11 @@ class Pool:
     """``size`` persistent connections to one server; each call goes to the connection with
     the fewest calls in flight. Thread-safe; the same methods as :class:`Client`."""
 
-    def __init__(self, host="127.0.0.1", port=DEFAULT_PORT, *, size=4, timeout=10.0, connect_timeout=None):
+    def __init__(self, host="127.0.0.1", port=DEFAULT_PORT, *, size=4, **options):
+        """``options`` are those of :class:`Client` (``timeout``, ``tls``, ``token``, …)."""
         if size < 1:
             raise ValueError("a pool needs at least one connection")
-        self.clients = [
-            Client(host, port, timeout=timeout, connect_timeout=connect_timeout) for _ in range(size)
-        ]
+        self.clients = [Client(host, port, **options) for _ in range(size)]
         self._next = 0
         self._lock = threading.Lock()
 
