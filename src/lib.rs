@@ -82,6 +82,7 @@ pub mod stats;
 
 pub use dispatch::{Ctx, Handler, HandlerError, HandlerResult, NoRoutes, Routes, Service};
 pub use protocol::{Deferred, Reply, Request};
+pub use rustls;
 pub use server::{Backend, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper};
 pub use simd_json;
 

@@ -69,6 +69,17 @@ struct CallArgs {
     /// Seconds to wait for the connection and each reply.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    #[command(flatten)]
+    access: ClientAccessArgs,
+    /// The command id, or `-` to read request lines from stdin.
+    cmdid: String,
+    /// The params, as a JSON object.
+    params: Option<String>,
+}
+
+/// How a client is let in: TLS, a client certificate, the token hello.
+#[derive(clap::Args, Debug)]
+struct ClientAccessArgs {
     /// Speak TLS, trusting the CA certificates in this file (PEM).
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
@@ -85,10 +96,22 @@ struct CallArgs {
     /// Present the token in this file first (servers started with --token-file).
     #[arg(long)]
     token_file: Option<std::path::PathBuf>,
-    /// The command id, or `-` to read request lines from stdin.
-    cmdid: String,
-    /// The params, as a JSON object.
-    params: Option<String>,
+}
+
+impl ClientAccessArgs {
+    /// The TLS settings for servers at `addrs` (comma-separated), if TLS is asked for.
+    fn tls(&self, addrs: &str) -> anyhow::Result<Option<ringcall::protocol::ClientTls>> {
+        let Some(ca) = &self.tls_ca else { return Ok(None) };
+        let first = addrs.split(',').next().unwrap_or_default().trim();
+        let host = first.rsplit_once(':').map_or(first, |(h, _)| h).trim_matches(['[', ']']);
+        let name = self.tls_name.as_deref().unwrap_or(host);
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        Ok(Some(ringcall::protocol::ClientTls::from_pem_files(ca, name, identity)?))
+    }
+
+    fn token(&self) -> anyhow::Result<Option<ringcall::protocol::HelloToken>> {
+        Ok(self.token_file.as_deref().map(ringcall::protocol::HelloToken::from_file).transpose()?)
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -137,6 +160,12 @@ struct BenchArgs {
     /// Output format.
     #[arg(long, default_value = "text")]
     output: ringcall_cli::bench::OutputFormat,
+    /// Close each connection after this many requests and open a new one (closed loop
+    /// only): measures new connections per second, with TLS full handshakes per second.
+    #[arg(long, conflicts_with = "rate")]
+    reconnect_after: Option<u64>,
+    #[command(flatten)]
+    access: ClientAccessArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -457,11 +486,16 @@ fn announce_address(addr: SocketAddr, file: Option<&std::path::Path>) -> anyhow:
 fn call(args: CallArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
-    let token = args.token_file.as_deref().map(ringcall::protocol::HelloToken::from_file).transpose()?;
+    let token = args.access.token()?;
     if args.cmdid == "-" {
         anyhow::ensure!(
             args.params.is_none(),
             "with `-`, each stdin line is a whole request; give no params"
+        );
+        anyhow::ensure!(
+            args.access.tls_ca.is_none(),
+            "`-` (stdin) speaks plain TCP only; over TLS, give the cmdid and params, or pipe \
+             the lines through `openssl s_client -quiet -connect HOST:PORT -CAfile CA`"
         );
         return call_stdin(&args.addr, timeout, token.as_ref());
     }
@@ -470,16 +504,7 @@ fn call(args: CallArgs) -> anyhow::Result<()> {
         Some(params) => Call::with_json(cmdid, params)?,
         None => Call::new(cmdid),
     };
-    let tls = match &args.tls_ca {
-        Some(ca) => {
-            let first = args.addr.split(',').next().unwrap_or_default().trim();
-            let host = first.rsplit_once(':').map_or(first, |(h, _)| h).trim_matches(['[', ']']);
-            let name = args.tls_name.as_deref().unwrap_or(host);
-            let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
-            Some(ringcall::protocol::ClientTls::from_pem_files(ca, name, identity)?)
-        }
-        None => None,
-    };
+    let tls = args.access.tls(&args.addr)?;
     let response = if args.addr.contains(',') {
         let endpoints: Vec<&str> = args.addr.split(',').map(str::trim).collect();
         let config = ringcall::pool::PoolConfig {
@@ -610,6 +635,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         threads: args.threads,
         cpus: args.cpus,
         progress: std::io::stderr().is_terminal(),
+        connect: ringcall_cli::bench::ConnectOptions {
+            tls: args.access.tls(&args.addr)?,
+            token: args.access.token()?,
+            requests_per_connection: args.reconnect_after,
+        },
     };
     let report = ringcall_cli::bench::run(&config)?;
     print!("{}", report.render(args.output));

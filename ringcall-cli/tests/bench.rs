@@ -24,6 +24,7 @@ fn bench_over_several_servers_reports_each(backend: Backend) {
         threads: 1,
         cpus: Vec::new(),
         progress: false,
+        connect: Default::default(),
     };
     let report = ringcall_cli::bench::run(&config).unwrap();
     assert_eq!(report.requests, 2000);
@@ -53,6 +54,7 @@ fn bench_totals_match_the_server_stats(backend: Backend) {
         threads: 2,
         cpus: Vec::new(),
         progress: false,
+        connect: Default::default(),
     };
     let report = ringcall_cli::bench::run(&config).unwrap();
     assert_eq!(report.requests, 3000);
@@ -94,6 +96,7 @@ fn open_loop_bench_reports_corrected_latency(backend: Backend) {
         threads: 1,
         cpus: Vec::new(),
         progress: false,
+        connect: Default::default(),
     };
     let report = ringcall_cli::bench::run(&config).unwrap();
     assert_eq!(report.replies_with(0), 200);
@@ -154,7 +157,78 @@ fn bench_with_sized_requests_sends_exactly_those_bytes(backend: Backend) {
     assert!(report["bytes_received"].as_u64().unwrap() > 400 * 16_300, "{report}");
 }
 
+/// TLS through the CLI (`--tls-ca`), and `--reconnect-after`: every connection carries exactly
+/// that many requests before it is replaced, each replacement a full handshake.
+fn bench_speaks_tls_and_reconnects(backend: Backend) {
+    let dir =
+        std::env::temp_dir().join(format!("ringcall-bench-tls-{}-{}", backend.name(), std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let tls = ringcall::protocol::TlsConfig::from_pem_files(&cert, &key).unwrap();
+    let Some(server) = common::start_with(backend, |b| b.tls(tls)) else { return };
+    let bench = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"))
+            .args(["bench", "--addr", &server.local_addr().to_string(), "--warmup", "0", "--output", "json"])
+            .args(["--tls-ca", cert.to_str().unwrap(), "--tls-name", "localhost"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let report = bench(&["-c", "4", "-P", "8", "-n", "2000"]);
+    assert_eq!(
+        (report["requests"].as_u64(), report["codes"]["0"].as_u64()),
+        (Some(2000), Some(2000)),
+        "{report}"
+    );
+    assert_eq!((report["tls"].as_bool(), report["connections_opened"].as_u64()), (Some(true), Some(0)));
+    let before = server.stats().total().connections_total;
+    let report = bench(&["-c", "4", "-P", "1", "-n", "200", "--reconnect-after", "5"]);
+    assert_eq!(
+        (report["requests"].as_u64(), report["codes"]["0"].as_u64()),
+        (Some(200), Some(200)),
+        "{report}"
+    );
+    // A connection carries at most 5 requests, so the 200 took at least 40: the 4 opened
+    // before measuring and at least 36 more. A connection is replaced only after carrying
+    // all 5, so there are at most 40 replacements (the last ones may find nothing left).
+    let opened = report["connections_opened"].as_u64().unwrap();
+    assert!((36..=40).contains(&opened), "{report}");
+    // The server saw them all: the 4 first, the replacements, and the reachability check.
+    assert_eq!(server.stats().total().connections_total - before, 4 + opened + 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A server that asks for a token: the load presents it on every connection, and the
+/// hellos are not counted as measured requests.
+fn bench_presents_the_token(backend: Backend) {
+    let token = ringcall::protocol::HelloToken::new("bench-token-0123456789abcdef").unwrap();
+    let Some(server) = common::start_with(backend, |b| b.token(token.clone())) else { return };
+    let config = BenchConfig {
+        addrs: vec![server.local_addr()],
+        connections: 4,
+        pipeline: 4,
+        stop: StopAfter::Count(1000),
+        warmup: Duration::ZERO,
+        rate: None,
+        requests: vec![BenchConfig::echo_request()],
+        threads: 1,
+        cpus: Vec::new(),
+        progress: false,
+        connect: ringcall_cli::bench::ConnectOptions { token: Some(token), ..Default::default() },
+    };
+    let report = ringcall_cli::bench::run(&config).unwrap();
+    assert_eq!((report.requests, report.replies_with(0), report.errors), (1000, 1000, 0));
+    assert_eq!(server.stats().total().requests, 1000 + 4);
+}
+
 every_backend!(
+    bench_speaks_tls_and_reconnects,
+    bench_presents_the_token,
     bench_across_a_server_shutdown_counts_what_went_unanswered,
     bench_with_sized_requests_sends_exactly_those_bytes,
     bench_totals_match_the_server_stats,

@@ -256,6 +256,17 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
+    /// The rustls configuration, for connections this crate does not make (e.g. a
+    /// `tokio_rustls::TlsConnector`).
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        self.config.clone()
+    }
+
+    /// The name the server's certificate must carry.
+    pub fn server_name(&self) -> &rustls::pki_types::ServerName<'static> {
+        &self.server_name
+    }
+
     /// Trusts the CA certificates in `ca` (PEM) for a server named `server_name` (a DNS name
     /// or an IP address its certificate carries); presents `identity` (certificate and key
     /// files) when the server asks for one.

@@ -434,6 +434,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                     threads: config.client_cpus.len().max(1),
                     cpus: config.client_cpus.clone(),
                     progress: false,
+                    connect: Default::default(),
                 };
                 let mut kept = measure(config, server, &bench, workload, round, &pinned)?;
                 while kept.disturbed(config.max_steal_percent) && kept.attempts <= config.retries {

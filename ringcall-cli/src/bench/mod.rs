@@ -61,6 +61,28 @@ pub struct BenchConfig {
     pub cpus: Vec<usize>,
     /// Print a one-line live progress display (only done on a terminal).
     pub progress: bool,
+    /// How connections are made: TLS, the token hello, reconnections.
+    pub connect: ConnectOptions,
+}
+
+/// How the load's connections are made.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Speak TLS (the handshakes of the first connections are made before measuring).
+    pub tls: Option<ringcall::protocol::ClientTls>,
+    /// Present this token as each connection's first line (not measured).
+    pub token: Option<ringcall::protocol::HelloToken>,
+    /// Close each connection after this many requests and open a new one (closed loop): the
+    /// rate of new connections (with TLS, of full handshakes) under load.
+    pub requests_per_connection: Option<u64>,
+}
+
+impl ConnectOptions {
+    /// Whether connections are plain TCP, kept for the whole run: what the io_uring load
+    /// engine drives (it presents a token itself).
+    fn plain_and_persistent(&self) -> bool {
+        self.tls.is_none() && self.requests_per_connection.is_none()
+    }
 }
 
 impl BenchConfig {
@@ -138,6 +160,8 @@ struct ThreadResult {
     bytes_received: u64,
     /// Measured replies from each server (indexed like `BenchConfig::addrs`).
     per_endpoint: Vec<u64>,
+    /// Connections opened while measuring (with `requests_per_connection`).
+    connects: u64,
 }
 
 /// Requests sent on a connection that ended before their replies came, by how it ended.
@@ -216,6 +240,7 @@ impl ThreadResult {
             bytes_sent: 0,
             bytes_received: 0,
             per_endpoint: Vec::new(),
+            connects: 0,
         }
     }
 
@@ -230,6 +255,7 @@ impl ThreadResult {
         self.unanswered.merge(&other.unanswered);
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
+        self.connects += other.connects;
         if self.per_endpoint.len() < other.per_endpoint.len() {
             self.per_endpoint.resize(other.per_endpoint.len(), 0);
         }
@@ -248,6 +274,14 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         return Err(BenchError::Config(
             "need at least one connection, one request in flight and one request".into(),
         ));
+    }
+    if config.rate.is_some() && config.connect.requests_per_connection.is_some() {
+        return Err(BenchError::Config(
+            "reconnecting after a number of requests works with the closed loop only (no rate)".into(),
+        ));
+    }
+    if config.connect.requests_per_connection == Some(0) {
+        return Err(BenchError::Config("a connection must carry at least one request".into()));
     }
     if config.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err(BenchError::Config("the rate must be a positive number of requests/s".into()));
@@ -341,7 +375,21 @@ fn load_thread(
             Err(_) => result.errors += 1,
         }
     }
+    if let Some(token) = &config.connect.token
+        && config.connect.tls.is_none()
+    {
+        // Over plain TCP the hello is said here, before either engine takes the streams.
+        streams.retain(|(_, stream)| {
+            let greeted = hello_blocking(stream, token);
+            if let Err(e) = &greeted {
+                tracing::warn!("token hello failed: {e}");
+                result.errors += 1;
+            }
+            greeted.is_ok()
+        });
+    }
     if config.rate.is_none()
+        && config.connect.plain_and_persistent()
         && let Ok(ring) = uring_load::UringLoad::setup()
     {
         let load = uring_load::UringLoad::new(ring, streams, config);
@@ -357,12 +405,20 @@ fn load_thread(
         .build()
         .expect("tokio runtime for the load");
     runtime.block_on(async {
+        let dialer = std::rc::Rc::new(Dialer::new(&config.connect));
         let mut tokio_streams = Vec::with_capacity(streams.len());
         for (index, stream) in streams {
             let registered = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
-            match registered {
+            let upgraded = match registered {
+                Ok(stream) => dialer.upgrade(stream).await,
+                Err(e) => Err(e),
+            };
+            match upgraded {
                 Ok(stream) => tokio_streams.push((index, stream)),
-                Err(_) => result.errors += 1,
+                Err(e) => {
+                    tracing::warn!("cannot set up a load connection: {e}");
+                    result.errors += 1;
+                }
             }
         }
         connected.wait();
@@ -370,7 +426,7 @@ fn load_thread(
         let tasks: Vec<_> = tokio_streams
             .into_iter()
             .map(|(index, stream)| {
-                local.spawn_local(connection(stream, index, config.clone(), shared.clone()))
+                local.spawn_local(connection(stream, index, config.clone(), shared.clone(), dialer.clone()))
             })
             .collect();
         local.await;
@@ -385,12 +441,95 @@ fn load_thread(
     })
 }
 
-/// Drives one connection; returns its results and when its last measured reply arrived.
+/// A load connection on the tokio engine: plain TCP or TLS.
+trait LoadIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> LoadIo for T {}
+
+/// Opens load connections as [`ConnectOptions`] say.
+struct Dialer {
+    tls: Option<(tokio_rustls::TlsConnector, ringcall::rustls::pki_types::ServerName<'static>)>,
+    token: Option<ringcall::protocol::HelloToken>,
+}
+
+impl Dialer {
+    fn new(options: &ConnectOptions) -> Self {
+        Self {
+            tls: options
+                .tls
+                .as_ref()
+                .map(|tls| (tokio_rustls::TlsConnector::from(tls.config()), tls.server_name().clone())),
+            token: options.token.clone(),
+        }
+    }
+
+    /// A new connection to `addr`, ready for requests.
+    async fn dial(&self, addr: SocketAddr) -> std::io::Result<Box<dyn LoadIo>> {
+        self.upgrade(TcpStream::connect(addr).await?).await
+    }
+
+    /// Makes `stream` ready for requests: its TLS handshake, then (with TLS; a plain one is
+    /// greeted before) its token hello.
+    async fn upgrade(&self, stream: TcpStream) -> std::io::Result<Box<dyn LoadIo>> {
+        stream.set_nodelay(true)?;
+        let Some((connector, name)) = &self.tls else { return Ok(Box::new(stream)) };
+        let mut stream = connector.connect(name.clone(), stream).await?;
+        if let Some(token) = &self.token {
+            stream.write_all(&token.hello_line(0)).await?;
+            stream.flush().await?;
+            let mut reply = Vec::new();
+            let mut byte = [0u8; 256];
+            while !reply.contains(&b'\n') {
+                let n = stream.read(&mut byte).await?;
+                if n == 0 {
+                    return Err(std::io::Error::other("closed before answering the token hello"));
+                }
+                reply.extend_from_slice(&byte[..n]);
+            }
+            check_hello_reply(&reply)?;
+        }
+        Ok(Box::new(stream))
+    }
+}
+
+/// Presents `token` on a plain stream, before the load starts, and checks the reply.
+fn hello_blocking(
+    stream: &std::net::TcpStream,
+    token: &ringcall::protocol::HelloToken,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut stream = stream;
+    stream.write_all(&token.hello_line(0))?;
+    // Nothing else is in flight: the reply is all that can arrive.
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 256];
+    while !reply.contains(&b'\n') {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed before answering the token hello"));
+        }
+        reply.extend_from_slice(&chunk[..n]);
+    }
+    check_hello_reply(&reply)
+}
+
+fn check_hello_reply(reply: &[u8]) -> std::io::Result<()> {
+    match reply_code(reply) {
+        Some(0) => Ok(()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("the server refused the token hello: {}", String::from_utf8_lossy(reply).trim_end()),
+        )),
+    }
+}
+
+/// Drives one connection (and, with `requests_per_connection`, the ones that follow it);
+/// returns its results and when its last measured reply arrived.
 async fn connection(
-    mut stream: TcpStream,
+    mut stream: Box<dyn LoadIo>,
     index: usize,
     config: BenchConfig,
     shared: Arc<Shared>,
+    dialer: std::rc::Rc<Dialer>,
 ) -> (ThreadResult, Option<Instant>) {
     let mut result = ThreadResult::new();
     let mut last_measured = None;
@@ -404,14 +543,14 @@ async fn connection(
     let mut next_due = Instant::now()
         + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / config.connections as f64));
     let mut stop_at: Option<Instant> = None;
+    let addr = config.addrs[index % config.addrs.len()];
+    // Requests this connection may still carry before it is replaced by a new one.
+    let per_connection = config.connect.requests_per_connection;
+    let mut budget = per_connection.unwrap_or(u64::MAX);
 
     if interval.is_none() {
         let now = Instant::now();
-        for _ in 0..config.pipeline {
-            if !flight.issue(&config, &shared, &mut out, now) {
-                break;
-            }
-        }
+        flight.issue_up_to(config.pipeline, &mut budget, &config, &shared, &mut out, now);
     }
     loop {
         if !out.is_empty() {
@@ -495,11 +634,30 @@ async fn connection(
             buf.resize(buf.len() * 2, 0);
         }
         if interval.is_none() {
-            for _ in 0..replies {
-                if !flight.issue(&config, &shared, &mut out, now) {
+            flight.issue_up_to(replies as usize, &mut budget, &config, &shared, &mut out, now);
+        }
+        if let Some(per_connection) = per_connection
+            && budget == 0
+            && flight.is_empty()
+            && !Flight::stopping(&config, &shared)
+        {
+            // This connection carried its share: close it (close_notify with TLS) and carry
+            // on over a new one.
+            let _ = stream.shutdown().await;
+            match dialer.dial(addr).await {
+                Ok(new) => stream = new,
+                Err(e) => {
+                    result.connection_ended(Ended::from_io(&e), 0);
                     break;
                 }
             }
+            if shared.phase.load(Ordering::Acquire) == MEASURE {
+                result.connects += 1;
+            }
+            filled = 0;
+            budget = per_connection;
+            let now = Instant::now();
+            flight.issue_up_to(config.pipeline, &mut budget, &config, &shared, &mut out, now);
         }
     }
     (result, last_measured)
@@ -563,6 +721,24 @@ impl Flight {
         self.next_request = (self.next_request + 1) % self.request_count;
         self.in_flight.push_back((at, measured));
         true
+    }
+
+    /// Issues up to `n` requests, and no more than `budget` (which it counts down).
+    fn issue_up_to(
+        &mut self,
+        n: usize,
+        budget: &mut u64,
+        config: &BenchConfig,
+        shared: &Shared,
+        out: &mut Vec<u8>,
+        now: Instant,
+    ) {
+        for _ in 0..n {
+            if *budget == 0 || !self.issue(config, shared, out, now) {
+                break;
+            }
+            *budget -= 1;
+        }
     }
 
     /// Matches a reply line (without `\n`) received at `now` to the oldest request.

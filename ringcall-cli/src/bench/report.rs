@@ -104,6 +104,12 @@ pub struct BenchReport {
     pub latency: Latency,
     /// Open loop: latency counts from each request's intended send time.
     pub coordinated_omission_corrected: bool,
+    /// Whether the connections speak TLS.
+    pub tls: bool,
+    /// New connections opened while measuring (reconnecting after a number of requests).
+    pub connections_opened: u64,
+    /// `connections_opened / duration`: with TLS, full handshakes per second.
+    pub connections_per_sec: f64,
 }
 
 impl BenchReport {
@@ -160,6 +166,9 @@ impl BenchReport {
             bytes_received: result.bytes_received,
             latency,
             coordinated_omission_corrected: config.rate.is_some(),
+            tls: config.connect.tls.is_some(),
+            connections_opened: result.connects,
+            connections_per_sec: if secs > 0.0 { result.connects as f64 / secs } else { 0.0 },
         }
     }
 
@@ -191,8 +200,18 @@ impl BenchReport {
             Some(rate) => format!("{} connections at {rate:.0} requests/s", self.connections),
             None => format!("{} connections x {} in flight", self.connections, self.pipeline),
         };
-        let _ = writeln!(s, "ringcall bench {}: {load}, {:.2} s measured", self.addr, self.duration_secs);
+        let tls = if self.tls { ", TLS" } else { "" };
+        let _ =
+            writeln!(s, "ringcall bench {}: {load}{tls}, {:.2} s measured", self.addr, self.duration_secs);
         let _ = writeln!(s, "  requests/s  {:.1}", self.requests_per_sec);
+        if self.connections_opened > 0 {
+            let what = if self.tls { "new TLS connections (full handshakes)" } else { "new connections" };
+            let _ = writeln!(
+                s,
+                "  connects/s  {:.1} ({} {what})",
+                self.connections_per_sec, self.connections_opened
+            );
+        }
         let codes: Vec<String> = self.codes.iter().map(|(c, n)| format!("{c}: {n}")).collect();
         let _ = writeln!(s, "  requests    {} (by code: {})", self.requests, codes.join(", "));
         if self.other_codes > 0 || self.invalid_replies > 0 {
