@@ -173,7 +173,8 @@ struct CompareArgs {
     /// Backends to compare.
     #[arg(long, value_delimiter = ',', default_value = "uring,tokio-uring,epoll,epoll-mt")]
     backends: Vec<Backend>,
-    /// Workloads, CONNECTIONSxINFLIGHT[@BYTES] (e.g. `16x16@64k`: echo requests of 64 KiB).
+    /// Workloads, CONNECTIONSxINFLIGHT[@BYTES][+tls][/rN] (e.g. `16x16@64k`: echo requests
+    /// of 64 KiB; `16x16+tls`: over TLS; `16x1+tls/r1`: a new TLS connection per request).
     #[arg(long, value_delimiter = ',', default_value = ringcall_cli::bench::compare::DEFAULT_WORKLOADS)]
     workloads: Vec<ringcall_cli::bench::compare::Workload>,
     /// Interleaved rounds; the table shows medians.

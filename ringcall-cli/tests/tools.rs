@@ -50,7 +50,7 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     let cpus = ringcall::backend::sys::allowed_cpus();
     let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
     let out = Command::new(RINGCALL)
-        .args(["compare", "--rounds", "1", "-d", "0.3", "--warmup", "0", "--workloads", "1x1,4x4"])
+        .args(["compare", "--rounds", "1", "-d", "0.3", "--warmup", "0", "--workloads", "1x1,4x4+tls,2x1+tls/r2"])
         .args(["--server-cpus", &server_cpu, "--client-cpus", &client_cpu])
         .args(["--json", json.to_str().unwrap(), "--svg", svg.to_str().unwrap()])
         .output()
@@ -58,19 +58,25 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8(out.stdout).unwrap();
     for backend in Backend::ALL {
-        assert_eq!(table.matches(&format!("| {} |", backend.name())).count(), 2, "{table}");
+        assert_eq!(table.matches(&format!("| {} |", backend.name())).count(), 3, "{table}");
     }
     assert!(table.contains("| 1.00x (1) |"), "epoll is its own baseline, over the one round: {table}");
     let mut bytes = std::fs::read(&json).unwrap();
     let parsed = ringcall::simd_json::to_owned_value(&mut bytes).unwrap();
     use ringcall::simd_json::prelude::*;
-    assert_eq!(parsed.get("summary").and_then(|s| s.as_array()).map(Vec::len), Some(8));
+    assert_eq!(parsed.get("summary").and_then(|s| s.as_array()).map(Vec::len), Some(12));
+    // The TLS workloads ran, each backend's second server serving them.
+    for workload in ["| 4x4+tls |", "| 2x1+tls/r2 |"] {
+        assert_eq!(table.matches(workload).count(), 4, "{table}");
+    }
     let measurements = parsed.get("measurements").and_then(|s| s.as_array()).unwrap();
     assert!(measurements.iter().all(|m| m.get("requests_per_sec").and_then(|v| v.cast_f64()).unwrap() > 0.0));
     for m in measurements {
         let steal = m.get("steal_percent").and_then(|v| v.cast_f64()).expect("steal recorded per run");
         assert!((0.0..=100.0).contains(&steal), "{steal}");
         assert!(m.get("attempts").and_then(|v| v.as_u64()).expect("attempts recorded") >= 1);
+        let busy = m.get("server_busy_percent").and_then(|v| v.cast_f64()).expect("busy recorded per run");
+        assert!(busy > 0.0, "{busy}");
     }
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));

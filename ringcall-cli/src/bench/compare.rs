@@ -29,9 +29,12 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// A load shape: connections x requests in flight per connection, and the size of each
-/// echo request (`None`: the seed's 80-byte one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A load shape: connections x requests in flight per connection, the size of each echo
+/// request (`None`: the seed's 80-byte one), whether it speaks TLS, and whether each
+/// connection is replaced after a number of requests. Written
+/// `CONNSxINFLIGHT[@BYTES][+tls][/rN]`, e.g. `16x16@1k+tls` or `16x1+tls/r1` (a new TLS
+/// connection per request: handshakes per second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Workload {
     /// Connections.
     pub connections: usize,
@@ -39,15 +42,26 @@ pub struct Workload {
     pub pipeline: usize,
     /// Bytes per request line (its reply is about as long).
     pub payload: Option<usize>,
+    /// Over TLS (to a second server of each backend, serving a throwaway certificate).
+    pub tls: bool,
+    /// Requests per connection before it is replaced by a new one.
+    pub reconnect_after: Option<u64>,
 }
 
 impl std::fmt::Display for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.connections, self.pipeline)?;
         match self.payload {
-            Some(bytes) if bytes % (1 << 20) == 0 => write!(f, "@{}m", bytes >> 20),
-            Some(bytes) if bytes % (1 << 10) == 0 => write!(f, "@{}k", bytes >> 10),
-            Some(bytes) => write!(f, "@{bytes}"),
+            Some(bytes) if bytes % (1 << 20) == 0 => write!(f, "@{}m", bytes >> 20)?,
+            Some(bytes) if bytes % (1 << 10) == 0 => write!(f, "@{}k", bytes >> 10)?,
+            Some(bytes) => write!(f, "@{bytes}")?,
+            None => {}
+        }
+        if self.tls {
+            f.write_str("+tls")?;
+        }
+        match self.reconnect_after {
+            Some(n) => write!(f, "/r{n}"),
             None => Ok(()),
         }
     }
@@ -70,7 +84,18 @@ impl FromStr for Workload {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (shape, payload) = match s.split_once('@') {
+        let (rest, reconnect_after) = match s.split_once("/r") {
+            Some((rest, n)) => match n.parse::<u64>() {
+                Ok(n) if n > 0 => (rest, Some(n)),
+                _ => return Err(format!("workload {s:?}: /r takes a number of requests, e.g. /r1")),
+            },
+            None => (s, None),
+        };
+        let (rest, tls) = match rest.strip_suffix("+tls") {
+            Some(rest) => (rest, true),
+            None => (rest, false),
+        };
+        let (shape, payload) = match rest.split_once('@') {
             Some((shape, size)) => {
                 let bytes = parse_bytes(size)
                     .ok_or_else(|| format!("workload {s:?}: {size:?} is not a size such as 80, 16k or 1m"))?;
@@ -82,14 +107,16 @@ impl FromStr for Workload {
                 }
                 (shape, Some(bytes))
             }
-            None => (s, None),
+            None => (rest, None),
         };
         let (c, p) = shape
             .split_once('x')
-            .ok_or_else(|| format!("workload {s:?} is not CONNECTIONSxINFLIGHT[@BYTES]"))?;
+            .ok_or_else(|| format!("workload {s:?} is not CONNECTIONSxINFLIGHT[@BYTES][+tls][/rN]"))?;
         let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|n| *n > 0);
         match (parse(c), parse(p)) {
-            (Some(connections), Some(pipeline)) => Ok(Self { connections, pipeline, payload }),
+            (Some(connections), Some(pipeline)) => {
+                Ok(Self { connections, pipeline, payload, tls, reconnect_after })
+            }
             _ => Err(format!("workload {s:?} needs two positive numbers, e.g. 16x16 or 16x16@64k")),
         }
     }
@@ -156,6 +183,9 @@ pub struct Measurement {
     pub p99_us: f64,
     /// Server CPU time per request, µs.
     pub server_cpu_us_per_request: f64,
+    /// Server CPU time as a share of its CPUs' time over the run, %: well under 100, the
+    /// load, not the server, set the pace.
+    pub server_busy_percent: f64,
     /// Failed connections.
     pub errors: u64,
     /// Share of the server's and the load's CPU time the hypervisor took during the run, %.
@@ -180,6 +210,8 @@ pub struct Summary {
     pub p99_us: f64,
     /// Median server CPU per request, µs.
     pub server_cpu_us_per_request: f64,
+    /// Median share of its CPUs' time the server used, %.
+    pub server_busy_percent: f64,
     /// Median steal over the runs, %.
     pub steal_percent: f64,
     /// Median over rounds of this backend's requests/s over epoll's in the same round, if
@@ -216,6 +248,45 @@ pub enum CompareError {
     Bench(#[from] BenchError),
 }
 
+/// A self-signed certificate for `localhost`, in a directory of its own removed on drop.
+struct ThrowawayCertificate {
+    dir: PathBuf,
+}
+
+impl ThrowawayCertificate {
+    fn new() -> Result<Self, CompareError> {
+        let fail = |reason: String| CompareError::Server { backend: Backend::Epoll, reason };
+        let dir = std::env::temp_dir().join(format!("ringcall-compare-tls-{}", std::process::id()));
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .map_err(|e| fail(format!("cannot make a certificate: {e}")))?;
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("cert.pem"), made.cert.pem()))
+            .and_then(|()| std::fs::write(dir.join("key.pem"), made.key_pair.serialize_pem()))
+            .map_err(|e| fail(format!("cannot write a certificate under {}: {e}", dir.display())))?;
+        Ok(Self { dir })
+    }
+
+    fn cert(&self) -> String {
+        self.dir.join("cert.pem").to_string_lossy().into_owned()
+    }
+
+    fn serve_args(&self) -> [String; 4] {
+        let key = self.dir.join("key.pem").to_string_lossy().into_owned();
+        ["--tls-cert".into(), self.cert(), "--tls-key".into(), key]
+    }
+
+    fn client(&self) -> Result<ringcall::protocol::ClientTls, CompareError> {
+        ringcall::protocol::ClientTls::from_pem_files(self.cert().as_ref(), "localhost", None)
+            .map_err(|e| CompareError::Server { backend: Backend::Epoll, reason: e.to_string() })
+    }
+}
+
+impl Drop for ThrowawayCertificate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 struct ServerProcess {
     backend: Backend,
     child: Child,
@@ -223,12 +294,18 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn start(binary: &PathBuf, backend: Backend, cpus: &[usize]) -> Result<Self, CompareError> {
+    fn start(
+        binary: &PathBuf,
+        backend: Backend,
+        cpus: &[usize],
+        extra: &[&str],
+    ) -> Result<Self, CompareError> {
         let fail = |reason: String| CompareError::Server { backend, reason };
         let mut command = Command::new(binary);
         command
             .args(["serve", "--addr", "127.0.0.1:0", "--backend", backend.name()])
             .args(["--threads", &cpus.len().to_string(), "--shutdown-timeout", "2"])
+            .args(extra)
             // Warnings and errors reach the terminal; the address comes on stdout.
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -304,7 +381,9 @@ fn measure(
     let cpu = server.cpu_time().saturating_sub(cpu_before);
     let steal_percent = ticks_before.steal_percent_until(CpuTicks::now(pinned));
     // The CPU window includes the warm-up, so divide by everything served in it.
-    let served = (report.requests_per_sec * (config.duration + config.warmup).as_secs_f64()).max(1.0);
+    let window = (config.duration + config.warmup).as_secs_f64();
+    let served = (report.requests_per_sec * window).max(1.0);
+    let server_cpus = config.server_cpus.len().max(1) as f64;
     let m = Measurement {
         backend: server.backend,
         workload,
@@ -312,18 +391,20 @@ fn measure(
         requests_per_sec: report.requests_per_sec,
         p99_us: report.latency.p99,
         server_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / served,
+        server_busy_percent: cpu.as_secs_f64() * 100.0 / (window * server_cpus),
         errors: report.errors,
         steal_percent,
         attempts: 1,
     };
     eprintln!(
-        "round {} {:>7} {:<11} {:>12.0} req/s  p99 {:>9.1} µs  server CPU {:.2} µs/req  steal {:>4.1}%",
+        "round {} {:>7} {:<11} {:>12.0} req/s  p99 {:>9.1} µs  server CPU {:.2} µs/req, busy {:>5.1}%  steal {:>4.1}%",
         round + 1,
         workload.to_string(),
         server.backend.name(),
         m.requests_per_sec,
         m.p99_us,
         m.server_cpu_us_per_request,
+        m.server_busy_percent,
         m.steal_percent
     );
     Ok(m)
@@ -408,16 +489,29 @@ pub fn describe_machine() -> String {
 /// # Errors
 /// A server cannot start, or a run fails.
 pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
-    let servers = config
-        .backends
-        .iter()
-        .map(|&backend| ServerProcess::start(&config.server_binary, backend, &config.server_cpus))
-        .collect::<Result<Vec<_>, _>>()?;
+    let start = |extra: &[&str]| {
+        config
+            .backends
+            .iter()
+            .map(|&backend| ServerProcess::start(&config.server_binary, backend, &config.server_cpus, extra))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let servers = start(&[])?;
+    // TLS workloads go to a second server of each backend, serving a throwaway certificate.
+    let certificate = config.workloads.iter().any(|w| w.tls).then(ThrowawayCertificate::new).transpose()?;
+    let (tls_servers, client_tls) = match &certificate {
+        Some(c) => {
+            let args = c.serve_args();
+            (start(&args.each_ref().map(String::as_str))?, Some(c.client()?))
+        }
+        None => (Vec::new(), None),
+    };
     let pinned: Vec<usize> = config.server_cpus.iter().chain(&config.client_cpus).copied().collect();
     let mut measurements = Vec::new();
     for round in 0..config.rounds {
         for &workload in &config.workloads {
             // Rotate the order each round so no backend always runs first.
+            let servers = if workload.tls { &tls_servers } else { &servers };
             for i in 0..servers.len() {
                 let server = &servers[(i + round) % servers.len()];
                 let bench = BenchConfig {
@@ -434,7 +528,11 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                     threads: config.client_cpus.len().max(1),
                     cpus: config.client_cpus.clone(),
                     progress: false,
-                    connect: Default::default(),
+                    connect: super::ConnectOptions {
+                        tls: client_tls.clone().filter(|_| workload.tls),
+                        token: None,
+                        requests_per_connection: workload.reconnect_after,
+                    },
                 };
                 let mut kept = measure(config, server, &bench, workload, round, &pinned)?;
                 while kept.disturbed(config.max_steal_percent) && kept.attempts <= config.retries {
@@ -454,6 +552,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
         }
     }
     drop(servers);
+    drop(tls_servers);
     let mut summary = Vec::new();
     for &workload in &config.workloads {
         let of = |backend: Backend, field: fn(&Measurement) -> f64| {
@@ -488,6 +587,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                 requests_per_sec: of(backend, |m| m.requests_per_sec),
                 p99_us: of(backend, |m| m.p99_us),
                 server_cpu_us_per_request: of(backend, |m| m.server_cpu_us_per_request),
+                server_busy_percent: of(backend, |m| m.server_busy_percent),
                 steal_percent: of(backend, |m| m.steal_percent),
                 vs_epoll,
                 vs_epoll_rounds,
@@ -503,18 +603,19 @@ impl Comparison {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| workload | backend | requests/s | p99 µs | server CPU µs/request | steal % | vs epoll, per round (rounds) |"
+            "| workload | backend | requests/s | p99 µs | server CPU µs/request | server busy % | steal % | vs epoll, per round (rounds) |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
         for row in &self.summary {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.1} | {:.2} | {:.1} | {} |",
+                "| {} | {} | {:.0} | {:.1} | {:.2} | {:.0} | {:.1} | {} |",
                 row.workload,
                 row.backend,
                 row.requests_per_sec,
                 row.p99_us,
                 row.server_cpu_us_per_request,
+                row.server_busy_percent,
                 row.steal_percent,
                 row.vs_epoll.map_or("–".into(), |r| format!("{r:.2}x ({})", row.vs_epoll_rounds))
             );
@@ -654,10 +755,25 @@ mod tests {
 
     #[test]
     fn parses_workloads() {
-        assert_eq!("16x16".parse(), Ok(Workload { connections: 16, pipeline: 16, payload: None }));
-        assert_eq!("16x16@64k".parse(), Ok(Workload { connections: 16, pipeline: 16, payload: Some(65536) }));
-        assert_eq!("1x1@1m".parse(), Ok(Workload { connections: 1, pipeline: 1, payload: Some(1 << 20) }));
-        assert_eq!("4x2@1000".parse(), Ok(Workload { connections: 4, pipeline: 2, payload: Some(1000) }));
+        let w = |connections, pipeline, payload| Workload {
+            connections,
+            pipeline,
+            payload,
+            ..Default::default()
+        };
+        assert_eq!("16x16".parse(), Ok(w(16, 16, None)));
+        assert_eq!("16x16@64k".parse(), Ok(w(16, 16, Some(65536))));
+        assert_eq!("1x1@1m".parse(), Ok(w(1, 1, Some(1 << 20))));
+        assert_eq!("4x2@1000".parse(), Ok(w(4, 2, Some(1000))));
+        let tls = Workload { tls: true, ..w(16, 16, Some(1024)) };
+        assert_eq!("16x16@1k+tls".parse(), Ok(tls));
+        let handshakes = Workload { tls: true, reconnect_after: Some(1), ..w(16, 1, None) };
+        assert_eq!("16x1+tls/r1".parse(), Ok(handshakes));
+        for text in ["16x16@1k+tls", "16x1+tls/r1", "4x1/r10", "1x1@1m"] {
+            assert_eq!(text.parse::<Workload>().unwrap().to_string(), text);
+        }
+        assert!("16x1/r0".parse::<Workload>().is_err());
+        assert!("16x1/rx".parse::<Workload>().is_err());
         for text in ["16x16", "16x16@64k", "1x1@1m", "4x2@1000"] {
             assert_eq!(text.parse::<Workload>().unwrap().to_string(), text);
         }
