@@ -50,7 +50,17 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     let cpus = ringcall::backend::sys::allowed_cpus();
     let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
     let out = Command::new(RINGCALL)
-        .args(["compare", "--rounds", "1", "-d", "0.3", "--warmup", "0", "--workloads", "1x1,4x4+tls,2x1+tls/r2"])
+        .args([
+            "compare",
+            "--rounds",
+            "1",
+            "-d",
+            "0.3",
+            "--warmup",
+            "0",
+            "--workloads",
+            "1x1,4x4+tls,2x1+tls/r2",
+        ])
         .args(["--server-cpus", &server_cpu, "--client-cpus", &client_cpu])
         .args(["--json", json.to_str().unwrap(), "--svg", svg.to_str().unwrap()])
         .output()

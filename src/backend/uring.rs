@@ -773,11 +773,17 @@ impl<S: Service> Worker<S> {
             // Answers may have come before the waker was set.
             c.conn.on_deferred(self.processor.stats());
         }
+        let urgent = c.conn.wants_send() && c.conn.is_handshaking();
         if c.conn.wants_send() {
             self.send_queue.push(slot);
         }
         if let Some(at) = c.conn.reschedule() {
             self.timers.schedule(at, (slot, c.generation));
+        }
+        if urgent {
+            // A TLS handshake's flight leaves now, not after the rest of the turn's work.
+            self.queue_sends()?;
+            self.ring.submit()?;
         }
         Ok(())
     }

@@ -424,6 +424,14 @@ impl Connection {
                 || self.tls.as_ref().is_some_and(|t| t.session.wants_write()))
     }
 
+    /// Whether a TLS handshake is under way. Its flights cost the core a lot of CPU (key
+    /// exchange, signatures): a backend that batches sends until the end of a turn sends a
+    /// handshake's flight at once instead, or a turn of many handshakes holds back every
+    /// peer until the last one is computed.
+    pub fn is_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.session.is_handshaking())
+    }
+
     /// Whether a send (or a lent buffer) is still with the kernel.
     pub fn send_in_flight(&self) -> bool {
         self.send != Send::Idle
