@@ -43,6 +43,9 @@ enum Command {
     Bench(BenchArgs),
     /// Start the server once per backend and run the same workloads against each.
     Compare(CompareArgs),
+    /// A bare io_uring echo loop (no framing, no JSON) on the `uring` backend's machinery:
+    /// the transport's ceiling, which `compare --baseline` measures the backends against.
+    EchoBaseline(EchoBaselineArgs),
     /// Watch a running server: its counters as rates, refreshed every interval.
     Top(TopArgs),
 }
@@ -169,7 +172,24 @@ struct BenchArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct EchoBaselineArgs {
+    /// Listen address (port 0: any free port); printed on stdout once listening.
+    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
+    addr: String,
+    /// Threads, one ring each (0: one per CPU allowed).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Do not pin the threads to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct CompareArgs {
+    /// Also measure the bare io_uring echo loop (`ringcall echo-baseline`) on the plain
+    /// workloads: the transport's ceiling, with each backend's ratio to it.
+    #[arg(long)]
+    baseline: bool,
     /// Backends to compare.
     #[arg(long, value_delimiter = ',', default_value = "uring,tokio-uring,epoll,epoll-mt")]
     backends: Vec<Backend>,
@@ -301,7 +321,6 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         // Colour codes only for a terminal, never in a log file or a journal.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_ansi(std::io::stderr().is_terminal())
         // A closed stderr must not turn a log line into a panic (tracing would eprintln!).
         .log_internal_errors(false)
         .init();
@@ -310,6 +329,7 @@ fn main() -> std::process::ExitCode {
         Command::Call(args) => call(args),
         Command::Bench(args) => bench(args),
         Command::Compare(args) => compare(args),
+        Command::EchoBaseline(args) => echo_baseline(args),
         Command::Top(args) => top(args),
     };
     match result {
@@ -652,6 +672,19 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn echo_baseline(args: EchoBaselineArgs) -> anyhow::Result<()> {
+    let cpus = sys::allowed_cpus();
+    let threads = if args.threads == 0 { cpus.len() } else { args.threads };
+    let pin = if args.no_pin { &[][..] } else { &cpus[..] };
+    let addr = ringcall_cli::bench::echo_baseline::serve(resolve_server(&args.addr)?, threads, pin)
+        .with_context(|| format!("cannot start the echo baseline on {}", args.addr))?;
+    announce_address(addr, None)?;
+    // The threads echo until the process is stopped.
+    loop {
+        std::thread::park();
+    }
+}
+
 fn top(args: TopArgs) -> anyhow::Result<()> {
     use ringcall_cli::top::{Reading, Stats, render};
     let timeout = Duration::from_secs(10);
@@ -685,6 +718,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
     let config = CompareConfig {
         server_binary: std::env::current_exe().context("cannot find the ringcall executable")?,
         backends: args.backends,
+        baseline: args.baseline,
         workloads: args.workloads,
         rounds: args.rounds.max(1),
         duration: Duration::from_secs_f64(args.duration.max(0.01)),

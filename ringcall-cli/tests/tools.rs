@@ -296,3 +296,52 @@ fn serve_and_call_speak_the_token_hello() {
     server.wait().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The transport baseline echoes every byte back, whatever the framing, and `compare
+/// --baseline` measures it beside the backends, with each one's ratio to it.
+#[test]
+fn the_echo_baseline_echoes_bytes_and_compare_measures_it() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = Command::new(RINGCALL)
+        .args(["echo-baseline", "--addr", "127.0.0.1:0", "--threads", "2", "--no-pin"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = line.trim().parse().unwrap();
+    let mut streams: Vec<std::net::TcpStream> =
+        (0..4).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let sent = payload[i..].to_vec();
+        let sender = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+        let mut back = vec![0u8; payload.len() - i];
+        stream.read_exact(&mut back).unwrap();
+        sender.join().unwrap();
+        assert!(back == payload[i..], "connection {i} got other bytes back");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let cpus = ringcall::backend::sys::allowed_cpus();
+    let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
+    let out = Command::new(RINGCALL)
+        .args(["compare", "--backends", "uring,epoll", "--baseline", "--workloads", "2x2@1k,2x2+tls"])
+        .args(["--rounds", "1", "-d", "0.3", "--warmup", "0"])
+        .args(["--server-cpus", &server_cpu, "--client-cpus", &client_cpu])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("| vs io_uring-echo |"), "{table}");
+    // On the plain workload only: the baseline speaks no TLS.
+    assert_eq!(table.matches("| io_uring-echo |").count(), 1, "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("| 2x2@1k | io_uring-echo |") && l.ends_with("| 1.00x |")),
+        "{table}"
+    );
+    assert!(table.lines().any(|l| l.starts_with("| 2x2+tls | uring |") && l.ends_with("| – |")), "{table}");
+}

@@ -134,6 +134,9 @@ pub struct CompareConfig {
     /// Backends to compare.
     #[serde(skip)]
     pub backends: Vec<Backend>,
+    /// Also measure the bare io_uring echo loop ([`echo_baseline`](super::echo_baseline)),
+    /// the transport's ceiling, on the plain workloads.
+    pub baseline: bool,
     /// Workloads.
     #[serde(skip)]
     pub workloads: Vec<Workload>,
@@ -155,6 +158,26 @@ pub struct CompareConfig {
     pub retries: usize,
 }
 
+/// What is measured: a backend of `ringcall serve`, or the bare io_uring echo loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contender {
+    /// `ringcall serve --backend B`.
+    Backend(Backend),
+    /// `ringcall echo-baseline`: io_uring, no framing, no JSON.
+    EchoBaseline,
+}
+
+impl std::fmt::Display for Contender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Contender::Backend(backend) => f.write_str(backend.name()),
+            Contender::EchoBaseline => f.write_str("io_uring-echo"),
+        }
+    }
+}
+
+const EPOLL: Contender = Contender::Backend(Backend::Epoll);
+
 /// Serializes a value by its `Display` form (backends and workloads as on the command line).
 fn display<T: std::fmt::Display, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(value)
@@ -170,7 +193,7 @@ fn one_based<S: serde::Serializer>(round: &usize, s: S) -> Result<S::Ok, S::Erro
 pub struct Measurement {
     /// Backend.
     #[serde(serialize_with = "display")]
-    pub backend: Backend,
+    pub backend: Contender,
     /// Workload.
     #[serde(serialize_with = "display")]
     pub workload: Workload,
@@ -200,7 +223,7 @@ pub struct Measurement {
 pub struct Summary {
     /// Backend.
     #[serde(serialize_with = "display")]
-    pub backend: Backend,
+    pub backend: Contender,
     /// Workload.
     #[serde(serialize_with = "display")]
     pub workload: Workload,
@@ -219,6 +242,8 @@ pub struct Summary {
     pub vs_epoll: Option<f64>,
     /// Rounds the ratio to epoll was taken over.
     pub vs_epoll_rounds: usize,
+    /// Likewise over the bare io_uring echo loop, when it was measured.
+    pub vs_baseline: Option<f64>,
 }
 
 /// Everything a comparison produced.
@@ -239,7 +264,7 @@ pub enum CompareError {
     #[error("cannot start the {backend} server: {reason}")]
     Server {
         /// Backend.
-        backend: Backend,
+        backend: Contender,
         /// What happened.
         reason: String,
     },
@@ -255,7 +280,8 @@ struct ThrowawayCertificate {
 
 impl ThrowawayCertificate {
     fn new() -> Result<Self, CompareError> {
-        let fail = |reason: String| CompareError::Server { backend: Backend::Epoll, reason };
+        let fail =
+            |reason: String| CompareError::Server { backend: Contender::Backend(Backend::Epoll), reason };
         let dir = std::env::temp_dir().join(format!("ringcall-compare-tls-{}", std::process::id()));
         let made = rcgen::generate_simple_self_signed(vec!["localhost".into()])
             .map_err(|e| fail(format!("cannot make a certificate: {e}")))?;
@@ -276,8 +302,9 @@ impl ThrowawayCertificate {
     }
 
     fn client(&self) -> Result<ringcall::protocol::ClientTls, CompareError> {
-        ringcall::protocol::ClientTls::from_pem_files(self.cert().as_ref(), "localhost", None)
-            .map_err(|e| CompareError::Server { backend: Backend::Epoll, reason: e.to_string() })
+        ringcall::protocol::ClientTls::from_pem_files(self.cert().as_ref(), "localhost", None).map_err(|e| {
+            CompareError::Server { backend: Contender::Backend(Backend::Epoll), reason: e.to_string() }
+        })
     }
 }
 
@@ -288,7 +315,7 @@ impl Drop for ThrowawayCertificate {
 }
 
 struct ServerProcess {
-    backend: Backend,
+    backend: Contender,
     child: Child,
     addr: SocketAddr,
 }
@@ -296,15 +323,21 @@ struct ServerProcess {
 impl ServerProcess {
     fn start(
         binary: &PathBuf,
-        backend: Backend,
+        backend: Contender,
         cpus: &[usize],
         extra: &[&str],
     ) -> Result<Self, CompareError> {
         let fail = |reason: String| CompareError::Server { backend, reason };
         let mut command = Command::new(binary);
+        match backend {
+            Contender::Backend(backend) => command
+                .args(["serve", "--addr", "127.0.0.1:0", "--backend", backend.name()])
+                .args(["--threads", &cpus.len().to_string(), "--shutdown-timeout", "2"]),
+            Contender::EchoBaseline => command
+                .args(["echo-baseline", "--addr", "127.0.0.1:0"])
+                .args(["--threads", &cpus.len().to_string()]),
+        };
         command
-            .args(["serve", "--addr", "127.0.0.1:0", "--backend", backend.name()])
-            .args(["--threads", &cpus.len().to_string(), "--shutdown-timeout", "2"])
             .args(extra)
             // Warnings and errors reach the terminal; the address comes on stdout.
             .env("RUST_LOG", "warn")
@@ -400,7 +433,7 @@ fn measure(
         "round {} {:>7} {:<11} {:>12.0} req/s  p99 {:>9.1} µs  server CPU {:.2} µs/req, busy {:>5.1}%  steal {:>4.1}%",
         round + 1,
         workload.to_string(),
-        server.backend.name(),
+        server.backend.to_string(),
         m.requests_per_sec,
         m.p99_us,
         m.server_cpu_us_per_request,
@@ -489,20 +522,22 @@ pub fn describe_machine() -> String {
 /// # Errors
 /// A server cannot start, or a run fails.
 pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
-    let start = |extra: &[&str]| {
-        config
-            .backends
-            .iter()
-            .map(|&backend| ServerProcess::start(&config.server_binary, backend, &config.server_cpus, extra))
+    let start = |contenders: &mut dyn Iterator<Item = Contender>, extra: &[&str]| {
+        contenders
+            .map(|contender| {
+                ServerProcess::start(&config.server_binary, contender, &config.server_cpus, extra)
+            })
             .collect::<Result<Vec<_>, _>>()
     };
-    let servers = start(&[])?;
+    let backends = || config.backends.iter().map(|&b| Contender::Backend(b));
+    let baseline = config.baseline.then_some(Contender::EchoBaseline);
+    let servers = start(&mut backends().chain(baseline), &[])?;
     // TLS workloads go to a second server of each backend, serving a throwaway certificate.
     let certificate = config.workloads.iter().any(|w| w.tls).then(ThrowawayCertificate::new).transpose()?;
     let (tls_servers, client_tls) = match &certificate {
         Some(c) => {
             let args = c.serve_args();
-            (start(&args.each_ref().map(String::as_str))?, Some(c.client()?))
+            (start(&mut backends(), &args.each_ref().map(String::as_str))?, Some(c.client()?))
         }
         None => (Vec::new(), None),
     };
@@ -555,7 +590,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
     drop(tls_servers);
     let mut summary = Vec::new();
     for &workload in &config.workloads {
-        let of = |backend: Backend, field: fn(&Measurement) -> f64| {
+        let of = |backend: Contender, field: fn(&Measurement) -> f64| {
             median(
                 measurements
                     .iter()
@@ -566,21 +601,25 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
         };
         // Each round's ratio compares runs made moments apart, so drift of the machine
         // cancels out; the median is over rounds.
-        let run_in = |backend: Backend, round: usize| {
+        let run_in = |backend: Contender, round: usize| {
             measurements.iter().find(|m| m.backend == backend && m.workload == workload && m.round == round)
         };
-        for &backend in &config.backends {
+        // The median over rounds of `backend`'s requests/s over `reference`'s in the same round.
+        let ratio_to = |backend: Contender, reference: Contender| {
             let pairs: Vec<(f64, bool)> = (0..config.rounds)
-                .filter_map(|round| match (run_in(backend, round), run_in(Backend::Epoll, round)) {
-                    (Some(run), Some(epoll)) if epoll.requests_per_sec > 0.0 => Some((
-                        run.requests_per_sec / epoll.requests_per_sec,
-                        !run.disturbed(config.max_steal_percent)
-                            && !epoll.disturbed(config.max_steal_percent),
+                .filter_map(|round| match (run_in(backend, round), run_in(reference, round)) {
+                    (Some(run), Some(base)) if base.requests_per_sec > 0.0 => Some((
+                        run.requests_per_sec / base.requests_per_sec,
+                        !run.disturbed(config.max_steal_percent) && !base.disturbed(config.max_steal_percent),
                     )),
                     _ => None,
                 })
                 .collect();
-            let (vs_epoll, vs_epoll_rounds) = median_ratio(&pairs);
+            median_ratio(&pairs)
+        };
+        for backend in backends().chain(baseline.filter(|_| !workload.tls)) {
+            let (vs_epoll, vs_epoll_rounds) = ratio_to(backend, EPOLL);
+            let vs_baseline = baseline.filter(|_| !workload.tls).and_then(|b| ratio_to(backend, b).0);
             summary.push(Summary {
                 backend,
                 workload,
@@ -591,6 +630,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                 steal_percent: of(backend, |m| m.steal_percent),
                 vs_epoll,
                 vs_epoll_rounds,
+                vs_baseline,
             });
         }
     }
@@ -601,13 +641,15 @@ impl Comparison {
     /// The side-by-side table (markdown, so it pastes into docs as is).
     pub fn table(&self) -> String {
         let mut s = String::new();
+        let baseline = self.summary.iter().any(|r| r.vs_baseline.is_some());
         let _ = writeln!(
             s,
-            "| workload | backend | requests/s | p99 µs | server CPU µs/request | server busy % | steal % | vs epoll, per round (rounds) |"
+            "| workload | backend | requests/s | p99 µs | server CPU µs/request | server busy % | steal % | vs epoll, per round (rounds) |{}",
+            if baseline { " vs io_uring-echo |" } else { "" }
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|{}", if baseline { "---:|" } else { "" });
         for row in &self.summary {
-            let _ = writeln!(
+            let _ = write!(
                 s,
                 "| {} | {} | {:.0} | {:.1} | {:.2} | {:.0} | {:.1} | {} |",
                 row.workload,
@@ -619,6 +661,10 @@ impl Comparison {
                 row.steal_percent,
                 row.vs_epoll.map_or("–".into(), |r| format!("{r:.2}x ({})", row.vs_epoll_rounds))
             );
+            if baseline {
+                let _ = write!(s, " {} |", row.vs_baseline.map_or("–".into(), |r| format!("{r:.2}x")));
+            }
+            s.push('\n');
         }
         s
     }
@@ -655,7 +701,7 @@ impl Comparison {
             RGBColor(0x94, 0x67, 0xbd),
         ];
         let mut workloads: Vec<Workload> = Vec::new();
-        let mut backends: Vec<Backend> = Vec::new();
+        let mut backends: Vec<Contender> = Vec::new();
         for row in &self.summary {
             if !workloads.contains(&row.workload) {
                 workloads.push(row.workload);
@@ -664,7 +710,7 @@ impl Comparison {
                 backends.push(row.backend);
             }
         }
-        let color = |backend: Backend| {
+        let color = |backend: Contender| {
             COLORS[backends.iter().position(|b| *b == backend).unwrap_or(0) % COLORS.len()]
         };
         let width = 240 * workloads.len().max(1) as u32 + 20;

@@ -11,6 +11,7 @@
 //! per request than the server it measures.
 
 pub mod compare;
+pub mod echo_baseline;
 mod report;
 mod uring_load;
 
