@@ -114,6 +114,20 @@ pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     }
 }
 
+/// Queues `entry` on `ring`, submitting first while the submission queue is full.
+///
+/// # Safety
+/// Every buffer `entry` points to must stay valid and unmoved until its completion.
+pub unsafe fn push_entry(ring: &mut IoUring, entry: &squeue::Entry) -> io::Result<()> {
+    loop {
+        // SAFETY: the caller keeps the entry's buffers alive until it completes.
+        if unsafe { ring.submission().push(entry) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
 /// Creates a ring with the fastest flags this kernel accepts.
 pub fn build_ring() -> io::Result<IoUring> {
     let attempts: [fn(&mut io_uring::Builder); 3] = [
@@ -420,15 +434,10 @@ impl<S: Service> Worker<S> {
 
     /// Queues an SQE, submitting first if the submission queue is full.
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every buffer an entry points to is owned by the worker (connection
-            // buffers, boxed timespecs, the pool) and outlives the operation: slots are only
-            // freed once their operations have completed.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: every buffer an entry points to is owned by the worker (connection buffers,
+        // boxed timespecs, the pool) and outlives the operation: slots are only freed once
+        // their operations have completed.
+        unsafe { push_entry(&mut self.ring, &entry) }
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {

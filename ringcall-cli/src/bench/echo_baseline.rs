@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use io_uring::types::Fd;
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use ringcall::backend::sys;
-use ringcall::backend::uring::{BGID, BufferPool, build_ring};
+use ringcall::backend::uring::{BGID, BufferPool, build_ring, push_entry};
 
 const ACCEPT: u64 = 1;
 const RECV: u64 = 2;
@@ -92,15 +92,10 @@ impl Echo {
     }
 
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every buffer an entry points to (a connection's `sending`, the pool)
-            // stays put until its completion: `sending` is not touched while its send is in
-            // flight, and connections are released only with nothing in flight.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: every buffer an entry points to (a connection's `sending`, the pool) stays
+        // put until its completion: `sending` is not touched while its send is in flight,
+        // and connections are released only with nothing in flight.
+        unsafe { push_entry(&mut self.ring, &entry) }
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {

@@ -13,7 +13,7 @@ use io_uring::types::{Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
 use super::{BenchConfig, DRAIN_WAIT, Ended, Flight, Reply, Shared, ThreadResult};
-use ringcall::backend::uring::{BGID, BufferPool, build_ring};
+use ringcall::backend::uring::{BGID, BufferPool, build_ring, push_entry};
 
 const RECV: u64 = 1;
 const SEND: u64 = 2;
@@ -78,14 +78,9 @@ impl UringLoad {
     }
 
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every buffer an entry points to (the connections' send buffers, the
-            // boxed timespec, the pool) lives until the ring is dropped with `self`.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: every buffer an entry points to (the connections' send buffers, the boxed
+        // timespec, the pool) lives until the ring is dropped with `self`.
+        unsafe { push_entry(&mut self.ring, &entry) }
     }
 
     fn arm_recv(&mut self, i: usize) -> io::Result<()> {
