@@ -40,6 +40,10 @@ pub struct ServerConfig {
     pub exec: ExecConfig,
     /// Serve TLS with this certificate and key (`None`: plain TCP).
     pub tls: Option<crate::protocol::TlsConfig>,
+    /// Hand each new connection to the core holding the fewest ([`balance`]
+    /// (crate::backend::balance)), instead of serving it where the kernel's `SO_REUSEPORT`
+    /// hash put it. On by default; `epoll-mt` balances by moving tasks instead.
+    pub balance_connections: bool,
     /// Admit a connection only after its first line presents this token
     /// ([`access`](crate::protocol::access)); `None`: no hello is asked for.
     pub token: Option<crate::protocol::HelloToken>,
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             exec: ExecConfig::default(),
             tls: None,
             token: None,
+            balance_connections: true,
         }
     }
 }
@@ -248,6 +253,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Whether new connections go to the least loaded core (on by default; see
+    /// [`ServerConfig::balance_connections`]).
+    pub fn balance_connections(mut self, balance: bool) -> Self {
+        self.config.balance_connections = balance;
+        self
+    }
+
     /// The I/O driver.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
@@ -341,6 +353,10 @@ impl ServerBuilder {
             workers: Vec::with_capacity(workers_wanted),
             _signals: signals,
         };
+        // Several cores with a listener each: the kernel's hash spreads connections, and the
+        // balancer evens out what it leaves uneven.
+        let balancer = (config.balance_connections && workers_wanted > 1)
+            .then(|| crate::backend::balance::Balancer::new(stats.clone()));
         for (core, listener) in listeners.into_iter().enumerate() {
             let setup = WorkerSetup {
                 core,
@@ -351,6 +367,7 @@ impl ServerBuilder {
                 stop: control.clone(),
                 exec: exec.clone(),
                 access: crate::protocol::Access { tls: config.tls.clone(), token: config.token.clone() },
+                balancer: balancer.clone(),
                 ready: ready_tx.clone(),
             };
             let backend = config.backend;

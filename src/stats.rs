@@ -59,6 +59,12 @@ impl CoreStats {
         bump(&self.connections_closed, 1);
     }
 
+    /// Connections open on this core now (read from any thread).
+    pub fn open_connections(&self) -> u64 {
+        let closed = self.connections_closed.load(Relaxed);
+        self.connections_total.load(Relaxed).saturating_sub(closed)
+    }
+
     /// A request line was framed (valid or not).
     #[inline]
     pub fn request(&self) {

@@ -306,6 +306,10 @@ struct ServeArgs {
     /// docs/operations.md); needs --tls-client-ca.
     #[arg(long, requires = "tls_client_ca")]
     acl: Option<std::path::PathBuf>,
+    /// Serve each connection on the core that accepted it, as the kernel's SO_REUSEPORT
+    /// hash chose, instead of handing it to the core holding the fewest.
+    #[arg(long)]
+    no_balance: bool,
     /// Admit a connection only once its first line presents the token in this file
     /// (`{"cmdid":2,"params":{"token":"…"}}`): for plain TCP on one host. The token crosses
     /// the wire in clear text; across hosts, use TLS with client certificates.
@@ -454,6 +458,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         token: args.token_file.as_deref().map(ringcall::protocol::HelloToken::from_file).transpose()?,
+        balance_connections: !args.no_balance,
     };
     let server = ringcall::ServerBuilder::config(config.clone())
         .addr(args.addr.as_str())

@@ -3,6 +3,7 @@
 //! encoding never live here.
 //!
 //! - [`uring`]: native io_uring, one ring per core (what `auto` picks where it works).
+//! - [`balance`]: hands new connections to the least loaded core.
 //! - [`tokio_uring`]: the tokio-uring runtime, one per core.
 //! - [`epoll`]: tokio's current-thread runtime, one per core.
 //! - [`epoll_mt`]: tokio's multi-thread runtime behind one listener.
@@ -13,6 +14,7 @@
 //! Every connection rule (backpressure, deadlines, FIN, draining, the connection limit)
 //! lives in [`crate::protocol::connection`]; a driver only turns its answers into syscalls.
 
+pub mod balance;
 pub mod epoll;
 pub mod epoll_mt;
 pub mod sys;

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
+use super::balance::Balancer;
 use super::worker::{WorkerError, WorkerSetup};
 use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, deferred_ready, sys};
 use crate::dispatch::Service;
@@ -108,7 +109,7 @@ pub(crate) async fn serve_worker<S: Service, A: CoreAccess<S>>(
     make_access: impl FnOnce(usize, Arc<StatsRegistry>, Limits) -> A,
     spawn: impl Fn(TcpStream, A, Drain, ConnGuard),
 ) {
-    let WorkerSetup { core, listener, config, stats, stop, ready, .. } = setup;
+    let WorkerSetup { core, listener, config, stats, stop, ready, balancer, .. } = setup;
     let listener = match tokio_listener(listener) {
         Ok(listener) => listener,
         Err(source) => {
@@ -127,7 +128,13 @@ pub(crate) async fn serve_worker<S: Service, A: CoreAccess<S>>(
         max_connections_per_core: config.limits.max_connections_per_core.saturating_mul(workers_per_listener),
         ..config.limits
     };
-    accept_until_stopped(&listener, core, stop.subscribe(), |stream| {
+    let handed = Arc::new(tokio::sync::Notify::new());
+    if let Some(balancer) = &balancer {
+        let handed = handed.clone();
+        balancer.serve(core, move || handed.notify_one());
+    }
+    let balance = balancer.as_deref().map(|balancer| (balancer, &*handed));
+    accept_until_stopped(&listener, core, stop.subscribe(), balance, |stream| {
         match access.with(|core| admission.admit(tracker.open(), core.processor.stats())) {
             Admission::Accept => spawn(stream, access.clone(), drain_signal.clone(), tracker.guard()),
             Admission::Refuse(line) => sys::refuse(stream.as_fd(), line),
@@ -145,26 +152,48 @@ async fn accept_until_stopped(
     listener: &TcpListener,
     core: usize,
     mut stop: watch::Receiver<bool>,
+    balance: Option<(&Balancer, &tokio::sync::Notify)>,
     mut on_connection: impl FnMut(TcpStream),
 ) {
     let mut errors = AcceptErrorLog::new(core);
+    let mut serve = |stream: io::Result<TcpStream>| match stream {
+        Ok(stream) => on_connection(stream),
+        Err(e) => tracing::debug!("cannot register a connection: {e}"),
+    };
+    let registered = |fd: OwnedFd| TcpStream::from_std(std::net::TcpStream::from(fd));
     loop {
         tokio::select! {
             biased;
             // The guard `wait_for` returns is dropped inside, so this future stays Send.
             () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
-                sys::accept_backlog(listener.as_fd(), |fd| {
-                    match TcpStream::from_std(std::net::TcpStream::from(fd)) {
-                        Ok(stream) => on_connection(stream),
-                        Err(e) => tracing::debug!("cannot register a connection at shutdown: {e}"),
-                    }
-                });
+                sys::accept_backlog(listener.as_fd(), |fd| serve(registered(fd)));
+                if let Some((balancer, _)) = balance {
+                    balancer.stop(core).into_iter().for_each(|fd| serve(registered(fd)));
+                }
                 return;
+            }
+            () = async { balance.expect("guarded").1.notified().await }, if balance.is_some() => {
+                if let Some((balancer, _)) = balance {
+                    balancer.take(core).into_iter().for_each(|fd| serve(registered(fd)));
+                }
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     errors.succeeded();
-                    on_connection(stream)
+                    match balance.map(|(balancer, _)| (balancer, balancer.target(core))) {
+                        Some((balancer, target)) if target != core => {
+                            // Handed over as a plain socket, out of this runtime's reactor.
+                            match stream.into_std().map(OwnedFd::from) {
+                                Ok(fd) => {
+                                    if let Some(fd) = balancer.hand_over(target, fd) {
+                                        serve(registered(fd));
+                                    }
+                                }
+                                Err(e) => tracing::debug!("cannot hand a connection over: {e}"),
+                            }
+                        }
+                        _ => serve(Ok(stream)),
+                    }
                 }
                 Err(e) => {
                     errors.failed(&e, Instant::now());

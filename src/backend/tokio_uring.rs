@@ -110,7 +110,7 @@ impl<S: Service> Core<S> {
 }
 
 async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
-    let WorkerSetup { core: index, listener, config, stats, stop, ready, exec, access, .. } = setup;
+    let WorkerSetup { core: index, listener, config, stats, stop, ready, exec, access, balancer, .. } = setup;
     let limits = config.limits;
     let listener = std::net::TcpListener::from(listener);
     let listener_fd = listener.as_raw_fd();
@@ -127,6 +127,22 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
         drain_deadline: std::cell::Cell::new(None),
         limits,
     });
+    if let Some(balancer) = &balancer {
+        // Connections other cores hand over, taken in by a task of this core.
+        let handed = Arc::new(Notify::new());
+        let here = handed.clone();
+        balancer.serve(index, move || handed.notify_one());
+        let core = core.clone();
+        let balancer = balancer.clone();
+        tokio_uring::spawn(async move {
+            loop {
+                here.notified().await;
+                for fd in balancer.take(index) {
+                    open(&core, TcpStream::from_std(std::net::TcpStream::from(fd)));
+                }
+            }
+        });
+    }
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -134,6 +150,7 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
 
     let mut stop_rx = stop.subscribe();
     let core_at_stop = core.clone();
+    let stop_balancer = balancer.clone();
     tokio_uring::spawn(async move {
         let _ = stop_rx.wait_for(|stopping| *stopping).await;
         let core = core_at_stop;
@@ -146,6 +163,9 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
         // Shutting down a listener's read side resets its backlog, so take it in first.
         let _ = sys::set_nonblocking(listener);
         sys::accept_backlog(listener, |fd| open(&core, TcpStream::from_std(std::net::TcpStream::from(fd))));
+        for fd in stop_balancer.as_ref().map(|b| b.stop(index)).unwrap_or_default() {
+            open(&core, TcpStream::from_std(std::net::TcpStream::from(fd)));
+        }
         // Wakes the pending accept.
         sys::shutdown(listener, Shutdown::Read);
         tracing::info!(
@@ -169,7 +189,10 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
             // (draining) like the backlog.
             Ok((stream, _)) => {
                 errors.succeeded();
-                open(&core, stream);
+                match balancer.as_ref().map(|b| (b, b.target(index))) {
+                    Some((balancer, target)) if target != index => hand_over(&core, balancer, target, stream),
+                    _ => open(&core, stream),
+                }
                 if stop.stopping() {
                     break;
                 }
@@ -191,6 +214,30 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     });
     if drained.await.is_err() {
         tracing::warn!(core = index, connections = core.conns.borrow().len(), "shutdown deadline passed");
+    }
+}
+
+/// Hands `stream` to core `target`'s inbox, or serves it here if `target` takes none now.
+fn hand_over<S: Service>(
+    core: &Rc<Core<S>>,
+    balancer: &super::balance::Balancer,
+    target: usize,
+    stream: TcpStream,
+) {
+    // SAFETY: the descriptor is the stream's, open for the duration of this borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned();
+    match fd {
+        // The copy goes over; this runtime's stream (and its descriptor) is dropped.
+        Ok(fd) => {
+            drop(stream);
+            if let Some(fd) = balancer.hand_over(target, fd) {
+                open(core, TcpStream::from_std(std::net::TcpStream::from(fd)));
+            }
+        }
+        Err(e) => {
+            tracing::debug!("cannot hand a connection over: {e}");
+            open(core, stream);
+        }
     }
 }
 

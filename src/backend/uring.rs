@@ -352,6 +352,9 @@ struct Worker<S: Service> {
     wake_buf: Box<u64>,
     deferred: Arc<DeferredWake>,
     deferred_buf: Box<u64>,
+    /// Hands connections to less loaded cores and brings theirs here (through the deferred
+    /// eventfd's wake-up).
+    balancer: Option<Arc<super::balance::Balancer>>,
     /// Reused list of connections whose deferred replies were answered.
     deferred_ready: Vec<(usize, u32)>,
     /// Files with a durable write and sync in flight on this ring (kept alive until both
@@ -411,6 +414,7 @@ impl<S: Service> Worker<S> {
                 })?,
             }),
             deferred_buf: Box::new(0),
+            balancer: setup.balancer,
             deferred_ready: Vec::new(),
             durable: Slab::new(),
             durable_kicks: Vec::new(),
@@ -429,6 +433,10 @@ impl<S: Service> Worker<S> {
         worker.arm_wake().map_err(unavailable)?;
         worker.arm_deferred().map_err(unavailable)?;
         worker.ring.submit().map_err(unavailable)?;
+        if let Some(balancer) = &worker.balancer {
+            let wake = worker.deferred.clone();
+            balancer.serve(worker.core, move || wake.eventfd.notify());
+        }
         Ok(worker)
     }
 
@@ -479,6 +487,12 @@ impl<S: Service> Worker<S> {
         }
         ready.clear();
         self.deferred_ready = ready;
+        // The same wake-up brings connections other cores handed over.
+        if let Some(balancer) = self.balancer.clone() {
+            for fd in balancer.take(self.core) {
+                self.admit(fd)?;
+            }
+        }
         self.arm_deferred()
     }
 
@@ -635,7 +649,14 @@ impl<S: Service> Worker<S> {
             self.accept_errors.succeeded();
             // Accepted while the shutdown began (before the cancel took effect): it may carry
             // requests, so it is served, draining, like the backlog.
-            self.admit(fd)?;
+            match &self.balancer {
+                Some(balancer) => {
+                    if let Some(fd) = balancer.place(self.core, fd) {
+                        self.admit(fd)?;
+                    }
+                }
+                None => self.admit(fd)?,
+            }
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
             self.accept_errors.failed(&err, Instant::now());
@@ -853,6 +874,11 @@ impl<S: Service> Worker<S> {
             let mut backlog = Vec::new();
             sys::accept_backlog(self.listener.as_fd(), |fd| backlog.push(fd));
             for fd in backlog {
+                self.admit(fd)?;
+            }
+        }
+        if let Some(balancer) = self.balancer.clone() {
+            for fd in balancer.stop(self.core) {
                 self.admit(fd)?;
             }
         }

@@ -118,6 +118,9 @@ pub struct WorkerSetup {
     pub exec: Arc<crate::exec::Executors>,
     /// How connections are admitted (TLS, the token hello).
     pub access: crate::protocol::Access,
+    /// Where connections accepted here go when another core holds fewer (`None`: each
+    /// core serves what it accepts).
+    pub balancer: Option<Arc<super::balance::Balancer>>,
     /// Reports the end of the worker's set-up: `Ok` once it is serving.
     pub ready: mpsc::Sender<Result<(), WorkerError>>,
 }
