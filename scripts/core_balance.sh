@@ -2,7 +2,8 @@
 # How evenly long-lived connections load the cores: a 2-thread uring server, with and without
 # connection balancing (--no-balance), under 8, 16 and 64 connections x 16 in flight; five
 # runs each (the kernel's SO_REUSEPORT hash sees new source ports every run). Prints each
-# run's connections and requests per core, and the busier core's share of the requests.
+# run's connections open per core (read mid-run; one of them is the stats call's) and requests
+# per core, and the busier core's share of the requests.
 # Needs a release build (cargo build --release).
 set -e
 TMP=$(mktemp -d)
@@ -21,11 +22,16 @@ for conns in 8 16 64; do
     for run in 1 2 3 4 5; do
       if [ $mode = balanced ]; then A=$(start); else A=$(start --no-balance); fi
       P=$(cat $TMP/pid)
-      $B bench --addr $A -c $conns -P 16 -d 2 --warmup 0.5 --output json > $TMP/bench.json
+      $B bench --addr $A -c $conns -P 16 -d 2 --warmup 0.5 --output json > $TMP/bench.json &
+      BP=$!
+      sleep 1.5
+      $B call --addr $A 1 > $TMP/mid.json
+      wait $BP
       $B call --addr $A 1 | python3 -c '
 import json, sys
+mid = json.load(open("'$TMP/mid.json'"))["cores"]
 cores = json.load(sys.stdin)["cores"]
-conns = [c["connections_total"] for c in cores]
+conns = [c["connections_open"] for c in mid]
 reqs = [c["requests"] for c in cores]
 share = max(reqs) / max(1, sum(reqs))
 print(f"'$conns' connections, '$mode' run '$run': connections per core {conns}, requests per core {reqs}, busier core {share:.0%}")'
