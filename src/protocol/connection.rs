@@ -184,6 +184,10 @@ pub struct Connection {
     /// The bytes handed to the kernel, of which `sent` are sent.
     sending: Vec<u8>,
     sent: usize,
+    /// Plaintext bytes of the last batch taken for sending: the room the next one is given
+    /// up front (within `max_pending_output`), so that large replies do not regrow the
+    /// output from nothing after every batch, while a quiet connection still holds no buffer.
+    last_batch: usize,
     /// When the oldest request answered in `sending` arrived (for `out`, the output keeps
     /// it): a batch's time in the server, observed when it is sent whole.
     sending_since: Option<Instant>,
@@ -276,6 +280,7 @@ impl Connection {
             sending: Vec::new(),
             sending_times: Vec::new(),
             sent: 0,
+            last_batch: 0,
             sending_since: None,
             last_activity: now,
             line_started: None,
@@ -366,6 +371,13 @@ impl Connection {
     /// Where the connection is.
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Bytes of buffer this connection holds (its output, its send buffer, its partial line),
+    /// used or not: what a quiet connection costs beyond its fixed size.
+    pub fn buffered_capacity(&self) -> usize {
+        let tls = self.tls.as_ref().map_or(0, |t| t.plain.capacity());
+        self.out.ready_capacity() + self.sending.capacity() + self.session.carry_capacity() + tls
     }
 
     /// Reply bytes produced and not yet sent.
@@ -471,11 +483,15 @@ impl Connection {
             self.sent = 0;
             self.sending_times.clear();
             match &mut self.tls {
-                None => self.sending_since = self.out.take_ready(&mut self.sending, &mut self.sending_times),
+                None => {
+                    self.sending_since = self.out.take_ready(&mut self.sending, &mut self.sending_times);
+                    self.last_batch = self.sending.len();
+                }
                 Some(tls) => {
                     // The batch is encrypted into the send buffer; the plaintext buffer stays.
                     tls.plain.clear();
                     self.sending_since = self.out.take_ready(&mut tls.plain, &mut self.sending_times);
+                    self.last_batch = tls.plain.len();
                     if !tls.plain.is_empty() {
                         use std::io::Write;
                         // Without a buffer limit, rustls takes everything.
@@ -561,6 +577,9 @@ impl Connection {
             }
         }
         self.out.set_now(now);
+        if self.last_batch > OUT_KEEP {
+            self.out.expect_ready(self.last_batch.min(self.limits.max_pending_output));
+        }
         let flow = match &mut self.tls {
             None => processor.on_recv(&mut self.session, buf, len, &mut self.out),
             Some(tls) => match tls.receive(&buf[..len], processor, &mut self.session, &mut self.out) {
@@ -906,6 +925,36 @@ mod tests {
         assert_eq!(f.send_all(&mut conn, 4), b"{\"code\":0,\"data\":\"pong\"}\n");
         assert_eq!(conn.unsent(), 0);
         assert_eq!(f.total().bytes_out, (first.len() + 25) as u64);
+    }
+
+    #[test]
+    fn large_replies_get_their_room_at_once_and_a_quiet_connection_holds_no_buffer() {
+        let limits = Limits { max_line: 1 << 20, max_pending_output: 4 << 20, ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        let line = |n: usize| format!("{{\"cmdid\":10000,\"params\":{{\"s\":\"{}\"}}}}\n", "y".repeat(n));
+        let big = line(300_000);
+        f.recv(&mut conn, big.as_bytes(), 0);
+        let reply_len = f.send_all(&mut conn, 1).len();
+        assert!(reply_len > 300_000);
+        assert_eq!(conn.buffered_capacity(), 0, "caught up: no buffer is kept");
+        // Part of the next line: no reply yet, so no output room is taken either.
+        let (head, tail) = big.as_bytes().split_at(1000);
+        f.recv(&mut conn, head, 2);
+        assert!(conn.buffered_capacity() < 2000 + super::super::PADDING, "{}", conn.buffered_capacity());
+        // Its reply gets the last batch's room in one allocation: no doubling, no copies.
+        f.recv(&mut conn, tail, 3);
+        assert_eq!(conn.unsent(), reply_len);
+        assert_eq!(conn.out.ready_capacity(), reply_len, "exactly the room of the last batch");
+        assert_eq!(f.send_all(&mut conn, 4).len(), reply_len);
+        // That line was carried: the next carried line gets its length up front.
+        f.recv(&mut conn, head, 5);
+        assert!(conn.session.carry_capacity() >= big.len(), "{}", conn.session.carry_capacity());
+        f.recv(&mut conn, tail, 6);
+        f.send_all(&mut conn, 7);
+        // Small replies after large ones hold no large buffer once sent.
+        f.recv(&mut conn, line(10).as_bytes(), 8);
+        f.send_all(&mut conn, 9);
+        assert_eq!(conn.buffered_capacity(), 0);
     }
 
     #[test]

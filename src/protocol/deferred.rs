@@ -329,6 +329,9 @@ pub struct Output {
     /// While metrics are served: `(cmdid, arrival)` of each reply in `ready`, in order, for
     /// the per-command time in the server.
     ready_times: Vec<(u32, Instant)>,
+    /// Room to give `ready` when the next reply is written into it empty (see
+    /// [`expect_ready`](Self::expect_ready)); 0 for none.
+    expected: usize,
 }
 
 impl Output {
@@ -338,7 +341,15 @@ impl Output {
     pub(crate) fn sink(&mut self) -> &mut Vec<u8> {
         match &mut self.deferred {
             Some(d) if !d.queue.is_empty() => &mut d.queue.back_mut().expect("non-empty").after,
-            _ => &mut self.ready,
+            _ => {
+                if self.expected != 0 {
+                    let bytes = std::mem::take(&mut self.expected);
+                    if self.ready.is_empty() && self.ready.capacity() < bytes {
+                        self.ready.reserve(bytes);
+                    }
+                }
+                &mut self.ready
+            }
         }
     }
 
@@ -356,6 +367,10 @@ impl Output {
     }
 
     /// No bytes are ready to send.
+    pub(crate) fn ready_capacity(&self) -> usize {
+        self.ready.capacity()
+    }
+
     pub(crate) fn ready_is_empty(&self) -> bool {
         self.ready.is_empty()
     }
@@ -385,6 +400,14 @@ impl Output {
     }
 
     /// Frees the ready buffer if it grew past `keep` bytes of capacity (it is empty).
+    /// A batch of about `bytes` is expected: when the next reply is written into an empty
+    /// ready buffer smaller than that, the buffer gets the room at once instead of growing to
+    /// it by doubling (a copy of everything so far per doubling). Nothing is allocated until
+    /// a reply is written, so a connection that only receives part of a line holds nothing.
+    pub(crate) fn expect_ready(&mut self, bytes: usize) {
+        self.expected = bytes;
+    }
+
     pub(crate) fn shrink_ready(&mut self, keep: usize) {
         if self.ready.capacity() > keep {
             self.ready = Vec::new();

@@ -49,6 +49,9 @@ pub struct Session {
     peer: Option<std::net::SocketAddr>,
     /// The client's verified identity (mutual TLS), for handlers and the access policy.
     identity: Option<Arc<str>>,
+    /// Length of the last line completed in the carry buffer: a new carried line gets that
+    /// room up front (a stream of large lines then copies each once, not once per doubling).
+    carry_hint: u32,
     /// The connection may call commands: it presented the token, or none is asked for.
     greeted: bool,
 }
@@ -62,6 +65,11 @@ impl Session {
     /// Bytes of an incomplete line held until its `\n` arrives.
     pub fn pending_bytes(&self) -> usize {
         self.carry.len()
+    }
+
+    /// Bytes of the buffer holding incomplete lines, used or not.
+    pub fn carry_capacity(&self) -> usize {
+        self.carry.capacity()
     }
 
     /// Whether the incomplete line held began in the bytes of the last receive (rather than
@@ -246,6 +254,7 @@ impl<S: Service> Processor<S> {
             let carry = &mut session.carry;
             carry.extend_from_slice(&buf[..nl]);
             let line_len = carry.len();
+            session.carry_hint = u32::try_from(line_len).unwrap_or(u32::MAX);
             carry.resize(line_len + PADDING, 0);
             let peer = session.peer;
             let flow = self.handle_line(carry, line_len, out, peer, identity, &mut session.greeted);
@@ -319,6 +328,10 @@ impl<S: Service> Processor<S> {
             return self.too_long(session, out);
         }
         session.new_partial = session.carry.is_empty();
+        if session.new_partial {
+            let expected = (session.carry_hint as usize).min(self.limits.max_line) + PADDING;
+            session.carry.reserve(expected.max(rest.len()));
+        }
         session.carry.extend_from_slice(rest);
         Flow::Continue
     }
