@@ -1,5 +1,6 @@
 //! Reply encoding: the echo reply for the seed's request (`{"code":0,"data":{…}}\n`), with and
-//! without an `id` to echo, written into a reused output buffer.
+//! without an `id` to echo, and for requests of 1 KiB and 64 KiB (the string is checked for
+//! characters to escape, then copied), written into a reused output buffer.
 
 use std::hint::black_box;
 
@@ -34,6 +35,10 @@ fn encode(c: &mut Criterion) {
         "encode/echo_seed_with_id",
         "{\"cmdid\": 10000, \"id\": 123456, \"params\": {\"content\": \"Hello world!\"}}",
     );
+    for (name, bytes) in [("encode/echo_1k", 1 << 10), ("encode/echo_64k", 64 << 10)] {
+        let content = "x".repeat(bytes - 60);
+        bench(c, name, &format!("{{\"cmdid\":10000,\"id\":7,\"params\":{{\"content\":\"{content}\"}}}}"));
+    }
 }
 
 criterion_group! {
