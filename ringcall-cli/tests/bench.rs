@@ -10,14 +10,13 @@ use common::{Client, spawn_server, start, total_stat};
 use ringcall::Backend;
 use ringcall_cli::bench::{BenchConfig, StopAfter};
 
-/// Connections spread over several servers, and each server's share is what it counted.
-fn bench_over_several_servers_reports_each(backend: Backend) {
-    let (Some(a), Some(b)) = (start(backend), start(backend)) else { return };
-    let config = BenchConfig {
-        addrs: vec![a.local_addr(), b.local_addr()],
-        connections: 4,
-        pipeline: 4,
-        stop: StopAfter::Count(2000),
+/// A closed-loop run of `count` echo requests with no warm-up, on one load thread.
+fn counted(addrs: Vec<std::net::SocketAddr>, connections: usize, pipeline: usize, count: u64) -> BenchConfig {
+    BenchConfig {
+        addrs,
+        connections,
+        pipeline,
+        stop: StopAfter::Count(count),
         warmup: Duration::ZERO,
         rate: None,
         requests: vec![BenchConfig::echo_request()],
@@ -25,7 +24,13 @@ fn bench_over_several_servers_reports_each(backend: Backend) {
         cpus: Vec::new(),
         progress: false,
         connect: Default::default(),
-    };
+    }
+}
+
+/// Connections spread over several servers, and each server's share is what it counted.
+fn bench_over_several_servers_reports_each(backend: Backend) {
+    let (Some(a), Some(b)) = (start(backend), start(backend)) else { return };
+    let config = counted(vec![a.local_addr(), b.local_addr()], 4, 4, 2000);
     let report = ringcall_cli::bench::run(&config).unwrap();
     assert_eq!(report.requests, 2000);
     assert_eq!(report.endpoints.len(), 2);
@@ -44,17 +49,9 @@ fn bench_over_several_servers_reports_each(backend: Backend) {
 fn bench_totals_match_the_server_stats(backend: Backend) {
     let Some(server) = start(backend) else { return };
     let config = BenchConfig {
-        addrs: vec![server.local_addr()],
-        connections: 4,
-        pipeline: 8,
-        stop: StopAfter::Count(3000),
-        warmup: Duration::ZERO,
-        rate: None,
         requests: vec![BenchConfig::echo_request(), b"{\"cmdid\":0}\n".to_vec()],
         threads: 2,
-        cpus: Vec::new(),
-        progress: false,
-        connect: Default::default(),
+        ..counted(vec![server.local_addr()], 4, 8, 3000)
     };
     let report = ringcall_cli::bench::run(&config).unwrap();
     assert_eq!(report.requests, 3000);
@@ -86,17 +83,9 @@ fn bench_totals_match_the_server_stats(backend: Backend) {
 fn open_loop_bench_reports_corrected_latency(backend: Backend) {
     let Some(server) = start(backend) else { return };
     let config = BenchConfig {
-        addrs: vec![server.local_addr()],
-        connections: 2,
-        pipeline: 1,
-        stop: StopAfter::Count(200),
-        warmup: Duration::ZERO,
         rate: Some(2000.0),
         requests: vec![b"{\"cmdid\":0}\n".to_vec()],
-        threads: 1,
-        cpus: Vec::new(),
-        progress: false,
-        connect: Default::default(),
+        ..counted(vec![server.local_addr()], 2, 1, 200)
     };
     let report = ringcall_cli::bench::run(&config).unwrap();
     assert_eq!(report.replies_with(0), 200);
@@ -209,17 +198,8 @@ fn bench_presents_the_token(backend: Backend) {
     let token = ringcall::protocol::HelloToken::new("bench-token-0123456789abcdef").unwrap();
     let Some(server) = common::start_with(backend, |b| b.token(token.clone())) else { return };
     let config = BenchConfig {
-        addrs: vec![server.local_addr()],
-        connections: 4,
-        pipeline: 4,
-        stop: StopAfter::Count(1000),
-        warmup: Duration::ZERO,
-        rate: None,
-        requests: vec![BenchConfig::echo_request()],
-        threads: 1,
-        cpus: Vec::new(),
-        progress: false,
         connect: ringcall_cli::bench::ConnectOptions { token: Some(token), ..Default::default() },
+        ..counted(vec![server.local_addr()], 4, 4, 1000)
     };
     let report = ringcall_cli::bench::run(&config).unwrap();
     assert_eq!((report.requests, report.replies_with(0), report.errors), (1000, 1000, 0));

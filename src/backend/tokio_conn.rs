@@ -234,13 +234,7 @@ pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
     let Drain { mut stop, timeout } = drain;
     // One clock read per wake-up: the events handled together share it.
     let mut now = Instant::now();
-    let mut conn = access.with(|core| {
-        let mut conn = Connection::new(core.processor.limits(), now, core.processor.stats());
-        if let Some(tls) = core.processor.tls() {
-            conn.start_tls(tls);
-        }
-        conn
-    });
+    let mut conn = access.with(|core| core.processor.open_connection(now));
     sys::name_peer(stream.as_fd(), &mut conn);
     let mut draining = false;
     loop {

@@ -249,10 +249,7 @@ fn open<S: Service>(core: &Rc<Core<S>>, stream: TcpStream) {
         return;
     }
     let _ = stream.set_nodelay(true);
-    let mut connection = Connection::new(core.limits, Instant::now(), core.processor.borrow().stats());
-    if let Some(tls) = core.processor.borrow().tls() {
-        connection.start_tls(tls);
-    }
+    let mut connection = core.processor.borrow().open_connection(Instant::now());
     sys::name_peer(fd_of(&stream), &mut connection);
     if let Some(deadline) = core.drain_deadline.get() {
         connection.on_shutdown(deadline);

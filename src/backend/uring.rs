@@ -34,8 +34,8 @@ const BUF_SIZE: usize = super::RECV_BUF_SIZE;
 /// them in turn: every byte received is written to the next buffer and read back from it at
 /// once, so the pool's size is the memory the receive path cycles through. 512 buffers
 /// (8 MiB) made each copy miss the caches — at 64 KiB requests `uring` spent 63 µs of CPU
-/// per request to `epoll`'s 52 (which reads into one buffer); 64 (1 MiB) brought it to 49.
-/// 32 did better still for large requests but ran dry under 1,000 connections.
+/// per request to `epoll`'s 52 (which reads into one buffer); with 64 (1 MiB), 61 to 62
+/// (`docs/benchmarks.md`). Fewer risk running dry (`ENOBUFS`) under many connections.
 const BUF_COUNT: u16 = 64;
 /// The provided-buffer group id.
 pub const BGID: u16 = 0;
@@ -654,13 +654,12 @@ impl<S: Service> Worker<S> {
             self.accept_errors.succeeded();
             // Accepted while the shutdown began (before the cancel took effect): it may carry
             // requests, so it is served, draining, like the backlog.
-            match &self.balancer {
-                Some(balancer) => {
-                    if let Some(fd) = balancer.place(self.core, fd) {
-                        self.admit(fd)?;
-                    }
-                }
-                None => self.admit(fd)?,
+            let fd = match &self.balancer {
+                Some(balancer) => balancer.place(self.core, fd),
+                None => Some(fd),
+            };
+            if let Some(fd) = fd {
+                self.admit(fd)?;
             }
         } else if res != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-res);
@@ -701,10 +700,7 @@ impl<S: Service> Worker<S> {
             tracing::debug!(core = self.core, "TCP_NODELAY failed: {e}");
         }
         self.next_generation = self.next_generation.wrapping_add(1) & 0x00ff_ffff;
-        let mut conn = Connection::new(self.limits, self.now, self.processor.stats());
-        if let Some(tls) = self.processor.tls() {
-            conn.start_tls(tls);
-        }
+        let mut conn = self.processor.open_connection(self.now);
         sys::name_peer(fd.as_fd(), &mut conn);
         if let Some(deadline) = self.drain_deadline {
             conn.on_shutdown(deadline);

@@ -185,6 +185,16 @@ impl<S: Service> Processor<S> {
         self.access.tls.as_ref()
     }
 
+    /// A new connection of this core, accepted at `now`: its limits, its counters, and on a
+    /// TLS port its TLS session.
+    pub fn open_connection(&self, now: Instant) -> super::Connection {
+        let mut conn = super::Connection::new(self.limits, now, self.stats());
+        if let Some(tls) = self.tls() {
+            conn.start_tls(tls);
+        }
+        conn
+    }
+
     /// Runs async and blocking handler work on `exec` (the server's) instead of executors
     /// of this processor's own.
     pub fn with_executors(mut self, exec: Arc<crate::exec::Executors>) -> Self {

@@ -268,6 +268,9 @@ pub enum CompareError {
         /// What happened.
         reason: String,
     },
+    /// The throwaway certificate for TLS workloads could not be made.
+    #[error("cannot make a certificate for the TLS workloads: {0}")]
+    Certificate(String),
     /// A run failed.
     #[error(transparent)]
     Bench(#[from] BenchError),
@@ -280,15 +283,15 @@ struct ThrowawayCertificate {
 
 impl ThrowawayCertificate {
     fn new() -> Result<Self, CompareError> {
-        let fail =
-            |reason: String| CompareError::Server { backend: Contender::Backend(Backend::Epoll), reason };
         let dir = std::env::temp_dir().join(format!("ringcall-compare-tls-{}", std::process::id()));
         let made = rcgen::generate_simple_self_signed(vec!["localhost".into()])
-            .map_err(|e| fail(format!("cannot make a certificate: {e}")))?;
+            .map_err(|e| CompareError::Certificate(e.to_string()))?;
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::write(dir.join("cert.pem"), made.cert.pem()))
             .and_then(|()| std::fs::write(dir.join("key.pem"), made.key_pair.serialize_pem()))
-            .map_err(|e| fail(format!("cannot write a certificate under {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                CompareError::Certificate(format!("cannot write it under {}: {e}", dir.display()))
+            })?;
         Ok(Self { dir })
     }
 
@@ -302,9 +305,8 @@ impl ThrowawayCertificate {
     }
 
     fn client(&self) -> Result<ringcall::protocol::ClientTls, CompareError> {
-        ringcall::protocol::ClientTls::from_pem_files(self.cert().as_ref(), "localhost", None).map_err(|e| {
-            CompareError::Server { backend: Contender::Backend(Backend::Epoll), reason: e.to_string() }
-        })
+        ringcall::protocol::ClientTls::from_pem_files(self.cert().as_ref(), "localhost", None)
+            .map_err(|e| CompareError::Certificate(e.to_string()))
     }
 }
 
