@@ -80,6 +80,8 @@ pub mod server;
 mod signals;
 pub mod stats;
 
+// `LineBuf::target` is a `bytes::BufMut`.
+pub use bytes;
 pub use dispatch::{Ctx, Handler, HandlerError, HandlerResult, NoRoutes, Routes, Service};
 pub use protocol::{Deferred, Reply, Request};
 pub use rustls;

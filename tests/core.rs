@@ -205,7 +205,109 @@ fn stats_count_requests_and_replies_by_code() {
     assert_eq!(total.bytes_in, 30);
 }
 
+/// Feeds `stream` as a backend that reads straight into lent line buffers does: reads of
+/// `sizes` bytes in turn (cycled), each into the lent buffer of the unfinished line when the
+/// session lends one, else copied in as from a pooled buffer. Returns the output, the last
+/// flow and how many reads went into a lent buffer.
+fn run_lending(mut p: Processor<CoreRoutes>, stream: &[u8], sizes: &[usize]) -> (Vec<u8>, Flow, usize) {
+    use ringcall::bytes::BufMut;
+    let mut session = Session::new();
+    let mut out = Output::default();
+    let (mut flow, mut pos, mut direct) = (Flow::Continue, 0, 0);
+    for &size in sizes.iter().cycle() {
+        if pos == stream.len() || flow == Flow::Close {
+            break;
+        }
+        let size = size.max(1).min(stream.len() - pos);
+        flow = match session.lend_line() {
+            Some(mut line) => {
+                assert!(line.room() >= ringcall::protocol::DIRECT_READ_MIN);
+                let n = size.min(line.room());
+                line.target().put_slice(&stream[pos..pos + n]);
+                assert_eq!(line.received(), n);
+                pos += n;
+                direct += 1;
+                p.on_line_recv(&mut session, line, &mut out)
+            }
+            None => {
+                let flow = p.on_recv_copy(&mut session, &stream[pos..pos + size], &mut out);
+                pos += size;
+                flow
+            }
+        };
+    }
+    (out.ready_bytes().to_vec(), flow, direct)
+}
+
+/// A processor whose lines may be long enough to be lent.
+fn long_line_processor(max_line: usize) -> Processor<CoreRoutes> {
+    Processor::new(0, Arc::new(CoreRoutes), StatsRegistry::new(1), Limits { max_line, ..Limits::default() })
+}
+
+fn long_line(id: usize, len: usize) -> String {
+    let line = format!("{{\"cmdid\":10000,\"id\":{id},\"params\":{{\"s\":\"\"}}}}\n");
+    let fill: String = (0..len.saturating_sub(line.len())).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    format!("{{\"cmdid\":10000,\"id\":{id},\"params\":{{\"s\":\"{fill}\"}}}}\n")
+}
+
+#[test]
+fn long_lines_read_into_their_own_buffer_give_the_same_replies() {
+    // Long lines of several sizes with short ones and escapes between them.
+    let mut stream = String::new();
+    for (i, len) in [40_000, 70_000, 70_000, 20_000, 150_000, 33_000].into_iter().enumerate() {
+        stream.push_str(&long_line(i, len));
+        stream.push_str(SAMPLES[i % SAMPLES.len()]);
+    }
+    let stream = stream.as_bytes();
+    let (whole, whole_flow) = run_with(long_line_processor(1 << 20), stream, &[]);
+    assert_eq!(whole.iter().filter(|&&b| b == b'\n').count(), 12);
+    for sizes in [&[16_384][..], &[5_000, 60_000, 1], &[100_000], &[16_384, 7, 90_000, 3_000]] {
+        let (out, flow, direct) = run_lending(long_line_processor(1 << 20), stream, sizes);
+        assert!(direct > 0, "reads of {sizes:?}: no line buffer was lent");
+        assert_eq!((flow, out.len()), (whole_flow, whole.len()), "reads of {sizes:?}");
+        assert!(out == whole, "reads of {sizes:?}: different replies");
+    }
+}
+
+#[test]
+fn a_lent_line_buffer_still_enforces_the_line_limit() {
+    let max_line = 100_000;
+    // Unterminated: detected while the line is still arriving.
+    let (out, flow, direct) =
+        run_lending(long_line_processor(max_line), &vec![b'x'; 400_000], &[16_384, 50_000]);
+    assert!(direct > 0);
+    assert_eq!(flow, Flow::Close);
+    assert_eq!(
+        out,
+        format!("{{\"code\":413,\"error\":\"request line longer than {max_line} bytes\"}}\n").as_bytes()
+    );
+    // Terminated in the lent buffer, one byte over, after a line that fits.
+    let mut stream = long_line(1, max_line + 1).into_bytes();
+    stream.extend_from_slice(long_line(2, max_line + 2).as_bytes());
+    stream.extend_from_slice(b"{\"cmdid\":0}\n");
+    let (out, flow, direct) =
+        run_lending(long_line_processor(max_line), &stream, &[16_384, 90_000, 16_384, 200_000]);
+    assert!(direct > 0);
+    assert_eq!(flow, Flow::Close);
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{:?}", &text[..200.min(text.len())]);
+    assert!(lines[0].starts_with("{\"code\":0,\"id\":1,"));
+    assert_eq!(lines[1], format!("{{\"code\":413,\"error\":\"request line longer than {max_line} bytes\"}}"));
+}
+
 proptest! {
+    #[test]
+    fn lent_line_buffers_give_the_replies_of_one_read(
+        lens in prop::collection::vec(prop_oneof![20usize..200, 16_000usize..90_000], 1..8),
+        sizes in prop::collection::vec(1usize..120_000, 1..10),
+    ) {
+        let stream: String = lens.iter().enumerate().map(|(i, &len)| long_line(i, len)).collect();
+        let (whole, _) = run_with(long_line_processor(1 << 20), stream.as_bytes(), &[]);
+        let (out, _, _) = run_lending(long_line_processor(1 << 20), stream.as_bytes(), &sizes);
+        prop_assert!(out == whole);
+    }
+
     #[test]
     fn any_split_gives_identical_output(stream in sample_stream(), mut cuts in prop::collection::vec(0usize..4000, 0..30)) {
         cuts.sort_unstable();

@@ -180,6 +180,69 @@ fn line_split_across_many_writes(backend: Backend) {
     assert_eq!(reply, format!("{{\"code\":0,\"data\":{{\"big\":\"{big}\"}}}}\n"));
 }
 
+fn echo_line(id: usize, len: usize) -> (String, String) {
+    let fill: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    (
+        format!("{{\"cmdid\":10000,\"id\":{id},\"params\":{{\"s\":\"{fill}\"}}}}\n"),
+        format!("{{\"code\":0,\"id\":{id},\"data\":{{\"s\":\"{fill}\"}}}}\n"),
+    )
+}
+
+/// Long lines are read into their own buffer once it has room (the rest of the line, and
+/// whatever follows it in the same read): a pipelined stream of long and short lines, written
+/// in pieces of every size, comes back byte for byte.
+fn long_lines_pipelined_in_pieces_come_back_whole(backend: Backend) {
+    let Some(server) = start(backend) else { return };
+    let mut c = Client::connect(server.local_addr());
+    let lens = [70_000, 20, 300_000, 64_000, 64_000, 64_000, 5, 17_000, 1_000_000, 40_000, 64_000];
+    let lines: Vec<(String, String)> = lens.iter().enumerate().map(|(id, &len)| echo_line(id, len)).collect();
+    let stream: Vec<u8> = lines.iter().flat_map(|(request, _)| request.bytes()).collect();
+    let mut writer = c.stream().try_clone().unwrap();
+    // Written from another thread: the replies must be read while the requests go out.
+    let writing = thread::spawn(move || {
+        let mut pos = 0;
+        for size in [7_000, 70_000, 300, 16_384, 123_457, 1].into_iter().cycle() {
+            if pos == stream.len() {
+                break;
+            }
+            let end = (pos + size).min(stream.len());
+            writer.write_all(&stream[pos..end]).unwrap();
+            pos = end;
+        }
+    });
+    for (id, (_, reply)) in lines.iter().enumerate() {
+        let got = c.line();
+        assert!(got == *reply, "reply {id}: {} bytes, expected {}", got.len(), reply.len());
+    }
+    writing.join().unwrap();
+    assert_eq!(c.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
+}
+
+/// The line limit and the line timeout hold while a long line is read into its own buffer.
+fn a_long_line_in_its_own_buffer_keeps_the_limits(backend: Backend) {
+    let Some(server) =
+        start_with(backend, |b| b.max_line(200_000).line_timeout(std::time::Duration::from_secs(1)))
+    else {
+        return;
+    };
+    let addr = server.local_addr();
+    // A first long line makes the next one expected long: its buffer is lent at once.
+    let (request, reply) = echo_line(1, 150_000);
+    let mut c = Client::connect(addr);
+    assert!(c.call(&request) == reply);
+    c.send(&vec![b'x'; 600_000]);
+    assert_eq!(c.line(), "{\"code\":413,\"error\":\"request line longer than 200000 bytes\"}\n");
+    c.shutdown_write();
+    c.expect_eof();
+    // Half a long line, then silence: the line timeout closes the connection.
+    let mut c = Client::connect(addr);
+    assert!(c.call(&request) == reply);
+    c.send(&request.as_bytes()[..100_000]);
+    c.expect_eof();
+    let mut c = Client::connect(addr);
+    assert!(c.call(&request) == reply);
+}
+
 fn hundred_concurrent_connections(backend: Backend) {
     let Some(server) = start(backend) else { return };
     let addr = server.local_addr();
@@ -289,6 +352,8 @@ every_backend!(
     bad_requests_get_errors_and_the_connection_survives,
     over_long_line_gets_413_then_close,
     line_split_across_many_writes,
+    long_lines_pipelined_in_pieces_come_back_whole,
+    a_long_line_in_its_own_buffer_keeps_the_limits,
     hundred_concurrent_connections,
     half_close_after_a_pipeline_gets_every_reply,
     graceful_stop_answers_what_was_sent,

@@ -290,7 +290,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Reads what the kernel holds, while the connection wants to read, into the core's buffer
-/// and feeds it to the connection.
+/// (or into a long line's own buffer, when the connection lends it) and feeds it to the
+/// connection.
 fn receive<S: Service, A: CoreAccess<S>>(
     stream: &TcpStream,
     conn: &mut Connection,
@@ -298,24 +299,40 @@ fn receive<S: Service, A: CoreAccess<S>>(
     now: Instant,
 ) {
     while conn.wants_read() {
-        let more = access.with(|core| match stream.try_read(&mut core.buf[..RECV_BUF_SIZE]) {
-            Ok(0) => {
-                conn.on_peer_closed(now);
-                false
+        let more = access.with(|core| match conn.lend_line() {
+            Some(mut line) => {
+                // The rest of a long line goes straight into its own buffer.
+                let read = stream.try_read_buf(&mut line.target());
+                conn.on_line_recv(&mut core.processor, line, now);
+                read_went_on(conn, read, now)
             }
-            Ok(n) => {
-                conn.on_recv(&mut core.processor, &mut core.buf, n, now);
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => {
-                tracing::debug!("recv failed: {e}");
-                conn.on_error();
-                false
+            None => {
+                let read = stream.try_read(&mut core.buf[..RECV_BUF_SIZE]);
+                if let Ok(n @ 1..) = read {
+                    conn.on_recv(&mut core.processor, &mut core.buf, n, now);
+                }
+                read_went_on(conn, read, now)
             }
         });
         if !more {
             break;
+        }
+    }
+}
+
+/// Tells the connection how a read ended (its bytes are fed already); whether to read on.
+fn read_went_on(conn: &mut Connection, read: io::Result<usize>, now: Instant) -> bool {
+    match read {
+        Ok(0) => {
+            conn.on_peer_closed(now);
+            false
+        }
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(e) => {
+            tracing::debug!("recv failed: {e}");
+            conn.on_error();
+            false
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The native io_uring driver: one ring per core, multishot accept, multishot recv into a
-//! provided-buffer ring, one batched send per connection per loop turn, and one
+//! provided-buffer ring (a one-shot recv straight into a long line's own buffer once the
+//! connection lends it), one batched send per connection per loop turn, and one
 //! `io_uring_enter` per loop turn.
 //!
 //! Each worker owns its ring, its buffer pool, its connections and its protocol
@@ -26,7 +27,9 @@ use slab::Slab;
 use super::worker::{StopSignal, WorkerError, WorkerSetup};
 use super::{ACCEPT_BACKOFF, AcceptErrorLog, sys};
 use crate::dispatch::Service;
-use crate::protocol::{Admission, CloseReason, Connection, Limits, PADDING, Processor, State, Step, Timers};
+use crate::protocol::{
+    Admission, CloseReason, Connection, Limits, LineBuf, PADDING, Processor, State, Step, Timers,
+};
 
 /// Usable bytes per pooled receive buffer (each is followed by [`PADDING`] bytes of slack).
 const BUF_SIZE: usize = super::RECV_BUF_SIZE;
@@ -276,11 +279,14 @@ impl Drop for BufferPool {
     }
 }
 
-/// The multishot recv of a connection.
+/// The receive of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Recv {
     Off,
+    /// A multishot recv into the pool.
     Armed,
+    /// A one-shot recv into the lent buffer of a long line (`Conn::line`).
+    Direct,
     /// A cancel was issued; the final completion is still to come.
     Cancelling,
 }
@@ -294,6 +300,8 @@ struct Conn {
     ending: bool,
     /// Its mailbox (made at its first deferred reply) has this core's waker.
     waker_set: bool,
+    /// The line buffer a one-shot recv is filling (owned here until it completes).
+    line: Option<LineBuf>,
     conn: Connection,
 }
 
@@ -711,6 +719,7 @@ impl<S: Service> Worker<S> {
             recv: Recv::Off,
             ending: false,
             waker_set: false,
+            line: None,
             conn,
         });
         self.drive(slot, false)
@@ -725,6 +734,22 @@ impl<S: Service> Worker<S> {
             }
             return Ok(());
         };
+        if let Some(mut line) = c.line.take() {
+            // The one-shot recv into a line's buffer.
+            c.recv = Recv::Off;
+            if res > 0 {
+                // SAFETY: the kernel wrote `res` bytes at the pointer, within the room given.
+                unsafe { line.filled(res as usize) };
+            }
+            c.conn.on_line_recv(&mut self.processor, line, self.now);
+            if res == 0 {
+                c.conn.on_peer_closed(self.now);
+            } else if res < 0 && res != -libc::ECANCELED {
+                tracing::debug!(core = self.core, "recv failed: {}", io::Error::from_raw_os_error(-res));
+                c.conn.on_error();
+            }
+            return self.drive(slot, false);
+        }
         if !cqueue::more(cqe.flags()) {
             // Also where a recv's byte limit was reached: drive() arms the next one.
             c.recv = Recv::Off;
@@ -775,18 +800,36 @@ impl<S: Service> Worker<S> {
         let target = user_data(Op::Recv, slot, c.generation);
         match (c.conn.wants_read(), c.recv) {
             (true, Recv::Off) => {
-                c.recv = Recv::Armed;
-                let mut entry = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID).build();
-                if self.recv_limit {
-                    // Ends by itself near the backpressure limit, instead of reading on for as
-                    // many buffers as arrive before a cancel lands.
-                    let budget = c.conn.read_budget().try_into().unwrap_or(u32::MAX);
-                    entry = with_total_limit(entry, budget);
-                }
+                let entry = if let Some(mut line) = c.conn.lend_line() {
+                    let room = line.room().try_into().unwrap_or(u32::MAX);
+                    let entry = opcode::Recv::new(Fd(fd.as_raw_fd()), line.read_ptr(), room).build();
+                    c.line = Some(line);
+                    c.recv = Recv::Direct;
+                    entry
+                } else {
+                    c.recv = Recv::Armed;
+                    let entry = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID).build();
+                    if self.recv_limit {
+                        // Ends by itself near the backpressure limit, instead of reading on for
+                        // as many buffers as arrive before a cancel lands.
+                        let budget = c.conn.read_budget().try_into().unwrap_or(u32::MAX);
+                        with_total_limit(entry, budget)
+                    } else {
+                        entry
+                    }
+                };
                 self.push(entry.user_data(target))?;
             }
-            (false, Recv::Armed) => {
-                // Backpressure or the peer's FIN: stop reading.
+            (true, Recv::Armed) if c.conn.wants_line_read() => {
+                // A long line: its rest is read straight into its buffer once the multishot
+                // recv has ended.
+                c.recv = Recv::Cancelling;
+                let entry =
+                    opcode::AsyncCancel::new(target).build().user_data(user_data(Op::Cancel, slot, 0));
+                self.push(entry)?;
+            }
+            (false, Recv::Armed | Recv::Direct) => {
+                // Backpressure, the peer's FIN or a timeout: stop reading.
                 c.recv = Recv::Cancelling;
                 let entry =
                     opcode::AsyncCancel::new(target).build().user_data(user_data(Op::Cancel, slot, 0));
@@ -832,7 +875,7 @@ impl<S: Service> Worker<S> {
             c.ending = true;
             // Ends a send stuck on a peer that does not read, and the multishot recv.
             sys::shutdown(c.fd.as_fd(), Shutdown::Both);
-            if c.recv == Recv::Armed {
+            if matches!(c.recv, Recv::Armed | Recv::Direct) {
                 c.recv = Recv::Cancelling;
                 let target = user_data(Op::Recv, slot, c.generation);
                 let entry =

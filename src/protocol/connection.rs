@@ -601,6 +601,62 @@ impl Connection {
                 }
             },
         };
+        self.received(flow, now, processor.stats());
+    }
+
+    /// Whether the unfinished line held should be read straight into its buffer
+    /// ([`lend_line`](Self::lend_line)): a backend reading into pooled buffers switches.
+    pub fn wants_line_read(&self) -> bool {
+        self.may_lend_line() && self.session.wants_line_read()
+    }
+
+    /// Lends the buffer of a long unfinished line, for the next read to land in directly
+    /// instead of in a pooled buffer and then copied ([`LineBuf`](super::LineBuf)); only on
+    /// a plain (not TLS) connection that is reading. It comes back through
+    /// [`on_line_recv`](Self::on_line_recv).
+    pub fn lend_line(&mut self) -> Option<super::LineBuf> {
+        if self.may_lend_line() { self.session.lend_line() } else { None }
+    }
+
+    fn may_lend_line(&self) -> bool {
+        self.tls.is_none()
+            && matches!(self.state, State::Serving | State::Draining)
+            && self.reading == Reading::Active
+    }
+
+    /// A lent line buffer comes back with what its read brought (nothing, if it failed or
+    /// met the peer's FIN: report those after this). Every request it completes is answered,
+    /// as by [`on_recv`](Self::on_recv).
+    pub fn on_line_recv<S: Service>(
+        &mut self,
+        processor: &mut Processor<S>,
+        line: super::LineBuf,
+        now: Instant,
+    ) {
+        if line.received() == 0 {
+            self.session.return_line(line);
+            return;
+        }
+        let span = self.span.clone();
+        let _entered = span.enter();
+        self.last_activity = now;
+        if !matches!(self.state, State::Serving | State::Draining) {
+            // Closed while the read was in flight: what it brought is discarded.
+            processor.stats().bytes_in(line.received());
+            self.session.return_line(line);
+            return;
+        }
+        self.out.set_now(now);
+        if self.last_batch > OUT_KEEP {
+            self.out.expect_ready(self.last_batch.min(self.limits.max_pending_output));
+        }
+        let flow = processor.on_line_recv(&mut self.session, line, &mut self.out);
+        self.received(flow, now, processor.stats());
+    }
+
+    /// After received bytes were fed: replies are ready, the line clock and backpressure
+    /// follow what is held now.
+    fn received(&mut self, flow: Flow, now: Instant, stats: &CoreStats) {
         self.out.mark_ready_since(now);
         if flow == Flow::Close {
             self.state = State::Desynced;
@@ -618,7 +674,7 @@ impl Connection {
                 || self.out.pending() >= self.limits.max_deferred)
         {
             self.reading = Reading::Paused;
-            processor.stats().backpressure_pause();
+            stats.backpressure_pause();
         }
     }
 

@@ -25,5 +25,5 @@ pub use connection::{
 pub use deferred::{Deferred, Mailbox, Output};
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
-pub use session::{Flow, PADDING, Processor, Responder, Session};
+pub use session::{DIRECT_READ_MIN, Flow, LineBuf, PADDING, Processor, Responder, Session};
 pub use tls::{ClientTls, TlsConfig, TlsError};

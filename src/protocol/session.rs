@@ -3,8 +3,10 @@
 //! straddles two receives, and whether the stream is still in sync).
 //!
 //! A line that lies inside one receive buffer is parsed where it lies: backends hand over
-//! buffers with [`PADDING`] readable bytes past the data, which simd-json needs. Only a line
-//! that straddles two receives is copied, into the session's carry buffer.
+//! buffers with [`PADDING`] readable bytes past the data, which simd-json needs. A line that
+//! straddles two receives is copied into the session's carry buffer; once that buffer has
+//! room for a long line's rest, it is lent to the backend as a [`LineBuf`] so the rest is
+//! read straight into it instead of being copied there piece by piece.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -27,6 +29,62 @@ pub const PADDING: usize = simd_json::INPUT_PADDING;
 /// Carry buffers bigger than this are freed once their line is done, so a connection that
 /// once sent a huge line does not keep its memory.
 const CARRY_KEEP: usize = 64 << 10;
+
+/// Room a carried line's buffer must have before a read straight into it is offered
+/// ([`LineBuf`]): a pooled receive buffer's size. Below it, reading into the pool and copying
+/// costs no more than a read of its own.
+pub const DIRECT_READ_MIN: usize = 16 * 1024;
+
+/// The buffer of a long unfinished line, lent to the backend so that its next read lands
+/// right after the bytes already held, instead of in a pooled buffer and then copied there.
+///
+/// The read may write [`room`](Self::room) bytes at [`read_ptr`](Self::read_ptr) (the
+/// parser's padding stays behind them); the buffer goes back to its connection with
+/// [`Connection::on_line_recv`](super::Connection::on_line_recv) whatever the read did,
+/// after [`filled`](Self::filled) if it brought bytes. The bytes live on the heap: the
+/// pointer stays valid while the `LineBuf` is moved, for as long as it lives.
+#[derive(Debug)]
+pub struct LineBuf {
+    buf: Vec<u8>,
+    /// Where the read's bytes begin: the length of the line held before it.
+    start: usize,
+    /// How many bytes the read may bring: the buffer's room, less the parser's padding.
+    room: usize,
+}
+
+impl LineBuf {
+    /// How many bytes the read may bring.
+    pub fn room(&self) -> usize {
+        self.room
+    }
+
+    /// Where the read writes its bytes.
+    pub fn read_ptr(&mut self) -> *mut u8 {
+        self.buf.spare_capacity_mut().as_mut_ptr().cast()
+    }
+
+    /// The read wrote `n` bytes at [`read_ptr`](Self::read_ptr).
+    ///
+    /// # Safety
+    /// `n` is at most [`room`](Self::room), and that many bytes at `read_ptr` were written.
+    pub unsafe fn filled(&mut self, n: usize) {
+        debug_assert!(n <= self.room);
+        // SAFETY: within capacity, and the caller vouches the bytes were written.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        self.room -= n;
+    }
+
+    /// The room as a [`bytes::BufMut`], for readers that fill one (tokio's `try_read_buf`).
+    pub fn target(&mut self) -> bytes::buf::Limit<&mut Vec<u8>> {
+        let room = self.room();
+        bytes::BufMut::limit(&mut self.buf, room)
+    }
+
+    /// Bytes the read brought.
+    pub fn received(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
 
 /// What the backend must do with the connection after feeding it bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +149,36 @@ impl Session {
     /// The client's verified identity, if it has one.
     pub fn identity(&self) -> Option<&str> {
         self.identity.as_deref()
+    }
+
+    /// Whether the unfinished line held has room for a read of its own ([`LineBuf`]).
+    pub fn wants_line_read(&self) -> bool {
+        !self.desynced
+            && !self.carry.is_empty()
+            && self.carry.capacity() - self.carry.len() >= DIRECT_READ_MIN + PADDING
+    }
+
+    /// Lends the buffer of the unfinished line for a read straight into it, when it has room
+    /// for one ([`wants_line_read`](Self::wants_line_read)).
+    pub fn lend_line(&mut self) -> Option<LineBuf> {
+        if !self.wants_line_read() {
+            return None;
+        }
+        let start = self.carry.len();
+        // Not bounded by where the line should end if it is as long as the last one: a read
+        // that brings the next line's start too costs a move of that start, one that stops
+        // short costs a receive of it into the pool and a copy from there, plus a switch
+        // (bounded reads measured no better at 64 KiB lines, and slower at 1 MiB).
+        let room = self.carry.capacity() - start - PADDING;
+        Some(LineBuf { start, room, buf: std::mem::take(&mut self.carry) })
+    }
+
+    /// Takes back a lent line buffer without looking at what its read brought (the
+    /// connection is not serving any more: those bytes are discarded).
+    pub(crate) fn return_line(&mut self, line: LineBuf) {
+        let LineBuf { mut buf, start, .. } = line;
+        buf.truncate(start);
+        self.carry = buf;
     }
 
     /// The peer closed its side: an unterminated last line is not a frame and is dropped.
@@ -255,6 +343,7 @@ impl<S: Service> Processor<S> {
         let max_line = self.limits.max_line;
         let mut pos = 0;
         if !session.carry.is_empty() {
+            debug_assert!(!session.desynced);
             let Some(nl) = find_newline(&buf[..len]) else {
                 return self.stash(session, &buf[..len], out);
             };
@@ -276,26 +365,109 @@ impl<S: Service> Processor<S> {
             }
             pos = nl + 1;
         }
+        match self.lines(session, buf, pos, len, out, identity) {
+            Err(flow) => flow,
+            Ok(Some(partial)) => self.stash(session, &buf[partial..len], out),
+            Ok(None) => {
+                // Every line ended in this receive: a large carry is let go.
+                if session.carry.capacity() > CARRY_KEEP {
+                    session.carry = Vec::new();
+                }
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Answers every complete line of `buf[pos..len]` where it lies (`buf` extends
+    /// [`PADDING`] bytes past `len`). `Ok(Some(start))`: an unfinished line begins at
+    /// `start`; `Err`: the stream ended (a line too long, a refused hello).
+    fn lines(
+        &mut self,
+        session: &mut Session,
+        buf: &mut [u8],
+        mut pos: usize,
+        len: usize,
+        out: &mut Output,
+        identity: Option<&str>,
+    ) -> Result<Option<usize>, Flow> {
         while pos < len {
             match find_newline(&buf[pos..len]) {
-                Some(nl) if nl > max_line => return self.too_long(session, out),
+                Some(nl) if nl > self.limits.max_line => return Err(self.too_long(session, out)),
                 Some(nl) => {
                     let greeted = &mut session.greeted;
                     if self.handle_line(&mut buf[pos..], nl, out, session.peer, identity, greeted)
                         == Flow::Close
                     {
-                        return self.refused(session);
+                        return Err(self.refused(session));
                     }
                     pos += nl + 1;
                 }
-                None => return self.stash(session, &buf[pos..len], out),
+                None => return Ok(Some(pos)),
             }
         }
-        // Every line ended in this receive: a large carry is let go.
-        if session.carry.capacity() > CARRY_KEEP {
-            session.carry = Vec::new();
+        Ok(None)
+    }
+
+    /// Feeds what a read straight into a lent line buffer brought ([`Session::lend_line`]),
+    /// and takes the buffer back: the line goes on, or ends and is answered with every line
+    /// after it; an unfinished last line moves to the buffer's front.
+    pub fn on_line_recv(&mut self, session: &mut Session, line: LineBuf, out: &mut Output) -> Flow {
+        let identity = session.identity.take();
+        let flow = self.receive_line(session, line, out, identity.as_deref());
+        session.identity = identity;
+        flow
+    }
+
+    fn receive_line(
+        &mut self,
+        session: &mut Session,
+        line: LineBuf,
+        out: &mut Output,
+        identity: Option<&str>,
+    ) -> Flow {
+        let LineBuf { mut buf, start, .. } = line;
+        let total = buf.len();
+        self.stats().bytes_in(total - start);
+        let max_line = self.limits.max_line;
+        let Some(nl) = find_newline(&buf[start..]) else {
+            if total > max_line {
+                return self.too_long(session, out);
+            }
+            session.new_partial = false;
+            session.carry = buf;
+            return Flow::Continue;
+        };
+        let line_len = start + nl;
+        if line_len > max_line {
+            return self.too_long(session, out);
         }
-        Flow::Continue
+        session.carry_hint = u32::try_from(line_len).unwrap_or(u32::MAX);
+        // Within the capacity the read left for it: no reallocation.
+        buf.resize(total + PADDING, 0);
+        let peer = session.peer;
+        if self.handle_line(&mut buf, line_len, out, peer, identity, &mut session.greeted) == Flow::Close {
+            return self.refused(session);
+        }
+        match self.lines(session, &mut buf, line_len + 1, total, out, identity) {
+            Err(flow) => flow,
+            Ok(Some(partial)) if total - partial > max_line => self.too_long(session, out),
+            Ok(Some(partial)) => {
+                // The next line's start is usually short next to the buffer's room: moved
+                // to the front, the buffer serves that line too.
+                buf.copy_within(partial..total, 0);
+                buf.truncate(total - partial);
+                session.new_partial = true;
+                session.carry = buf;
+                Flow::Continue
+            }
+            Ok(None) => {
+                if buf.capacity() <= CARRY_KEEP {
+                    buf.clear();
+                    session.carry = buf;
+                }
+                Flow::Continue
+            }
+        }
     }
 
     /// [`on_recv`](Self::on_recv) for bytes without padding: copies them into a padded
