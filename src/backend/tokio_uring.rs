@@ -2,7 +2,8 @@
 //! `SO_REUSEPORT` listener, reading and writing with ownership-passing io_uring operations.
 //!
 //! Each connection owns its receive buffer (the buffer is handed to the kernel for every
-//! read), there is no multishot or provided-buffer ring, and the ring is waited on through
+//! read; the rest of a long line is read into the line's own buffer instead, when the
+//! connection lends it), there is no multishot or provided-buffer ring, and the ring is waited on through
 //! tokio's epoll reactor: the reasons it trails the native `uring` backend.
 //!
 //! Every rule is the connection's state machine ([`Connection`]). Each connection is one
@@ -33,7 +34,7 @@ use tokio_uring::net::{TcpListener, TcpStream};
 use super::worker::{WorkerError, WorkerSetup};
 use super::{ACCEPT_BACKOFF, AcceptErrorLog, RECV_BUF_SIZE, sys, uring};
 use crate::dispatch::Service;
-use crate::protocol::{Admission, Connection, Limits, PADDING, Processor, State, Step, Timers};
+use crate::protocol::{Admission, Connection, Limits, LineBuf, PADDING, Processor, State, Step, Timers};
 
 /// How long a read waits for the write in flight before it is issued anyway. Reading only
 /// after the write completes lets requests accumulate in the kernel, so one read takes a
@@ -276,9 +277,53 @@ fn open<S: Service>(core: &Rc<Core<S>>, stream: TcpStream) {
     });
 }
 
-async fn read_op(stream: &TcpStream, buf: Vec<u8>) -> (std::io::Result<usize>, Vec<u8>) {
-    let (read, slice) = stream.read(buf.slice(..RECV_BUF_SIZE)).await;
-    (read, slice.into_inner())
+/// What a read fills: the connection's receive buffer, or the lent buffer of a long line.
+enum ReadBuf {
+    Own(Vec<u8>),
+    Line(LineBuf),
+}
+
+async fn read_op(stream: &TcpStream, buf: ReadBuf) -> (std::io::Result<usize>, ReadBuf) {
+    match buf {
+        ReadBuf::Own(buf) => {
+            let (read, slice) = stream.read(buf.slice(..RECV_BUF_SIZE)).await;
+            (read, ReadBuf::Own(slice.into_inner()))
+        }
+        ReadBuf::Line(line) => {
+            let (read, line) = stream.read(line).await;
+            (read, ReadBuf::Line(line))
+        }
+    }
+}
+
+// SAFETY: the bytes are those the read may fill (already received, then the room), on the
+// heap: the pointer stays valid while the `LineBuf` lives, wherever it moves.
+unsafe impl tokio_uring::buf::IoBuf for LineBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.read_start()
+    }
+
+    fn bytes_init(&self) -> usize {
+        self.received()
+    }
+
+    fn bytes_total(&self) -> usize {
+        self.received() + self.room()
+    }
+}
+
+// SAFETY: as above; `set_init` is told how many bytes from the start are now written.
+unsafe impl tokio_uring::buf::IoBufMut for LineBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.read_ptr()
+    }
+
+    unsafe fn set_init(&mut self, pos: usize) {
+        if let Some(more) = pos.checked_sub(self.received()).filter(|&n| n > 0) {
+            // SAFETY: the read wrote up to `pos`, within `bytes_total`.
+            unsafe { self.filled(more) };
+        }
+    }
 }
 
 async fn write_op(stream: &TcpStream, buf: Vec<u8>, offset: usize) -> (std::io::Result<usize>, Vec<u8>) {
@@ -340,7 +385,10 @@ async fn serve_connection<S: Service>(core: &Core<S>, slot: usize, conn: &Conn) 
         if reading.is_none() && recv_buf.is_some() && conn.conn.borrow().wants_read() {
             if writing.is_none() || read_deferred_until.is_some_and(|at| at <= now) {
                 read_deferred_until = None;
-                reading.set(recv_buf.take().map(|buf| read_op(&conn.stream, buf)));
+                // The rest of a long line goes straight into its own buffer.
+                let line = conn.conn.borrow_mut().lend_line();
+                let buf = line.map(ReadBuf::Line).or_else(|| recv_buf.take().map(ReadBuf::Own));
+                reading.set(buf.map(|buf| read_op(&conn.stream, buf)));
             } else if read_deferred_until.is_none() {
                 read_deferred_until = Some(now + READ_DEFER);
                 defer.as_mut().reset((now + READ_DEFER).into());
@@ -351,7 +399,7 @@ async fn serve_connection<S: Service>(core: &Core<S>, slot: usize, conn: &Conn) 
         tokio::select! {
             // A read that completed before a no-op is handled before it.
             biased;
-            (read, mut buf) = async { reading.as_mut().as_pin_mut().expect("a read in flight").await },
+            (read, buf) = async { reading.as_mut().as_pin_mut().expect("a read in flight").await },
                 if reading.is_some() =>
             {
                 reading.set(None);
@@ -359,21 +407,27 @@ async fn serve_connection<S: Service>(core: &Core<S>, slot: usize, conn: &Conn) 
                 unread = Unread::Unknown;
                 let now = Instant::now();
                 let mut c = conn.conn.borrow_mut();
+                match buf {
+                    ReadBuf::Own(mut buf) => {
+                        if let Ok(n @ 1..) = read {
+                            // The read set the length to what it received; the parser wants
+                            // PADDING bytes past it.
+                            buf.resize(n + PADDING, 0);
+                            c.on_recv(&mut core.processor.borrow_mut(), &mut buf, n, now);
+                        }
+                        buf.clear();
+                        recv_buf = Some(buf);
+                    }
+                    ReadBuf::Line(line) => c.on_line_recv(&mut core.processor.borrow_mut(), line, now),
+                }
                 match read {
                     Ok(0) => c.on_peer_closed(now),
-                    Ok(n) => {
-                        // The read set the length to what it received; the parser wants
-                        // PADDING bytes past it.
-                        buf.resize(n + PADDING, 0);
-                        c.on_recv(&mut core.processor.borrow_mut(), &mut buf, n, now);
-                    }
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::debug!("recv failed: {e}");
                         c.on_error();
                     }
                 }
-                buf.clear();
-                recv_buf = Some(buf);
             }
             (written, buf) = async { writing.as_mut().as_pin_mut().expect("a write in flight").await },
                 if writing.is_some() =>

@@ -58,9 +58,17 @@ impl LineBuf {
         self.room
     }
 
-    /// Where the read writes its bytes.
+    /// Where the read's bytes begin ([`read_ptr`](Self::read_ptr), for looking only).
+    pub fn read_start(&self) -> *const u8 {
+        self.buf.as_ptr().wrapping_add(self.start)
+    }
+
+    /// Where the read writes its bytes: [`room`](Self::room) of them from here, after the
+    /// [`received`](Self::received) ones already written.
     pub fn read_ptr(&mut self) -> *mut u8 {
-        self.buf.spare_capacity_mut().as_mut_ptr().cast()
+        let start = self.start;
+        // Within the allocation: `start` is the length the buffer had when lent.
+        self.buf.as_mut_ptr().wrapping_add(start)
     }
 
     /// The read wrote `n` bytes at [`read_ptr`](Self::read_ptr).
