@@ -3,6 +3,11 @@
 //! per-command metrics on (a lookup and two clock reads per request). Throughput is in
 //! requests, so criterion reports the time per request.
 //!
+//! `request_sizes` sends one echo request of 1 KiB to 1 MiB through the core: in one receive
+//! buffer, and arriving in 16 KiB reads, either each copied into the line's carry buffer
+//! (`pieces_pooled`, as every backend did before lending) or, once the carry buffer has room,
+//! read straight into it (`pieces_lent`, [`ringcall::protocol::LineBuf`]). Throughput is bytes.
+//!
 //! Each iteration first copies the request bytes into one reused receive buffer, inside the
 //! timed routine: that stands for the kernel's copy into the server's receive buffer, and it
 //! leaves the bytes in cache as a real receive does. (A batch of fresh clones made outside
@@ -52,9 +57,71 @@ fn request_path(c: &mut Criterion) {
     group.finish();
 }
 
+fn echo_request(bytes: usize) -> Vec<u8> {
+    let envelope = "{\"cmdid\":10000,\"params\":{\"s\":\"\"}}\n".len();
+    format!("{{\"cmdid\":10000,\"params\":{{\"s\":\"{}\"}}}}\n", "a".repeat(bytes - envelope)).into_bytes()
+}
+
+fn request_sizes(c: &mut Criterion) {
+    use ringcall::bytes::BufMut;
+    const READ: usize = 16 * 1024;
+    let mut group = c.benchmark_group("request_sizes");
+    for (name, bytes) in [("1KiB", 1 << 10), ("16KiB", 16 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
+        let request = echo_request(bytes);
+        let len = request.len();
+        let mut processor = Processor::new(
+            0,
+            Arc::new(Shipped),
+            StatsRegistry::new(1),
+            Limits { max_line: 2 << 20, ..Limits::default() },
+        );
+        let mut session = Session::new();
+        let mut out = Output::default();
+        group.throughput(Throughput::Bytes(len as u64));
+        let mut whole = vec![0; len + PADDING];
+        group.bench_function(format!("{name}/one_read"), |b| {
+            b.iter(|| {
+                whole[..len].copy_from_slice(black_box(&request));
+                out.clear_ready();
+                processor.on_recv(&mut session, &mut whole, len, &mut out);
+                black_box(out.ready_bytes().len())
+            })
+        });
+        if len <= READ {
+            continue;
+        }
+        let mut pooled = vec![0; READ + PADDING];
+        for lend in [false, true] {
+            let case = if lend { "pieces_lent" } else { "pieces_pooled" };
+            group.bench_function(format!("{name}/{case}"), |b| {
+                b.iter(|| {
+                    out.clear_ready();
+                    for piece in black_box(&request).chunks(READ) {
+                        // Asked only when lending: a lent buffer must come back.
+                        let line = if lend { session.lend_line() } else { None };
+                        match line {
+                            Some(mut line) => {
+                                line.target().put_slice(piece);
+                                processor.on_line_recv(&mut session, line, &mut out);
+                            }
+                            None => {
+                                pooled[..piece.len()].copy_from_slice(piece);
+                                processor.on_recv(&mut session, &mut pooled, piece.len(), &mut out);
+                            }
+                        }
+                    }
+                    assert_eq!(session.pending_bytes(), 0);
+                    black_box(out.ready_bytes().len())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
-    targets = request_path
+    targets = request_path, request_sizes
 }
 criterion_main!(benches);
