@@ -127,6 +127,17 @@ fn serve_prints_its_address_and_writes_the_addr_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Starts `command`, a server that prints the address it listens on as its first line of
+/// stdout, and reads that address.
+fn spawn_printing_addr(command: &mut Command) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim_end().parse().expect("an address alone on the first line");
+    (child, addr)
+}
+
 /// Runs `ringcall ARGS` to its end; returns the exit code and stderr.
 fn run(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(RINGCALL).args(args).stdin(Stdio::null()).output().unwrap();
@@ -180,16 +191,12 @@ fn a_port_in_use_names_the_backend_chosen_and_the_cause_once() {
 
 #[test]
 fn serve_takes_a_host_name_and_logs_without_colour_when_not_on_a_terminal() {
-    use std::io::{BufRead, BufReader, Read};
-    let mut child = Command::new(RINGCALL)
-        .args(["serve", "--addr", "localhost:0", "--threads", "1", "--no-pin", "--backend", "epoll"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = line.trim_end().parse().unwrap();
+    use std::io::Read;
+    let (mut child, addr) = spawn_printing_addr(
+        Command::new(RINGCALL)
+            .args(["serve", "--addr", "localhost:0", "--threads", "1", "--no-pin", "--backend", "epoll"])
+            .stderr(Stdio::piped()),
+    );
     assert!(addr.ip().is_loopback(), "localhost resolved to {addr}");
     let out = Command::new(RINGCALL)
         .args(["call", "--addr", &format!("localhost:{}", addr.port()), "0"])
@@ -301,15 +308,15 @@ fn serve_and_call_speak_the_token_hello() {
 /// --baseline` measures it beside the backends, with each one's ratio to it.
 #[test]
 fn the_echo_baseline_echoes_bytes_and_compare_measures_it() {
-    use std::io::{BufRead, BufReader, Read};
-    let mut child = Command::new(RINGCALL)
-        .args(["echo-baseline", "--addr", "127.0.0.1:0", "--threads", "2", "--no-pin"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = line.trim().parse().unwrap();
+    use std::io::Read;
+    let (mut child, addr) = spawn_printing_addr(Command::new(RINGCALL).args([
+        "echo-baseline",
+        "--addr",
+        "127.0.0.1:0",
+        "--threads",
+        "2",
+        "--no-pin",
+    ]));
     let mut streams: Vec<std::net::TcpStream> =
         (0..4).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();

@@ -3,8 +3,8 @@
 //!
 //! Each connection owns its receive buffer (the buffer is handed to the kernel for every
 //! read; the rest of a long line is read into the line's own buffer instead, when the
-//! connection lends it), there is no multishot or provided-buffer ring, and the ring is waited on through
-//! tokio's epoll reactor: the reasons it trails the native `uring` backend.
+//! connection lends it), there is no multishot or provided-buffer ring, and the ring is
+//! waited on through tokio's epoll reactor: the reasons it trails the native `uring` backend.
 //!
 //! Every rule is the connection's state machine ([`Connection`]). Each connection is one
 //! task that keeps a read in flight while the machine wants to read and a write in flight

@@ -105,6 +105,15 @@ fn with_total_limit(entry: squeue::Entry, limit: u32) -> squeue::Entry {
     unsafe { std::mem::transmute(sqe) }
 }
 
+/// A recv ended with the error `-res`: the connection fails, unless the recv was cancelled
+/// on purpose (paused, switching to a line's buffer, or closing).
+fn recv_failed(core: usize, conn: &mut Connection, res: i32) {
+    if res != -libc::ECANCELED {
+        tracing::debug!(core, "recv failed: {}", io::Error::from_raw_os_error(-res));
+        conn.on_error();
+    }
+}
+
 /// Starts a worker: sets up its ring, reports readiness, serves until shut down.
 pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     let ready = setup.ready.clone();
@@ -744,9 +753,8 @@ impl<S: Service> Worker<S> {
             c.conn.on_line_recv(&mut self.processor, line, self.now);
             if res == 0 {
                 c.conn.on_peer_closed(self.now);
-            } else if res < 0 && res != -libc::ECANCELED {
-                tracing::debug!(core = self.core, "recv failed: {}", io::Error::from_raw_os_error(-res));
-                c.conn.on_error();
+            } else if res < 0 {
+                recv_failed(self.core, &mut c.conn, res);
             }
             return self.drive(slot, false);
         }
@@ -764,11 +772,10 @@ impl<S: Service> Worker<S> {
             self.pool.give_back(bid);
         } else if res == 0 {
             c.conn.on_peer_closed(self.now);
-        } else if res != -libc::ENOBUFS && res != -libc::ECANCELED {
+        } else if res != -libc::ENOBUFS {
             // ENOBUFS: the pool ran dry this turn; buffers come back before the recv is
-            // re-armed. ECANCELED: paused or closing on purpose.
-            tracing::debug!(core = self.core, "recv failed: {}", io::Error::from_raw_os_error(-res));
-            c.conn.on_error();
+            // re-armed.
+            recv_failed(self.core, &mut c.conn, res);
         }
         self.drive(slot, false)
     }

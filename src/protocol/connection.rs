@@ -567,18 +567,9 @@ impl Connection {
     ) {
         let span = self.span.clone();
         let _entered = span.enter();
-        self.last_activity = now;
-        match self.state {
-            State::Serving | State::Draining => {}
-            // Discarded: the stream is out of sync, or we are waiting for the peer to close.
-            _ => {
-                processor.stats().bytes_in(len);
-                return;
-            }
-        }
-        self.out.set_now(now);
-        if self.last_batch > OUT_KEEP {
-            self.out.expect_ready(self.last_batch.min(self.limits.max_pending_output));
+        if !self.begin_receive(now) {
+            processor.stats().bytes_in(len);
+            return;
         }
         let flow = match &mut self.tls {
             None => processor.on_recv(&mut self.session, buf, len, &mut self.out),
@@ -639,19 +630,28 @@ impl Connection {
         }
         let span = self.span.clone();
         let _entered = span.enter();
-        self.last_activity = now;
-        if !matches!(self.state, State::Serving | State::Draining) {
-            // Closed while the read was in flight: what it brought is discarded.
+        if !self.begin_receive(now) {
             processor.stats().bytes_in(line.received());
             self.session.return_line(line);
             return;
+        }
+        let flow = processor.on_line_recv(&mut self.session, line, &mut self.out);
+        self.received(flow, now, processor.stats());
+    }
+
+    /// Before received bytes are fed: false when they are to be discarded (the stream is out
+    /// of sync, or the connection waits for the peer to close or has closed); else the output
+    /// is readied for the replies.
+    fn begin_receive(&mut self, now: Instant) -> bool {
+        self.last_activity = now;
+        if !matches!(self.state, State::Serving | State::Draining) {
+            return false;
         }
         self.out.set_now(now);
         if self.last_batch > OUT_KEEP {
             self.out.expect_ready(self.last_batch.min(self.limits.max_pending_output));
         }
-        let flow = processor.on_line_recv(&mut self.session, line, &mut self.out);
-        self.received(flow, now, processor.stats());
+        true
     }
 
     /// After received bytes were fed: replies are ready, the line clock and backpressure

@@ -189,6 +189,13 @@ impl Session {
         self.carry = buf;
     }
 
+    /// Every line ended: a large carry buffer is let go.
+    fn release_large_carry(&mut self) {
+        if self.carry.capacity() > CARRY_KEEP {
+            self.carry = Vec::new();
+        }
+    }
+
     /// The peer closed its side: an unterminated last line is not a frame and is dropped.
     /// Returns how many bytes were dropped.
     pub fn finish(&mut self) -> usize {
@@ -377,10 +384,7 @@ impl<S: Service> Processor<S> {
             Err(flow) => flow,
             Ok(Some(partial)) => self.stash(session, &buf[partial..len], out),
             Ok(None) => {
-                // Every line ended in this receive: a large carry is let go.
-                if session.carry.capacity() > CARRY_KEEP {
-                    session.carry = Vec::new();
-                }
+                session.release_large_carry();
                 Flow::Continue
             }
         }
@@ -469,10 +473,9 @@ impl<S: Service> Processor<S> {
                 Flow::Continue
             }
             Ok(None) => {
-                if buf.capacity() <= CARRY_KEEP {
-                    buf.clear();
-                    session.carry = buf;
-                }
+                buf.clear();
+                session.carry = buf;
+                session.release_large_carry();
                 Flow::Continue
             }
         }
