@@ -9,6 +9,7 @@ pub mod access;
 pub mod acl;
 pub mod connection;
 pub mod deferred;
+pub mod engine;
 pub mod frame;
 mod params;
 pub mod reply;
@@ -23,6 +24,7 @@ pub use connection::{
     DEFAULT_MAX_DEFERRED, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step, Timers,
 };
 pub use deferred::{Deferred, Mailbox, Output};
+pub use engine::{Action, Decision, Engine, Handle, Interest, Listening, Phase};
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
 pub use session::{DIRECT_READ_MIN, Flow, LineBuf, PADDING, Processor, Responder, Session};
