@@ -1,17 +1,20 @@
 //! The `epoll-mt` backend: tokio's work-stealing multi-thread runtime with `--threads`
 //! workers behind one listener — what most tokio servers deploy. Connection tasks may move
-//! between workers, so each worker thread keeps its own protocol engine in a thread-local
-//! and a task uses the one of the thread it is running on.
+//! between workers, so each worker thread keeps its own protocol processor in a
+//! thread-local and a task uses the one of the thread it is running on; the listener's one
+//! engine (its connection table, timers, shutdown) sits behind a lock, taken once per event
+//! and never across an await.
 
 use std::any::Any;
 use std::cell::RefCell;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::Backend;
 use super::sys;
-use super::tokio_conn::{CoreAccess, CoreIo, serve_connection, serve_worker};
+use super::tokio_conn::{serve_connection, tokio_listener};
+use super::tokio_core::{CoreAccess, CoreEngine, CoreIo, serve_worker};
 use super::worker::{WorkerError, WorkerSetup};
 use crate::dispatch::Service;
 use crate::protocol::Limits;
@@ -22,7 +25,7 @@ thread_local! {
     static THREAD_CORE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
 }
 
-/// Finds (or creates) the engine of the worker thread a task runs on.
+/// Finds (or creates) the processor of the worker thread a task runs on, and the engine.
 struct ThreadCore<S: Service> {
     service: Arc<S>,
     exec: Arc<crate::exec::Executors>,
@@ -30,6 +33,7 @@ struct ThreadCore<S: Service> {
     stats: Arc<StatsRegistry>,
     limits: Limits,
     next_index: Arc<AtomicUsize>,
+    engine: Arc<Mutex<CoreEngine>>,
     _routes: PhantomData<fn() -> S>,
 }
 
@@ -42,6 +46,7 @@ impl<S: Service> Clone for ThreadCore<S> {
             stats: self.stats.clone(),
             limits: self.limits,
             next_index: self.next_index.clone(),
+            engine: self.engine.clone(),
             _routes: PhantomData,
         }
     }
@@ -64,6 +69,10 @@ impl<S: Service> CoreAccess<S> for ThreadCore<S> {
             });
             f(core.downcast_mut::<CoreIo<S>>().expect("one server per runtime thread"))
         })
+    }
+
+    fn engine<T>(&self, f: impl FnOnce(&mut CoreEngine) -> T) -> T {
+        f(&mut self.engine.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -100,27 +109,28 @@ pub(crate) fn run<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     }
 }
 
-async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
+async fn serve<S: Service>(mut setup: WorkerSetup, service: Arc<S>) {
     let exec = setup.exec.clone();
     let access = setup.access.clone();
     let threads = setup.config.threads.max(1);
-    serve_worker::<S, _>(
+    // The cores behind one listener share its engine, and its connection limit.
+    setup.config.limits.max_connections_per_core =
+        setup.config.limits.max_connections_per_core.saturating_mul(threads);
+    serve_worker::<S, _, _>(
         setup,
-        threads,
-        |_, stats, limits| ThreadCore::<S> {
+        tokio_listener,
+        |_, stats, limits, engine| ThreadCore::<S> {
             service,
             exec,
             access,
             stats,
             limits,
             next_index: Arc::new(AtomicUsize::new(0)),
+            engine: Arc::new(Mutex::new(engine)),
             _routes: PhantomData,
         },
-        |stream, access, drain, guard| {
-            tokio::spawn(async move {
-                serve_connection(stream, access, drain).await;
-                drop(guard);
-            });
+        |stream, handle, waker, core| {
+            tokio::spawn(serve_connection(stream, handle, waker, core));
         },
     )
     .await;

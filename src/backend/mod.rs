@@ -19,13 +19,13 @@ pub mod epoll;
 pub mod epoll_mt;
 pub mod sys;
 pub(crate) mod tokio_conn;
+pub(crate) mod tokio_core;
 pub mod tokio_uring;
 pub mod uring;
 pub mod worker;
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
@@ -83,59 +83,6 @@ impl FromStr for Backend {
 /// Usable bytes of a receive buffer; each is followed by [`crate::protocol::PADDING`] bytes.
 pub(crate) const RECV_BUF_SIZE: usize = 16 * 1024;
 
-/// Pause before accepting again after an accept error such as EMFILE, so it cannot spin.
-pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// While accept keeps failing (descriptors exhausted), at most one warning per this long.
-pub(crate) const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// The log of accept failures of one worker: the first failure is logged at once, repeats
-/// at most every [`ACCEPT_ERROR_LOG_EVERY`] with the number left unlogged, and the first
-/// success after failures says accepting works again. Without it, exhausted descriptors
-/// would log a line every [`ACCEPT_BACKOFF`].
-#[derive(Debug)]
-pub(crate) struct AcceptErrorLog {
-    core: usize,
-    last_warned: Option<Instant>,
-    unlogged: u64,
-    failures: u64,
-}
-
-impl AcceptErrorLog {
-    /// The log of the worker on `core`.
-    pub(crate) fn new(core: usize) -> Self {
-        Self { core, last_warned: None, unlogged: 0, failures: 0 }
-    }
-
-    /// Records a failed accept; returns whether it was logged.
-    pub(crate) fn failed(&mut self, err: &std::io::Error, now: Instant) -> bool {
-        self.failures += 1;
-        if self.last_warned.is_some_and(|at| now.saturating_duration_since(at) < ACCEPT_ERROR_LOG_EVERY) {
-            self.unlogged += 1;
-            return false;
-        }
-        tracing::warn!(
-            core = self.core,
-            unlogged_since_last_warning = self.unlogged,
-            "accept failed: {err}; retrying every {ACCEPT_BACKOFF:?} (repeats are logged at most every \
-             {ACCEPT_ERROR_LOG_EVERY:?}; EMFILE means the open-file limit is reached: raise `ulimit -n` \
-             or lower --max-connections-per-core)"
-        );
-        self.last_warned = Some(now);
-        self.unlogged = 0;
-        true
-    }
-
-    /// Records a successful accept; after failures, logs that accepting works again.
-    #[inline]
-    pub(crate) fn succeeded(&mut self) {
-        if self.failures > 0 {
-            tracing::info!(core = self.core, failures = self.failures, "accepting connections again");
-            *self = Self::new(self.core);
-        }
-    }
-}
-
 /// Resolves `auto` to the backend this host supports, logging the choice and why; any other
 /// backend is returned as it is. The server does this when it starts; call it first to name
 /// the backend that will run (in an error message, say).
@@ -179,26 +126,5 @@ pub(crate) fn run<S: Service>(backend: Backend, setup: WorkerSetup, service: Arc
         Backend::TokioUring => tokio_uring::run(setup, service),
         Backend::Epoll => epoll::run(setup, service),
         Backend::EpollMt => epoll_mt::run(setup, service),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_failures_are_logged_once_per_interval_and_recovery_resets() {
-        let mut log = AcceptErrorLog::new(0);
-        let err = std::io::Error::from_raw_os_error(libc::EMFILE);
-        let start = Instant::now();
-        assert!(log.failed(&err, start), "the first failure is logged");
-        for i in 1..100 {
-            assert!(!log.failed(&err, start + ACCEPT_BACKOFF * i), "repeats within the interval are not");
-        }
-        assert_eq!(log.unlogged, 99);
-        assert!(log.failed(&err, start + ACCEPT_ERROR_LOG_EVERY), "one per interval");
-        assert_eq!(log.unlogged, 0);
-        log.succeeded();
-        assert!(log.failed(&err, start + ACCEPT_ERROR_LOG_EVERY), "a new episode is logged at once");
     }
 }

@@ -21,7 +21,6 @@ use std::mem;
 use std::time::{Duration, Instant};
 
 use super::deferred::{Mailbox, Output};
-use super::reply::TOO_MANY_CONNECTIONS;
 use super::session::{Flow, Processor, Session};
 use crate::dispatch::Service;
 use crate::stats::CoreStats;
@@ -47,7 +46,7 @@ pub struct Limits {
     /// Longest request line in bytes (excluding `\n`); longer gets 413 and a close.
     pub max_line: usize,
     /// Connections one core serves at once; beyond it a new connection gets a 503 reply line
-    /// and is closed.
+    /// and is closed (the [`Engine`](super::Engine) admits).
     pub max_connections_per_core: usize,
     /// Unsent reply bytes one connection may hold; past it the server stops reading from that
     /// peer until it has read half of them (backpressure).
@@ -75,29 +74,6 @@ impl Default for Limits {
             line_timeout: DEFAULT_LINE_TIMEOUT,
             slow_request: None,
             max_deferred: DEFAULT_MAX_DEFERRED,
-        }
-    }
-}
-
-/// Whether a core takes a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Serve it.
-    Accept,
-    /// Send it this one reply line (a 503), FIN, and close it.
-    Refuse(&'static [u8]),
-}
-
-impl Limits {
-    /// Decides on a connection accepted while `open` connections are served on this core;
-    /// a refusal is counted before it is answered, so whoever sees the reply sees the count.
-    pub fn admit(&self, open: usize, stats: &CoreStats) -> Admission {
-        if open < self.max_connections_per_core {
-            Admission::Accept
-        } else {
-            stats.connection_rejected();
-            tracing::debug!(open, "connection refused: core at its connection limit");
-            Admission::Refuse(TOO_MANY_CONNECTIONS)
         }
     }
 }
@@ -199,8 +175,6 @@ pub struct Connection {
     line_started: Option<Instant>,
     /// When the server's shutdown deadline closes this connection.
     drain_deadline: Option<Instant>,
-    /// The deadline a backend's timer queue holds for this connection.
-    scheduled: Option<Instant>,
     limits: Limits,
     /// `connection{peer=…}`, entered while this machine handles an event, so that what its
     /// requests log carries it; a disabled span (no cost) unless debug logging is on.
@@ -285,7 +259,6 @@ impl Connection {
             last_activity: now,
             line_started: None,
             drain_deadline: None,
-            scheduled: None,
             limits,
             span: if tracing::enabled!(tracing::Level::DEBUG) {
                 tracing::debug_span!("connection", peer = tracing::field::Empty)
@@ -799,71 +772,6 @@ impl Connection {
         self.state = State::Lingering { since: now };
         Step::ShutdownWrite
     }
-
-    /// For a backend's timer queue: the deadline to schedule for this connection, if it is
-    /// earlier than the one already scheduled (a later one is found when the earlier fires).
-    pub fn reschedule(&mut self) -> Option<Instant> {
-        let at = self.poll_timeout()?;
-        if self.scheduled.is_some_and(|scheduled| scheduled <= at) {
-            return None;
-        }
-        self.scheduled = Some(at);
-        Some(at)
-    }
-
-    /// For a backend's timer queue: the entry for `at` fired (call
-    /// [`on_timeout`](Self::on_timeout), then [`reschedule`](Self::reschedule)).
-    pub fn timer_fired(&mut self, at: Instant) {
-        if self.scheduled == Some(at) {
-            self.scheduled = None;
-        }
-    }
-}
-
-/// A per-core queue of connection deadlines, for backends that wait on one timer for all
-/// their connections. Entries are never removed early: an entry whose connection moved its
-/// deadline later fires, finds nothing due, and is scheduled again at the new deadline
-/// ([`Connection::reschedule`] only asks for an entry when the deadline moves earlier), so a
-/// busy connection costs no timer work per request.
-#[derive(Debug)]
-pub struct Timers<K> {
-    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, K)>>,
-}
-
-impl<K: Ord + Copy> Default for Timers<K> {
-    fn default() -> Self {
-        Self { heap: std::collections::BinaryHeap::new() }
-    }
-}
-
-impl<K: Ord + Copy> Timers<K> {
-    /// Wake `key` at `at`.
-    pub fn schedule(&mut self, at: Instant, key: K) {
-        self.heap.push(std::cmp::Reverse((at, key)));
-    }
-
-    /// The earliest entry's instant.
-    pub fn next(&self) -> Option<Instant> {
-        self.heap.peek().map(|entry| entry.0.0)
-    }
-
-    /// Removes and returns an entry due at `now`.
-    pub fn pop_due(&mut self, now: Instant) -> Option<(Instant, K)> {
-        if self.next()? > now {
-            return None;
-        }
-        self.heap.pop().map(|entry| entry.0)
-    }
-
-    /// Entries held (stale ones included).
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    /// No entries.
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
-    }
 }
 
 /// Every rule, deterministically: the clock is `t0` plus offsets, never the real one.
@@ -1230,16 +1138,6 @@ mod tests {
     }
 
     #[test]
-    fn the_connection_limit_refuses_with_a_503_and_counts_it() {
-        let (f, _conn) = Fixture::new(limits());
-        let stats = f.stats.core(0);
-        assert_eq!(limits().admit(1, stats), Admission::Accept);
-        assert_eq!(limits().admit(2, stats), Admission::Refuse(TOO_MANY_CONNECTIONS));
-        assert_eq!(f.total().rejected_connections, 1);
-        assert_eq!(f.total().replies_with(503), 1);
-    }
-
-    #[test]
     fn an_error_closes_at_once_and_discards_what_is_unsent() {
         let (mut f, mut conn) = Fixture::new(limits());
         f.recv(&mut conn, ECHO_LINE, 0);
@@ -1261,30 +1159,6 @@ mod tests {
         assert_eq!(&buf[offset..], &ECHO_REPLY[10..]);
         conn.on_sent_lent(buf, ECHO_REPLY.len() - 10, f.at(2), f.stats.core(0));
         assert_eq!(conn.unsent(), 0);
-    }
-
-    #[test]
-    fn a_busy_connection_asks_for_no_timer_work_per_request() {
-        let (mut f, mut conn) = Fixture::new(limits());
-        let mut timers = Timers::default();
-        let first = conn.reschedule().expect("the idle deadline");
-        timers.schedule(first, 0u32);
-        for ms in 1..1_000 {
-            f.recv(&mut conn, ECHO_LINE, ms);
-            f.send_all(&mut conn, ms);
-            assert_eq!(conn.reschedule(), None, "the deadline only moved later");
-        }
-        assert_eq!(timers.len(), 1);
-        // The early entry fires, finds nothing due, and the real deadline is scheduled.
-        let (at, key) = timers.pop_due(first).unwrap();
-        assert_eq!((at, key), (first, 0));
-        conn.timer_fired(at);
-        conn.on_timeout(at, f.stats.core(0));
-        assert_eq!(conn.state(), State::Serving);
-        assert_eq!(conn.reschedule(), Some(f.at(999 + 60_000)));
-        // A line started moves the deadline earlier than the one scheduled: scheduled at once.
-        f.recv(&mut conn, b"{", 50_000);
-        assert_eq!(conn.reschedule(), Some(f.at(55_000)));
     }
 
     const LATER_LINE: &[u8] = b"{\"cmdid\":3000,\"id\":7}\n";

@@ -20,8 +20,8 @@ pub mod tls;
 pub use access::{Access, HelloToken, TokenError};
 pub use acl::{Acl, AclError};
 pub use connection::{
-    Admission, CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE,
-    DEFAULT_MAX_DEFERRED, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step, Timers,
+    CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_DEFERRED,
+    DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step,
 };
 pub use deferred::{Deferred, Mailbox, Output};
 pub use engine::{Action, Decision, Engine, Handle, Interest, Listening, Phase};

@@ -265,6 +265,8 @@ pub struct Engine<W = ()> {
     actions: VecDeque<Action>,
     /// Draining connections to drive again once the driver can count unread bytes.
     unsettled: Vec<Handle>,
+    /// The next timeout moved earlier since the driver last asked.
+    timer_moved: bool,
 }
 
 impl<W> Engine<W> {
@@ -285,6 +287,7 @@ impl<W> Engine<W> {
             accept_errors: AcceptErrorLog::new(),
             actions: VecDeque::new(),
             unsettled: Vec::new(),
+            timer_moved: false,
         }
     }
 
@@ -387,6 +390,7 @@ impl<W> Engine<W> {
         if self.listening == Listening::Accepting {
             self.listening = Listening::BackingOff;
             self.timers.set(CoreTimer::AcceptRetry, retry);
+            self.timer_moved = true;
         }
         retry
     }
@@ -443,6 +447,8 @@ impl<W> Engine<W> {
             && slot.scheduled.is_none_or(|scheduled| at < scheduled)
         {
             slot.scheduled = Some(at);
+            let next = self.conn_timers.peek().map(|entry| entry.0.0);
+            self.timer_moved |= next.is_none_or(|next| at < next);
             self.conn_timers.push(Reverse((at, handle)));
         }
         let send = conn.wants_send();
@@ -480,6 +486,13 @@ impl<W> Engine<W> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Whether [`poll_timeout`](Self::poll_timeout) may have moved earlier since the last
+    /// call: a driver whose timer waits apart from its connections (a task) wakes it to
+    /// sleep again until the new time.
+    pub fn take_timer_moved(&mut self) -> bool {
+        std::mem::take(&mut self.timer_moved)
     }
 
     /// The clock reached `now`: due connection deadlines become [`Action::Timeout`]s (stale
@@ -542,6 +555,7 @@ impl<W> Engine<W> {
         self.phase = Phase::Draining { deadline };
         self.timers.set(CoreTimer::ShutdownDeadline, deadline);
         self.timers.stop(CoreTimer::AcceptRetry);
+        self.timer_moved = true;
         // The backlog first: a listener that stops accepting may reset what it still holds.
         self.actions.push_back(Action::TakeBacklog);
         match self.listening {
@@ -589,3 +603,6 @@ impl<W> Engine<W> {
         matches!(conn.state(), State::Closed(_))
     }
 }
+
+#[cfg(test)]
+mod tests;
