@@ -241,6 +241,20 @@ impl<S: Service, A: CoreAccess<S>> Core<S, A> {
     }
 }
 
+/// Returns once `done` holds, asking again at each notification of `notify` (armed before
+/// each ask, so a notification sent after `done` looked is not lost).
+async fn until(notify: &Notify, mut done: impl FnMut() -> bool) {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
+}
+
 /// The body of a tokio-based worker: reports readiness, then runs three loops on one task
 /// until the core has drained — accepting, the engine's timers, and the stop signal with
 /// connections other cores hand over. `make_access` builds how tasks reach the core's
@@ -375,17 +389,7 @@ pub(crate) async fn serve_worker<S, A, L>(
             core.run_actions(on_listener_action);
         }
     };
-    let drained = async {
-        loop {
-            let released = core.signals.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            if core.access.engine(|engine| engine.finished()) {
-                return;
-            }
-            released.await;
-        }
-    };
+    let drained = until(&core.signals.released, || core.access.engine(|engine| engine.finished()));
     let until_drained = async {
         tokio::join!(accepting, control);
         // Every connection closes by its shutdown deadline at the latest; this is a backstop.
