@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ringcall::dispatch::Dispatcher;
 use ringcall::protocol::{Connection, Limits, PADDING, Processor};
 use ringcall::stats::StatsRegistry;
 use ringcall::{Ctx, Deferred, HandlerResult, Request};
@@ -65,7 +66,7 @@ fn line(cmdid: u32) -> Vec<u8> {
 /// answered, and sends them all.
 fn round(
     conn: &mut Connection,
-    processor: &mut Processor<Shapes>,
+    processor: &mut Processor<Dispatcher<Shapes>>,
     runtime: &tokio::runtime::Runtime,
     buf: &mut [u8],
     received: &[u8],
@@ -100,7 +101,7 @@ fn handler_shapes(c: &mut Criterion) {
         let mut buf = vec![0; received.len() + PADDING];
         let stats = StatsRegistry::new(1);
         let limits = Limits::default();
-        let mut processor = Processor::new(0, Arc::new(Shapes), stats.clone(), limits);
+        let mut processor = Processor::new(0, Dispatcher::new(0, 1, Arc::new(Shapes)), stats.clone(), limits);
         let mut conn = Connection::new(limits, Instant::now(), stats.core(0));
         group.bench_function(name, |b| {
             b.iter(|| black_box(round(&mut conn, &mut processor, &runtime, &mut buf, &received, &stats)))

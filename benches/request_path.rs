@@ -19,6 +19,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::sync::Arc;
 
+use ringcall::dispatch::Dispatcher;
 use ringcall::protocol::{Limits, Output, PADDING, Processor, Session};
 use ringcall::stats::StatsRegistry;
 
@@ -40,9 +41,10 @@ fn request_path(c: &mut Criterion) {
         if metrics {
             stats.time_handlers();
         }
-        let mut processor = Processor::new(0, Arc::new(Shipped), stats, Limits::default());
+        let mut processor =
+            Processor::new(0, Dispatcher::new(0, 1, Arc::new(Shipped)), stats, Limits::default());
         let mut session = Session::new();
-        let mut out = Output::default();
+        let mut out = Output::at(std::time::Instant::now());
         group.throughput(Throughput::Elements(pipelined as u64));
         let name = if metrics { format!("seed_x{pipelined}_metrics") } else { format!("seed_x{pipelined}") };
         group.bench_function(name, |b| {
@@ -71,12 +73,12 @@ fn request_sizes(c: &mut Criterion) {
         let len = request.len();
         let mut processor = Processor::new(
             0,
-            Arc::new(Shipped),
+            Dispatcher::new(0, 1, Arc::new(Shipped)),
             StatsRegistry::new(1),
             Limits { max_line: 2 << 20, ..Limits::default() },
         );
         let mut session = Session::new();
-        let mut out = Output::default();
+        let mut out = Output::at(std::time::Instant::now());
         group.throughput(Throughput::Bytes(len as u64));
         let mut whole = vec![0; len + PADDING];
         group.bench_function(format!("{name}/one_read"), |b| {

@@ -93,11 +93,11 @@ impl Call {
         Self { cmdid, params: None }
     }
 
-    /// The hello presenting `token` ([`access`](crate::protocol::access)).
+    /// The hello presenting `token` ([`HelloToken`](crate::protocol::HelloToken)).
     pub fn hello(token: &crate::protocol::HelloToken) -> Self {
         let mut params = simd_json::owned::Object::new();
         params.insert("token".into(), OwnedValue::from(token.as_str()));
-        Self { cmdid: crate::protocol::access::HELLO, params: Some(OwnedValue::from(params)) }
+        Self { cmdid: crate::protocol::HELLO, params: Some(OwnedValue::from(params)) }
     }
 
     /// A call whose params are given as JSON text (must be an object).
@@ -110,7 +110,7 @@ impl Call {
             ClientError::Params(format!(
                 "{params:?} is not JSON (at byte {}: {}); write an object such as '{{\"name\":\"value\"}}'",
                 e.index(),
-                crate::protocol::session::json_error(&e)
+                crate::protocol::json_error(&e)
             ))
         })?;
         if !value.is_object() {
@@ -339,7 +339,7 @@ impl Client {
         Ok(match tls {
             None => Stream::Plain(stream),
             Some(tls) => {
-                let session = rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                let session = rustls::ClientConnection::new(tls.config(), tls.server_name().clone())
                     .map_err(|e| ClientError::Io(io::Error::other(e)))?;
                 Stream::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
             }
@@ -497,8 +497,8 @@ impl AsyncClient {
         let stream: Box<dyn AsyncIo> = match tls {
             None => Box::new(stream),
             Some(tls) => {
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let handshake = connector.connect(tls.server_name.clone(), stream);
+                let connector = tokio_rustls::TlsConnector::from(tls.config());
+                let handshake = connector.connect(tls.server_name().clone(), stream);
                 Box::new(
                     tokio::time::timeout(timeout, handshake)
                         .await

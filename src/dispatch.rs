@@ -16,61 +16,18 @@
 //!   task, through the [`Deferred`] handle (which [`Ctx::spawn`] and [`Ctx::spawn_blocking`]
 //!   complete for async and blocking work).
 
-use std::borrow::Cow;
+use std::cell::RefCell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Instant;
 
-use crate::protocol::deferred::Deferred;
-use crate::protocol::request::CoreContext;
-use crate::protocol::session::Responder;
-use crate::protocol::{Reply, Request};
+use crate::protocol::{CoreContext, Deferred, Dispatch, Dispatched, Reply, Request, Responder};
 use crate::stats::StatsRegistry;
+use crate::{HandlerError, HandlerResult};
 
 /// cmdids below this are reserved for the built-in commands (ping, stats, …) that every
 /// ringcall server answers itself.
 pub const RESERVED_BELOW: u32 = 1000;
-
-/// What a handler returns: `Ok` after writing its data (or nothing, for `null`), or an error
-/// that becomes the reply instead of any data it wrote.
-pub type HandlerResult = Result<(), HandlerError>;
-
-/// A handler failure, turned into an error reply (`{"code":…,"error":…}`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message} (code {code})")]
-pub struct HandlerError {
-    code: u16,
-    message: Cow<'static, str>,
-}
-
-impl HandlerError {
-    /// A 500 reply: the handler could not do its work.
-    pub fn internal(message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code: 500, message: message.into() }
-    }
-
-    /// A 400 reply: the request's params were not what the handler needs.
-    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code: 400, message: message.into() }
-    }
-
-    /// A 503 reply: the service is overloaded; the caller may retry later.
-    pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code: 503, message: message.into() }
-    }
-
-    /// A reply with any code (use the protocol's codes: 400, 404, 500, 503, 504).
-    pub fn with_code(code: u16, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into() }
-    }
-
-    /// The reply code.
-    pub fn code(&self) -> u16 {
-        self.code
-    }
-
-    /// The reply's error message.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
 
 /// A service: the value a server is started with ([`ServerBuilder::start`]).
 ///
@@ -107,17 +64,113 @@ pub trait Routes<S: Service>: 'static {
     ) -> Option<HandlerResult>;
 }
 
+/// Where a core's handlers run their async, blocking and durable work.
+#[derive(Debug)]
+pub(crate) struct Services {
+    exec: Arc<crate::exec::Executors>,
+    /// On a backend that runs durable appends on its own ring: the files with appends to
+    /// start. `None`: each file runs them on a thread of its own.
+    durable_ring: Option<RefCell<Vec<Arc<crate::durable::Shared>>>>,
+}
+
+impl Services {
+    /// Executors of their own, for `cores` cores (a server shares one set between its cores).
+    pub(crate) fn standalone(cores: usize) -> Self {
+        let exec = crate::exec::Executors::new(crate::exec::ExecConfig::default(), cores);
+        Self { exec, durable_ring: None }
+    }
+}
+
+/// A service's side of the core: the [`Dispatch`] a core's
+/// [`Processor`](crate::protocol::Processor) hands each request to. It answers the built-in
+/// commands (ping, stats, the hello) itself and the rest from the service's table, with this
+/// core's state ([`Service::local`]); it times the handler when asked and turns a panic
+/// into a 500.
+pub struct Dispatcher<S: Service> {
+    service: Arc<S>,
+    local: S::Local,
+    services: Services,
+}
+
+impl<S: Service> std::fmt::Debug for Dispatcher<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+impl<S: Service> Dispatcher<S> {
+    /// The dispatcher of core `core` of a server with `cores` cores: makes the core's state
+    /// ([`Service::local`]) on the calling thread; async and blocking work runs on executors
+    /// of its own.
+    pub fn new(core: usize, cores: usize, service: Arc<S>) -> Self {
+        let local = service.local(core);
+        Self { service, local, services: Services::standalone(cores) }
+    }
+
+    /// Runs async and blocking work on `exec` (the server's).
+    pub(crate) fn with_executors(mut self, exec: Arc<crate::exec::Executors>) -> Self {
+        self.services.exec = exec;
+        self
+    }
+
+    /// Durable appends run on the backend's ring, which takes the files to drive with
+    /// [`take_durable_kicks`](Self::take_durable_kicks) after each batch of events.
+    pub(crate) fn with_durable_ring(mut self) -> Self {
+        self.services.durable_ring = Some(RefCell::new(Vec::new()));
+        self
+    }
+
+    /// Moves the files with appends to start into `into`.
+    pub(crate) fn take_durable_kicks(&self, into: &mut Vec<Arc<crate::durable::Shared>>) {
+        if let Some(kicks) = &self.services.durable_ring {
+            into.append(&mut kicks.borrow_mut());
+        }
+    }
+}
+
+impl<S: Service> Dispatch for Dispatcher<S> {
+    #[inline]
+    fn dispatch(&self, request: &Request<'_, '_>, responder: Responder<'_>, timed: bool) -> Dispatched {
+        let cmdid = request.cmdid();
+        let started = timed.then(Instant::now);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if cmdid < RESERVED_BELOW {
+                crate::handlers::call_builtin(cmdid, request, responder.reply())
+            } else {
+                let ctx = Ctx::new(&self.service, &self.local, request.context(), &self.services);
+                S::Routes::call(cmdid, &ctx, request, responder)
+            }
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("non-string panic payload");
+            tracing::error!(cmdid, core = request.context().core(), "handler panicked: {what}");
+            Some(Err(HandlerError::internal(format!("handler for cmdid {cmdid} panicked"))))
+        });
+        Dispatched { result, ran: started.map(|at| (at, at.elapsed())) }
+    }
+}
+
 /// What a handler sees besides its request: the service, this core's state, the core's
 /// index and counters, and where to run async and blocking work.
 pub struct Ctx<'a, S: Service> {
-    service: &'a std::sync::Arc<S>,
+    service: &'a Arc<S>,
     local: &'a S::Local,
     core: &'a CoreContext,
+    services: &'a Services,
 }
 
 impl<'a, S: Service> Ctx<'a, S> {
-    pub(crate) fn new(service: &'a std::sync::Arc<S>, local: &'a S::Local, core: &'a CoreContext) -> Self {
-        Self { service, local, core }
+    pub(crate) fn new(
+        service: &'a Arc<S>,
+        local: &'a S::Local,
+        core: &'a CoreContext,
+        services: &'a Services,
+    ) -> Self {
+        Self { service, local, core, services }
     }
 
     /// The service value the server was started with (shared by every core).
@@ -154,7 +207,7 @@ impl<'a, S: Service> Ctx<'a, S> {
         T: serde::Serialize + Send + 'static,
         F: std::future::Future<Output = Result<T, HandlerError>> + Send + 'static,
     {
-        self.core.executors().async_handle().spawn(async move {
+        self.services.exec.async_handle().spawn(async move {
             match deferred.deadline() {
                 Some(at) => match tokio::time::timeout_at(at.into(), work).await {
                     Ok(result) => deferred.finish(result),
@@ -170,7 +223,7 @@ impl<'a, S: Service> Ctx<'a, S> {
     /// this core's ring on `uring`, on the file's own thread elsewhere (see
     /// [`durable`](crate::durable)). A failed write or sync answers 500.
     pub fn append(&self, file: &crate::durable::AppendFile, bytes: &[u8], deferred: Deferred) {
-        match self.core.durable_ring() {
+        match &self.services.durable_ring {
             Some(kicks) => {
                 let shared = file.shared();
                 let mut commit = crate::durable::lock(&shared.commit);
@@ -203,7 +256,7 @@ impl<'a, S: Service> Ctx<'a, S> {
                 }
             }
         });
-        self.core.executors().run_blocking(crate::exec::Job { deferred, work });
+        self.services.exec.run_blocking(crate::exec::Job { deferred, work });
     }
 }
 

@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::dispatch::HandlerError;
+use crate::HandlerError;
 use crate::protocol::Deferred;
 
 /// Where an acknowledged append lies in its file.
@@ -375,6 +375,7 @@ mod tests {
 
     /// Appends `n` records through `commit`, each answered into `out`.
     fn append(commit: &mut GroupCommit, out: &mut Output, stats: &StatsRegistry, record: &[u8]) {
+        out.set_now(std::time::Instant::now());
         let deferred = out.defer(2001, None, None, stats.core(0));
         commit.append(record, deferred);
     }
@@ -464,6 +465,7 @@ mod tests {
         let file = AppendFile::open(&path).unwrap();
         let stats = StatsRegistry::new(1);
         let mut out = Output::default();
+        out.set_now(std::time::Instant::now());
         for record in [&b"one\n"[..], b"two\n"] {
             file.append_threaded(record, out.defer(2001, None, None, stats.core(0)));
         }

@@ -15,7 +15,7 @@
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::dispatch::HandlerError;
+use crate::HandlerError;
 use crate::protocol::Deferred;
 
 /// Sizes of the async runtime and the blocking pool.
@@ -73,7 +73,7 @@ fn take_jobs(rx: &Mutex<Receiver<Job>>) {
         let job = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
         match job {
             // A request whose deadline passed while it waited has its 504: skip the work.
-            Ok(Job { deferred, .. }) if deferred.expired() => deferred.expire(),
+            Ok(Job { deferred, .. }) if deferred.expired_at(std::time::Instant::now()) => deferred.expire(),
             Ok(Job { deferred, work }) => work(deferred),
             // The server is gone.
             Err(_) => return,

@@ -3,7 +3,7 @@
 //! [`echo`] is the shipped server's cmdid 10000 (tornado-TCP's `TEST_CMDID`), and any table
 //! can route it.
 
-use crate::dispatch::HandlerResult;
+use crate::HandlerResult;
 use crate::protocol::{ObjectWriter, Reply, Request};
 use crate::stats::{COUNTED_CODES, StatsSnapshot};
 
@@ -11,9 +11,9 @@ use crate::stats::{COUNTED_CODES, StatsSnapshot};
 pub const PING: u32 = 0;
 /// cmdid of [`stats`].
 pub const STATS: u32 = 1;
-/// cmdid of the token hello ([`access`](crate::protocol::access)): checked by the core
+/// cmdid of the token hello ([`HelloToken`](crate::protocol::HelloToken)): checked by the core
 /// before a connection is admitted, answered `"hello"` afterwards and where no token is set.
-pub const HELLO: u32 = crate::protocol::access::HELLO;
+pub const HELLO: u32 = crate::protocol::HELLO;
 /// cmdid of [`echo`] in the shipped server.
 pub const ECHO: u32 = 10000;
 

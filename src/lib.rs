@@ -75,15 +75,17 @@ pub mod exec;
 pub mod handlers;
 pub mod metrics;
 pub mod pool;
-pub mod protocol;
+/// The sans-I/O core ([`ringcall_core`]).
+pub use ringcall_core as protocol;
 pub mod server;
 mod signals;
-pub mod stats;
+pub use ringcall_core::stats;
 
 // `LineBuf::target` is a `bytes::BufMut`.
 pub use bytes;
-pub use dispatch::{Ctx, Handler, HandlerError, HandlerResult, NoRoutes, Routes, Service};
+pub use dispatch::{Ctx, Handler, NoRoutes, Routes, Service};
 pub use protocol::{Deferred, Reply, Request};
+pub use ringcall_core::{HandlerError, HandlerResult};
 pub use rustls;
 pub use server::{Backend, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper};
 pub use simd_json;

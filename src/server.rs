@@ -45,7 +45,7 @@ pub struct ServerConfig {
     /// hash put it. On by default; `epoll-mt` balances by moving tasks instead.
     pub balance_connections: bool,
     /// Admit a connection only after its first line presents this token
-    /// ([`access`](crate::protocol::access)); `None`: no hello is asked for.
+    /// ([`HelloToken`](crate::protocol::HelloToken)); `None`: no hello is asked for.
     pub token: Option<crate::protocol::HelloToken>,
 }
 

@@ -5,6 +5,7 @@
 use proptest::prelude::*;
 use std::sync::Arc;
 
+use ringcall::dispatch::Dispatcher;
 use ringcall::protocol::{Flow, Limits, Output, Processor, Session};
 use ringcall::stats::StatsRegistry;
 use ringcall::{HandlerError, HandlerResult, Reply, Request};
@@ -22,10 +23,10 @@ ringcall::routes! {
 
 const MAX_LINE: usize = 300;
 
-fn processor() -> Processor<CoreRoutes> {
+fn processor() -> Processor<Dispatcher<CoreRoutes>> {
     Processor::new(
         0,
-        Arc::new(CoreRoutes),
+        Dispatcher::new(0, 1, Arc::new(CoreRoutes)),
         StatsRegistry::new(1),
         Limits { max_line: MAX_LINE, ..Limits::default() },
     )
@@ -36,9 +37,9 @@ fn run(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
     run_with(processor(), stream, cuts)
 }
 
-fn run_with(mut p: Processor<CoreRoutes>, stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
+fn run_with(mut p: Processor<Dispatcher<CoreRoutes>>, stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Flow) {
     let mut session = Session::new();
-    let mut out = Output::default();
+    let mut out = Output::at(std::time::Instant::now());
     let mut flow = Flow::Continue;
     let mut start = 0;
     for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
@@ -96,7 +97,7 @@ fn replies_are_the_expected_bytes() {
 
 const TOKEN: &str = "0123456789abcdef-token";
 
-fn guarded() -> Processor<CoreRoutes> {
+fn guarded() -> Processor<Dispatcher<CoreRoutes>> {
     let token = ringcall::protocol::HelloToken::new(TOKEN).unwrap();
     processor().with_access(ringcall::protocol::Access { tls: None, token: Some(token) })
 }
@@ -172,11 +173,11 @@ fn a_deeply_nested_document_is_rejected_not_overflowed() {
     line.push_str("}}\n");
     let mut p = Processor::new(
         0,
-        Arc::new(CoreRoutes),
+        Dispatcher::new(0, 1, Arc::new(CoreRoutes)),
         StatsRegistry::new(1),
         Limits { max_line: 1 << 20, ..Limits::default() },
     );
-    let mut out = Output::default();
+    let mut out = Output::at(std::time::Instant::now());
     assert_eq!(p.on_recv_copy(&mut Session::new(), line.as_bytes(), &mut out), Flow::Continue);
     let out = out.ready_bytes();
     assert!(out.starts_with(b"{\"code\":400,\"error\":\"invalid JSON"), "{}", String::from_utf8_lossy(out));
@@ -186,7 +187,7 @@ fn a_deeply_nested_document_is_rejected_not_overflowed() {
 fn an_unterminated_last_line_is_dropped_at_eof() {
     let mut p = processor();
     let mut session = Session::new();
-    let mut out = Output::default();
+    let mut out = Output::at(std::time::Instant::now());
     p.on_recv_copy(&mut session, b"{\"cmdid\":0}\n{\"cmd", &mut out);
     assert_eq!(out.ready_bytes(), b"{\"code\":0,\"data\":\"pong\"}\n");
     assert_eq!(session.pending_bytes(), 5);
@@ -196,8 +197,9 @@ fn an_unterminated_last_line_is_dropped_at_eof() {
 #[test]
 fn stats_count_requests_and_replies_by_code() {
     let stats = StatsRegistry::new(1);
-    let mut p = Processor::new(0, Arc::new(CoreRoutes), stats.clone(), Limits::default());
-    let mut out = Output::default();
+    let mut p =
+        Processor::new(0, Dispatcher::new(0, 1, Arc::new(CoreRoutes)), stats.clone(), Limits::default());
+    let mut out = Output::at(std::time::Instant::now());
     p.on_recv_copy(&mut Session::new(), b"{\"cmdid\":0}\nx\n{\"cmdid\":5000}\n\n", &mut out);
     let total = stats.total();
     assert_eq!(total.requests, 3);
@@ -209,10 +211,14 @@ fn stats_count_requests_and_replies_by_code() {
 /// `sizes` bytes in turn (cycled), each into the lent buffer of the unfinished line when the
 /// session lends one, else copied in as from a pooled buffer. Returns the output, the last
 /// flow and how many reads went into a lent buffer.
-fn run_lending(mut p: Processor<CoreRoutes>, stream: &[u8], sizes: &[usize]) -> (Vec<u8>, Flow, usize) {
+fn run_lending(
+    mut p: Processor<Dispatcher<CoreRoutes>>,
+    stream: &[u8],
+    sizes: &[usize],
+) -> (Vec<u8>, Flow, usize) {
     use ringcall::bytes::BufMut;
     let mut session = Session::new();
-    let mut out = Output::default();
+    let mut out = Output::at(std::time::Instant::now());
     let (mut flow, mut pos, mut direct) = (Flow::Continue, 0, 0);
     for &size in sizes.iter().cycle() {
         if pos == stream.len() || flow == Flow::Close {
@@ -240,8 +246,13 @@ fn run_lending(mut p: Processor<CoreRoutes>, stream: &[u8], sizes: &[usize]) -> 
 }
 
 /// A processor whose lines may be long enough to be lent.
-fn long_line_processor(max_line: usize) -> Processor<CoreRoutes> {
-    Processor::new(0, Arc::new(CoreRoutes), StatsRegistry::new(1), Limits { max_line, ..Limits::default() })
+fn long_line_processor(max_line: usize) -> Processor<Dispatcher<CoreRoutes>> {
+    Processor::new(
+        0,
+        Dispatcher::new(0, 1, Arc::new(CoreRoutes)),
+        StatsRegistry::new(1),
+        Limits { max_line, ..Limits::default() },
+    )
 }
 
 fn long_line(id: usize, len: usize) -> String {

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use super::balance::Balancer;
 use super::worker::{WorkerError, WorkerSetup};
 use super::{RECV_BUF_SIZE, sys};
-use crate::dispatch::Service;
+use crate::dispatch::{Dispatcher, Service};
 use crate::protocol::{
     Action, Connection, Decision, Engine, Handle, Interest, Limits, Listening, PADDING, Processor,
 };
@@ -39,12 +39,12 @@ pub(crate) type CoreEngine = Engine<Waker>;
 
 /// One core's protocol processor and its receive buffer.
 pub(crate) struct CoreIo<S: Service> {
-    pub processor: Processor<S>,
+    pub processor: Processor<Dispatcher<S>>,
     pub buf: Box<[u8]>,
 }
 
 impl<S: Service> CoreIo<S> {
-    pub fn new(
+    pub(crate) fn new(
         core: usize,
         service: Arc<S>,
         exec: Arc<crate::exec::Executors>,
@@ -53,7 +53,13 @@ impl<S: Service> CoreIo<S> {
         limits: Limits,
     ) -> Self {
         Self {
-            processor: Processor::new(core, service, stats, limits).with_executors(exec).with_access(access),
+            processor: Processor::new(
+                core,
+                Dispatcher::new(core, stats.cores(), service).with_executors(exec),
+                stats,
+                limits,
+            )
+            .with_access(access),
             buf: vec![0; RECV_BUF_SIZE + PADDING].into(),
         }
     }
@@ -72,7 +78,7 @@ pub(crate) struct LocalCore<S: Service> {
 }
 
 impl<S: Service> LocalCore<S> {
-    pub fn new(
+    pub(crate) fn new(
         core: usize,
         service: Arc<S>,
         exec: Arc<crate::exec::Executors>,
@@ -146,7 +152,7 @@ impl<S: Service, A: Clone> Clone for Core<S, A> {
 
 impl<S: Service, A: CoreAccess<S>> Core<S, A> {
     /// Asks the engine what `conn` wants after an event (see [`Engine::drive`]).
-    pub fn drive(
+    pub(crate) fn drive(
         &self,
         handle: Handle,
         conn: &mut Connection,
@@ -164,12 +170,12 @@ impl<S: Service, A: CoreAccess<S>> Core<S, A> {
     }
 
     /// The engine woke the connection's task: a deadline may have passed.
-    pub fn woken(&self, conn: &mut Connection, now: Instant) {
+    pub(crate) fn woken(&self, conn: &mut Connection, now: Instant) {
         self.access.with(|io| conn.on_timeout(now, io.processor.stats()));
     }
 
     /// The connection's task is done with its socket.
-    pub fn release(&self, handle: Handle, conn: Connection) {
+    pub(crate) fn release(&self, handle: Handle, conn: Connection) {
         self.access
             .with(|io| self.access.engine(|engine| engine.release(handle, conn, io.processor.stats())));
         self.signals.released.notify_waiters();

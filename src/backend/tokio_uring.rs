@@ -116,38 +116,41 @@ async fn read_op(stream: &TcpStream, buf: ReadBuf) -> (std::io::Result<usize>, R
             (read, ReadBuf::Own(slice.into_inner()))
         }
         ReadBuf::Line(line) => {
-            let (read, line) = stream.read(line).await;
-            (read, ReadBuf::Line(line))
+            let (read, line) = stream.read(LineRead(line)).await;
+            (read, ReadBuf::Line(line.0))
         }
     }
 }
 
+/// A lent line buffer as tokio-uring's owned-buffer read takes it.
+struct LineRead(LineBuf);
+
 // SAFETY: the bytes are those the read may fill (already received, then the room), on the
 // heap: the pointer stays valid while the `LineBuf` lives, wherever it moves.
-unsafe impl tokio_uring::buf::IoBuf for LineBuf {
+unsafe impl tokio_uring::buf::IoBuf for LineRead {
     fn stable_ptr(&self) -> *const u8 {
-        self.read_start()
+        self.0.read_start()
     }
 
     fn bytes_init(&self) -> usize {
-        self.received()
+        self.0.received()
     }
 
     fn bytes_total(&self) -> usize {
-        self.received() + self.room()
+        self.0.received() + self.0.room()
     }
 }
 
 // SAFETY: as above; `set_init` is told how many bytes from the start are now written.
-unsafe impl tokio_uring::buf::IoBufMut for LineBuf {
+unsafe impl tokio_uring::buf::IoBufMut for LineRead {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.read_ptr()
+        self.0.read_ptr()
     }
 
     unsafe fn set_init(&mut self, pos: usize) {
-        if let Some(more) = pos.checked_sub(self.received()).filter(|&n| n > 0) {
+        if let Some(more) = pos.checked_sub(self.0.received()).filter(|&n| n > 0) {
             // SAFETY: the read wrote up to `pos`, within `bytes_total`.
-            unsafe { self.filled(more) };
+            unsafe { self.0.filled(more) };
         }
     }
 }

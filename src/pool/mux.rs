@@ -58,8 +58,8 @@ impl Mux {
                 (Box::new(read), Box::new(write))
             }
             Some(tls) => {
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let handshake = connector.connect(tls.server_name.clone(), stream);
+                let connector = tokio_rustls::TlsConnector::from(tls.config());
+                let handshake = connector.connect(tls.server_name().clone(), stream);
                 let stream = match tokio::time::timeout(timeout, handshake).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => return Err(connect_err(e)),

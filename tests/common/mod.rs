@@ -34,7 +34,7 @@ fn fail(_request: &Request<'_, '_>, _reply: Reply<'_>) -> HandlerResult {
 }
 
 /// Takes longer than any slow-request threshold the tests set.
-pub const SLOW_HANDLER: Duration = Duration::from_millis(60);
+pub(crate) const SLOW_HANDLER: Duration = Duration::from_millis(60);
 
 fn slow(_request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     std::thread::sleep(SLOW_HANDLER);
@@ -59,7 +59,7 @@ ringcall::routes! {
 
 /// Starts a server for `backend`, or reports why this host cannot run it. A skip is printed
 /// with its reason, and fails the test when RINGCALL_REQUIRE_ALL_BACKENDS is set (as CI does).
-pub fn start_with(
+pub(crate) fn start_with(
     backend: Backend,
     configure: impl FnOnce(ringcall::ServerBuilder) -> ringcall::ServerBuilder,
 ) -> Option<ServerHandle> {
@@ -67,7 +67,7 @@ pub fn start_with(
 }
 
 /// [`start_with`] for any service.
-pub fn start_service<S: ringcall::Service>(
+pub(crate) fn start_service<S: ringcall::Service>(
     backend: Backend,
     service: S,
     configure: impl FnOnce(ringcall::ServerBuilder) -> ringcall::ServerBuilder,
@@ -88,17 +88,17 @@ pub fn start_service<S: ringcall::Service>(
     }
 }
 
-pub fn start(backend: Backend) -> Option<ServerHandle> {
+pub(crate) fn start(backend: Backend) -> Option<ServerHandle> {
     start_with(backend, |b| b)
 }
 
 /// A blocking connection that reads replies line by line.
-pub struct Client {
+pub(crate) struct Client {
     reader: BufReader<TcpStream>,
 }
 
 impl Client {
-    pub fn connect(addr: SocketAddr) -> Self {
+    pub(crate) fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -106,12 +106,12 @@ impl Client {
         Self { reader: BufReader::new(stream) }
     }
 
-    pub fn send(&mut self, bytes: &[u8]) {
+    pub(crate) fn send(&mut self, bytes: &[u8]) {
         self.reader.get_mut().write_all(bytes).expect("write");
     }
 
     /// The next reply line, with its `\n`.
-    pub fn line(&mut self) -> String {
+    pub(crate) fn line(&mut self) -> String {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).expect("read reply");
         assert!(n > 0, "connection closed while a reply was expected");
@@ -119,13 +119,13 @@ impl Client {
     }
 
     /// Sends one request line and returns its reply line.
-    pub fn call(&mut self, request: &str) -> String {
+    pub(crate) fn call(&mut self, request: &str) -> String {
         self.send(request.as_bytes());
         self.line()
     }
 
     /// Asserts the server closed the connection with nothing more to say.
-    pub fn expect_eof(&mut self) {
+    pub(crate) fn expect_eof(&mut self) {
         let mut rest = Vec::new();
         match self.reader.read_to_end(&mut rest) {
             Ok(_) => assert!(
@@ -138,17 +138,17 @@ impl Client {
         }
     }
 
-    pub fn shutdown_write(&mut self) {
+    pub(crate) fn shutdown_write(&mut self) {
         self.reader.get_ref().shutdown(Shutdown::Write).unwrap();
     }
 
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub(crate) fn stream(&mut self) -> &mut TcpStream {
         self.reader.get_mut()
     }
 }
 
 /// Reads a numeric field out of the stats reply's `total` object.
-pub fn total_stat(client: &mut Client, field: &str) -> u64 {
+pub(crate) fn total_stat(client: &mut Client, field: &str) -> u64 {
     let reply = client.call("{\"cmdid\":1}\n");
     let total = reply.split("\"total\":").nth(1).expect("stats reply has a total");
     let needle = format!("\"{field}\":");
@@ -157,13 +157,13 @@ pub fn total_stat(client: &mut Client, field: &str) -> u64 {
 }
 
 /// The hard open-file limit, after raising this process's soft limit to it.
-pub fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     ringcall::backend::sys::raise_nofile_limit().expect("raise RLIMIT_NOFILE")
 }
 
 /// Everything this test binary logs from now on, from any thread, at `level` and above (the
 /// first call installs the subscriber and decides the level; later calls share it).
-pub fn captured_log(level: tracing::Level) -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+pub(crate) fn captured_log(level: tracing::Level) -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
     use std::sync::{Arc, Mutex, OnceLock};
     static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOG.get_or_init(|| {

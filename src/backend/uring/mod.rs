@@ -39,7 +39,7 @@ pub(crate) use ring::{diagnose, probe};
 
 use super::sys;
 use super::worker::{StopSignal, WorkerError, WorkerSetup};
-use crate::dispatch::Service;
+use crate::dispatch::{Dispatcher, Service};
 use crate::protocol::{Action, Connection, Decision, Engine, Handle, LineBuf, Processor, Step};
 use durable::DurableRing;
 use op::{Op, conn_data, split_user_data, user_data, with_total_limit};
@@ -149,7 +149,7 @@ struct Worker<S: Service> {
     // Field order matters for drop: the ring goes before the buffers it points into.
     ring: IoUring,
     pool: BufferPool,
-    processor: Processor<S>,
+    processor: Processor<Dispatcher<S>>,
     engine: Engine,
     conns: Conns,
     /// The listener, its multishot accept, and the balancer connections are handed over by.
@@ -174,13 +174,10 @@ impl<S: Service> Worker<S> {
         let ring = build_ring().map_err(unavailable)?;
         let pool = BufferPool::new(&ring).map_err(unavailable)?;
         let limits = setup.config.limits;
-        let processor = {
-            let mut processor = Processor::new(setup.core, service, setup.stats, limits)
-                .with_executors(setup.exec)
-                .with_access(setup.access);
-            processor.enable_durable_ring();
-            processor
-        };
+        let dispatcher = Dispatcher::new(setup.core, setup.stats.cores(), service)
+            .with_executors(setup.exec)
+            .with_durable_ring();
+        let processor = Processor::new(setup.core, dispatcher, setup.stats, limits).with_access(setup.access);
         let wakeups = Wakeups::new().map_err(|source| WorkerError::Io {
             what: "cannot create the eventfd for deferred replies",
             source,
@@ -237,7 +234,8 @@ impl<S: Service> Worker<S> {
 
     fn serve(&mut self) -> io::Result<()> {
         loop {
-            self.durable.start(&mut self.ring, |kicks| self.processor.take_durable_kicks(kicks))?;
+            self.durable
+                .start(&mut self.ring, |kicks| self.processor.dispatcher().take_durable_kicks(kicks))?;
             self.queue_sends()?;
             self.pool.publish();
             // Durable I/O in flight reads its batch's bytes: the worker waits for it.

@@ -20,7 +20,7 @@ use super::tls::TlsConfig;
 pub const HELLO: u32 = 2;
 
 /// The shortest token accepted: 16 bytes, so a guess per connection gets nowhere.
-pub const MIN_TOKEN_BYTES: usize = 16;
+pub(crate) const MIN_TOKEN_BYTES: usize = 16;
 
 /// How connections are admitted: TLS on a TLS port, the token hello where one is set.
 #[derive(Clone, Default)]

@@ -8,19 +8,17 @@
 //! room for a long line's rest, it is lent to the backend as a [`LineBuf`] so the rest is
 //! read straight into it instead of being copied there piece by piece.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use simd_json::{Buffers, Tape};
 
 use super::connection::Limits;
 use super::deferred::{Deferred, Output};
+use super::error::HandlerResult;
 use super::frame::{content_len, find_newline, is_blank};
 use super::reply::{Reply, begin_ok, end_ok, write_error};
 use super::request::{CoreContext, Rejected, Request, decode};
-use crate::dispatch::{Ctx, HandlerResult, RESERVED_BELOW, Routes, Service};
-use crate::handlers::call_builtin;
 use crate::stats::{CoreStats, StatsRegistry};
 
 /// Readable bytes every receive buffer must have past its data (simd-json's SIMD reads).
@@ -207,7 +205,7 @@ impl Session {
 
 /// How a handler answers: now, into the connection's output ([`reply`](Self::reply)), or
 /// later, through a [`Deferred`] handle that holds the reply's place
-/// ([`defer`](Self::defer)). The [`Handler`](crate::dispatch::Handler) shapes pick one.
+/// ([`defer`](Self::defer)). The service layer's handler shapes pick one.
 pub struct Responder<'o> {
     out: &'o mut Output,
     /// Where the envelope of this reply began in the output's sink.
@@ -218,13 +216,9 @@ pub struct Responder<'o> {
 
 impl<'o> Responder<'o> {
     /// A responder whose reply's envelope begins at `start` in `out`'s sink; `deferred` is
-    /// set if the handler defers.
-    pub(crate) fn new(
-        out: &'o mut Output,
-        start: usize,
-        stats: &'o CoreStats,
-        deferred: &'o mut bool,
-    ) -> Self {
+    /// set if the handler defers. (The [`Processor`] makes one for each request; this is for
+    /// benches that time a handler alone.)
+    pub fn new(out: &'o mut Output, start: usize, stats: &'o CoreStats, deferred: &'o mut bool) -> Self {
         Self { out, start, stats, deferred }
     }
 
@@ -243,25 +237,43 @@ impl<'o> Responder<'o> {
     }
 }
 
-/// One core's protocol engine: parser buffers, the reused tape, the service `S` with this
-/// core's state.
-pub struct Processor<S: Service> {
+/// The service layer, as the core calls it: what runs the handler of a request. The core
+/// frames, parses and validates the request, checks the access policy, and encodes what the
+/// handler's work ends in (its data, its error, a 404 for no handler, a 504 past the
+/// request's deadline); the dispatcher picks the handler and runs it — and, since only it
+/// knows what it runs, times it and catches its panics. (hyper's `proto::h1::Dispatch` plays
+/// the same part between its connection machine and the user's service.)
+pub trait Dispatch {
+    /// Runs the handler of `request`'s cmdid, which answers through `responder` now or
+    /// defers. With `timed`, measures when it started and how long it ran.
+    fn dispatch(&self, request: &Request<'_, '_>, responder: Responder<'_>, timed: bool) -> Dispatched;
+}
+
+/// What [`Dispatch::dispatch`] did.
+#[derive(Debug)]
+pub struct Dispatched {
+    /// The handler's result (a panic is a 500 error); `None`: no handler has the cmdid.
+    pub result: Option<HandlerResult>,
+    /// When timed: when the handler started, and how long it ran.
+    pub ran: Option<(Instant, Duration)>,
+}
+
+/// One core's request processor: parser buffers, the reused tape, and the dispatcher `D`
+/// (the service with this core's state).
+pub struct Processor<D> {
     buffers: Buffers,
     tape: Tape<'static>,
     empty_params: Tape<'static>,
     context: CoreContext,
     limits: Limits,
     scratch: Vec<u8>,
-    service: Arc<S>,
-    local: S::Local,
+    dispatch: D,
     access: super::access::Access,
 }
 
-impl<S: Service> Processor<S> {
-    /// The engine for core `core` of `service`, counting into `stats`. Makes the core's state
-    /// ([`Service::local`]) on the calling thread.
-    pub fn new(core: usize, service: Arc<S>, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
-        let local = service.local(core);
+impl<D: Dispatch> Processor<D> {
+    /// The processor of core `core`, handing requests to `dispatch`, counting into `stats`.
+    pub fn new(core: usize, dispatch: D, stats: Arc<StatsRegistry>, limits: Limits) -> Self {
         Self {
             buffers: Buffers::new(4096),
             tape: Tape(Vec::with_capacity(64)),
@@ -269,8 +281,7 @@ impl<S: Service> Processor<S> {
             context: CoreContext::new(core, stats),
             limits,
             scratch: Vec::new(),
-            service,
-            local,
+            dispatch,
             access: super::access::Access::default(),
         }
     }
@@ -298,21 +309,9 @@ impl<S: Service> Processor<S> {
         conn
     }
 
-    /// Runs async and blocking handler work on `exec` (the server's) instead of executors
-    /// of this processor's own.
-    pub fn with_executors(mut self, exec: Arc<crate::exec::Executors>) -> Self {
-        self.context.set_executors(exec);
-        self
-    }
-
-    /// Durable appends run on the backend's ring, which takes the files to drive with
-    /// [`take_durable_kicks`](Self::take_durable_kicks) after each batch of events.
-    pub(crate) fn enable_durable_ring(&mut self) {
-        self.context.enable_durable_ring();
-    }
-
-    pub(crate) fn take_durable_kicks(&self, into: &mut Vec<Arc<crate::durable::Shared>>) {
-        self.context.take_durable_kicks(into);
+    /// The dispatcher.
+    pub fn dispatcher(&self) -> &D {
+        &self.dispatch
     }
 
     /// This core's counters.
@@ -655,14 +654,10 @@ impl<S: Service> Processor<S> {
                 return Some(400);
             }
         };
-        let cmdid = request.cmdid();
-        if let Some(acl) = self.access.tls.as_ref().and_then(|t| t.acl.as_deref())
-            && !acl.allows(request.identity(), cmdid)
-        {
-            let who = request.identity().unwrap_or("a caller without a client certificate");
-            write_error(out.sink(), 403, request.id(), format_args!("{who} may not call cmdid {cmdid}"));
-            return Some(403);
+        if let Some(code) = self.refused_by_acl(&request, out) {
+            return Some(code);
         }
+        let cmdid = request.cmdid();
         let sink = out.sink();
         let start = sink.len();
         begin_ok(sink, request.id());
@@ -673,118 +668,137 @@ impl<S: Service> Processor<S> {
         let metrics = self.stats().times_handlers();
         let debug = tracing::enabled!(tracing::Level::DEBUG);
         let timed = metrics || debug || self.limits.slow_request.is_some() || request.timeout().is_some();
-        let started = timed.then(Instant::now);
         let mut deferred = false;
-        let outcome = catch_unwind(AssertUnwindSafe(|| -> Option<HandlerResult> {
-            let responder = Responder { out: &mut *out, start, stats: self.stats(), deferred: &mut deferred };
-            if cmdid < RESERVED_BELOW {
-                call_builtin(cmdid, &request, responder.reply())
-            } else {
-                let ctx = Ctx::new(&self.service, &self.local, &self.context);
-                S::Routes::call(cmdid, &ctx, &request, responder)
-            }
-        }));
-        let handler_time = started.map(|started| started.elapsed());
-        if metrics && !deferred {
+        let responder = Responder { out: &mut *out, start, stats: self.stats(), deferred: &mut deferred };
+        let Dispatched { result, ran } = self.dispatch.dispatch(&request, responder, timed);
+        if metrics
+            && !deferred
+            && let Some(arrived) = out.now()
+        {
             // The reply's time in the server is observed when the send carrying it is done.
-            out.note_time(cmdid, out.now().unwrap_or_else(Instant::now));
+            out.note_time(cmdid, arrived);
         }
         let code = if deferred {
-            match outcome {
-                // Answered later, through the handle.
-                Ok(Some(Ok(()))) => None,
-                // An error returned at once is the answer; the handle, dropped or not, is
-                // ignored once the slot is answered.
-                outcome => {
-                    let mut line = Vec::new();
-                    let code = self.encode_outcome(outcome, &request, &mut line, 0, 0);
-                    out.answer_last(code, line, self.stats());
-                    None
-                }
-            }
-        } else {
-            let arrived = out.now();
+            self.answer_deferred_at_once(result, &request, out);
+            None
+        } else if self.past_deadline(&request, out.now(), ran) {
             let sink = out.sink();
-            // A deadline is also kept by a handler that answers at once: past it, the caller
-            // has given up, and a 504 says so rather than an answer nobody waits for.
-            let expired = match (request.timeout(), arrived, started, handler_time) {
-                (Some(timeout), Some(arrived), Some(started), Some(took)) => {
-                    started + took >= arrived + timeout
-                }
-                _ => false,
-            };
-            if expired {
-                sink.truncate(start);
-                let ms = request.timeout().unwrap_or_default().as_millis();
-                write_error(
-                    sink,
-                    504,
-                    request.id(),
-                    format_args!("deadline of {ms} ms passed before the handler answered"),
-                );
-                self.stats().deadline_expired();
-                Some(504)
-            } else {
-                Some(self.encode_outcome(outcome, &request, sink, start, data_start))
-            }
+            sink.truncate(start);
+            let ms = request.timeout().unwrap_or_default().as_millis();
+            write_error(
+                sink,
+                504,
+                request.id(),
+                format_args!("deadline of {ms} ms passed before the handler answered"),
+            );
+            self.stats().deadline_expired();
+            Some(504)
+        } else {
+            Some(self.encode_outcome(result, &request, out.sink(), start, data_start))
         };
-        if let Some(handler_time) = handler_time {
-            if metrics
-                && let Some(code) = code
-                && let Some(command) = self.stats().command(cmdid)
-            {
-                command.record(code, Some(handler_time));
-            }
-            let core = self.context.core();
-            let peer = peer.map(tracing::field::display);
-            // A deferred reply's code is not known yet.
-            let deferred = code.is_none();
-            let code = code.unwrap_or_default();
-            if self.limits.slow_request.is_some_and(|slow| handler_time >= slow) {
-                tracing::warn!(cmdid, code, deferred, core, peer, ?handler_time, "slow request");
-            } else if debug {
-                tracing::debug!(cmdid, code, deferred, core, peer, ?handler_time, "request");
-            }
+        if let Some((_, handler_time)) = ran {
+            self.record(cmdid, code, handler_time, metrics, debug, peer);
         }
         code
     }
 
-    /// Finishes the reply of a handler that ran (or the 404 of a cmdid none handles, or the
-    /// 500 of one that panicked); returns its code.
+    /// With an access policy, a caller that may not call the request's cmdid gets a 403.
+    fn refused_by_acl(&self, request: &Request<'_, '_>, out: &mut Output) -> Option<u16> {
+        let acl = self.access.tls.as_ref().and_then(|t| t.acl.as_deref())?;
+        let cmdid = request.cmdid();
+        if acl.allows(request.identity(), cmdid) {
+            return None;
+        }
+        let who = request.identity().unwrap_or("a caller without a client certificate");
+        write_error(out.sink(), 403, request.id(), format_args!("{who} may not call cmdid {cmdid}"));
+        Some(403)
+    }
+
+    /// A handler that deferred its reply: answered later through the handle, unless it
+    /// returned an error at once — that is the answer, in the reply's place (the handle,
+    /// dropped or not, is ignored once the place is answered).
+    fn answer_deferred_at_once(
+        &self,
+        result: Option<HandlerResult>,
+        request: &Request<'_, '_>,
+        out: &mut Output,
+    ) {
+        if let Some(Ok(())) = result {
+            return;
+        }
+        let mut line = Vec::new();
+        let code = self.encode_outcome(result, request, &mut line, 0, 0);
+        out.answer_last(code, line, self.stats());
+    }
+
+    /// Whether a handler that answered at once did so past its request's deadline: the
+    /// caller has given up, and a 504 says so rather than an answer nobody waits for.
+    fn past_deadline(
+        &self,
+        request: &Request<'_, '_>,
+        arrived: Option<Instant>,
+        ran: Option<(Instant, Duration)>,
+    ) -> bool {
+        match (request.timeout(), arrived, ran) {
+            (Some(timeout), Some(arrived), Some((started, took))) => started + took >= arrived + timeout,
+            _ => false,
+        }
+    }
+
+    /// Counts a timed request for its command (when metrics are served) and logs it: at warn
+    /// level past the slow-request threshold, at debug level otherwise.
+    fn record(
+        &self,
+        cmdid: u32,
+        code: Option<u16>,
+        handler_time: Duration,
+        metrics: bool,
+        debug: bool,
+        peer: Option<std::net::SocketAddr>,
+    ) {
+        if metrics
+            && let Some(code) = code
+            && let Some(command) = self.stats().command(cmdid)
+        {
+            command.record(code, Some(handler_time));
+        }
+        let core = self.context.core();
+        let peer = peer.map(tracing::field::display);
+        // A deferred reply's code is not known yet.
+        let deferred = code.is_none();
+        let code = code.unwrap_or_default();
+        if self.limits.slow_request.is_some_and(|slow| handler_time >= slow) {
+            tracing::warn!(cmdid, code, deferred, core, peer, ?handler_time, "slow request");
+        } else if debug {
+            tracing::debug!(cmdid, code, deferred, core, peer, ?handler_time, "request");
+        }
+    }
+
+    /// Finishes the reply of a handler that ran (or the 404 of a cmdid none handles);
+    /// returns its code.
     fn encode_outcome(
         &self,
-        outcome: std::thread::Result<Option<HandlerResult>>,
-        request: &crate::protocol::Request<'_, '_>,
+        result: Option<HandlerResult>,
+        request: &Request<'_, '_>,
         out: &mut Vec<u8>,
         start: usize,
         data_start: usize,
     ) -> u16 {
         let cmdid = request.cmdid();
-        match outcome {
-            Ok(Some(Ok(()))) => {
+        match result {
+            Some(Ok(())) => {
                 end_ok(out, data_start);
                 0
             }
-            Ok(Some(Err(e))) => {
+            Some(Err(e)) => {
                 out.truncate(start);
                 write_error(out, e.code(), request.id(), format_args!("{}", e.message()));
                 e.code()
             }
-            Ok(None) => {
+            None => {
                 out.truncate(start);
                 write_error(out, 404, request.id(), format_args!("unknown cmdid {cmdid}"));
                 404
-            }
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("non-string panic payload");
-                tracing::error!(cmdid, core = self.context.core(), "handler panicked: {what}");
-                out.truncate(start);
-                write_error(out, 500, request.id(), format_args!("handler for cmdid {cmdid} panicked"));
-                500
             }
         }
     }
@@ -792,7 +806,7 @@ impl<S: Service> Processor<S> {
 
 /// What is wrong with a line that is not JSON, in a reader's words (simd-json's error kinds
 /// are identifiers such as `InvalidNumber`).
-pub(crate) fn json_error(e: &simd_json::Error) -> &'static str {
+pub fn json_error(e: &simd_json::Error) -> &'static str {
     use simd_json::ErrorType as E;
     match e.error() {
         E::InvalidNumber | E::InvalidExponent | E::Overflow => {

@@ -14,43 +14,12 @@ use crate::stats::StatsRegistry;
 pub struct CoreContext {
     core: usize,
     stats: std::sync::Arc<StatsRegistry>,
-    exec: std::sync::Arc<crate::exec::Executors>,
-    /// On a backend that runs durable appends on its own ring: the files with appends to
-    /// start. `None`: each file runs them on a thread of its own.
-    durable_ring: Option<std::cell::RefCell<Vec<std::sync::Arc<crate::durable::Shared>>>>,
 }
 
 impl CoreContext {
-    pub(crate) fn new(core: usize, stats: std::sync::Arc<StatsRegistry>) -> Self {
-        let exec = crate::exec::Executors::new(crate::exec::ExecConfig::default(), stats.cores());
-        Self { core, stats, exec, durable_ring: None }
-    }
-
-    /// The backend runs durable appends on its ring: files with appends to start are listed
-    /// for it ([`take_durable_kicks`](Self::take_durable_kicks)).
-    pub(crate) fn enable_durable_ring(&mut self) {
-        self.durable_ring = Some(std::cell::RefCell::new(Vec::new()));
-    }
-
-    pub(crate) fn durable_ring(
-        &self,
-    ) -> Option<&std::cell::RefCell<Vec<std::sync::Arc<crate::durable::Shared>>>> {
-        self.durable_ring.as_ref()
-    }
-
-    /// Moves the files with appends to start into `into`.
-    pub(crate) fn take_durable_kicks(&self, into: &mut Vec<std::sync::Arc<crate::durable::Shared>>) {
-        if let Some(kicks) = &self.durable_ring {
-            into.append(&mut kicks.borrow_mut());
-        }
-    }
-
-    pub(crate) fn set_executors(&mut self, exec: std::sync::Arc<crate::exec::Executors>) {
-        self.exec = exec;
-    }
-
-    pub(crate) fn executors(&self) -> &crate::exec::Executors {
-        &self.exec
+    /// The context of core `core`, whose counters are in `stats`.
+    pub fn new(core: usize, stats: std::sync::Arc<StatsRegistry>) -> Self {
+        Self { core, stats }
     }
 
     /// Index of the core (worker thread) serving this request.
@@ -98,9 +67,9 @@ impl<'t, 'i> Request<'t, 'i> {
     /// (`&str` fields: zero copy, unless the string had escapes).
     ///
     /// # Errors
-    /// A 400 [`HandlerError`](crate::HandlerError) naming the field and what was wrong, e.g.
+    /// A 400 [`HandlerError`](crate::error::HandlerError) naming the field and what was wrong, e.g.
     /// `params.user.age: invalid type: string "x", expected u32`.
-    pub fn params<T: serde::Deserialize<'i>>(&self) -> Result<T, crate::HandlerError> {
+    pub fn params<T: serde::Deserialize<'i>>(&self) -> Result<T, crate::error::HandlerError> {
         super::params::from_value(self.params)
     }
 

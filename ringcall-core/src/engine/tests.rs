@@ -11,33 +11,10 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::*;
-use crate::protocol::{Limits, PADDING, Processor};
 use crate::stats::StatsRegistry;
+use crate::{Limits, PADDING, Processor};
 
-crate::routes! {
-    SimRoutes {
-        10000 => crate::handlers::echo,
-        3000 => later,
-    }
-}
-
-thread_local! {
-    /// Replies deferred by `later`, in request order, each with the connection it is for.
-    static HELD: std::cell::RefCell<Vec<crate::Deferred>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn later(
-    _: &crate::Ctx<'_, SimRoutes>,
-    _: &crate::Request<'_, '_>,
-    deferred: crate::Deferred,
-) -> crate::HandlerResult {
-    HELD.with(|held| held.borrow_mut().push(deferred));
-    Ok(())
-}
-
-fn take_held() -> Vec<crate::Deferred> {
-    HELD.with(|held| std::mem::take(&mut *held.borrow_mut()))
-}
+use crate::testing::{TestDispatch, held, hold};
 
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -95,7 +72,7 @@ struct Peer {
 /// A simulated backend with its peers.
 struct Sim {
     engine: Engine<u64>,
-    processor: Processor<SimRoutes>,
+    processor: Processor<TestDispatch>,
     stats: Arc<StatsRegistry>,
     t0: Instant,
     now: Instant,
@@ -120,7 +97,7 @@ impl Sim {
         let t0 = Instant::now();
         Self {
             engine: Engine::new(0, limits.max_connections_per_core, SHUTDOWN_TIMEOUT),
-            processor: Processor::new(0, Arc::new(SimRoutes), stats.clone(), limits),
+            processor: Processor::new(0, TestDispatch, stats.clone(), limits),
             stats,
             t0,
             now: t0,
@@ -276,12 +253,12 @@ impl Sim {
 
     /// Answers held deferred replies, the `pick`-th first (any order).
     fn answer(&mut self, pick: usize) {
-        let mut held = take_held();
+        let mut held = held();
         if held.is_empty() {
             return;
         }
         let deferred = held.remove(pick % held.len());
-        HELD.with(|h| h.borrow_mut().extend(held));
+        hold(held);
         deferred.ok(&"later");
         // The mailbox woke the driver: every connection takes its answers in.
         for index in 0..self.peers.len() {
@@ -376,7 +353,7 @@ fn admission_at_the_limit_refuses_with_a_503_and_counts_it() {
         assert!(sim.connect(None).is_some());
     }
     assert_eq!(sim.connect(None), None, "the fourth is over the limit of three");
-    assert_eq!(sim.refused, [crate::protocol::reply::TOO_MANY_CONNECTIONS.to_vec()]);
+    assert_eq!(sim.refused, [crate::reply::TOO_MANY_CONNECTIONS.to_vec()]);
     assert_eq!(sim.stats.total().rejected_connections, 1);
     assert_eq!(sim.stats.total().replies_with(503), 1);
     // A place frees: the next is served, in the freed place with a new generation.
@@ -481,7 +458,7 @@ fn the_shutdown_deadline_closes_what_is_left_and_the_core_finishes() {
     assert_eq!(sim.peers[a].closed, Some(CloseReason::ShutdownDeadline));
     assert!(sim.engine.finished());
     assert_eq!(sim.engine.poll_timeout(), None, "nothing left to wake for");
-    take_held();
+    held();
 }
 
 #[test]
@@ -676,7 +653,7 @@ proptest! {
     /// asks to be woken in the past (asserted at every timeout).
     #[test]
     fn every_peer_gets_exactly_its_replies_in_order(ops in proptest::collection::vec(op(), 1..120), split in any::<bool>()) {
-        take_held();
+        held();
         let mut sim = Sim::new(limits());
         sim.counts_at_once = split;
         sim.connect(None);
@@ -684,7 +661,7 @@ proptest! {
             sim.apply(op);
         }
         sim.quiesce();
-        take_held();
+        held();
         for (i, peer) in sim.peers.iter().enumerate() {
             let owed = peer.owed_lines.concat();
             match peer.closed {

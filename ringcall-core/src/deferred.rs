@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use simd_json::tape::Value;
 
 use super::reply::{Reply, begin_ok_raw, end_ok, write_error_raw, write_id};
-use crate::dispatch::{HandlerError, HandlerResult};
+use crate::error::{HandlerError, HandlerResult};
 use crate::stats::CoreStats;
 
 /// Where completed deferred replies of one connection wait for its core to take them.
@@ -163,15 +163,15 @@ impl Deferred {
         self.deadline
     }
 
-    /// Time left before the deadline (`None`: no deadline; zero: passed).
-    pub fn remaining(&self) -> Option<Duration> {
-        self.deadline.map(|at| at.saturating_duration_since(Instant::now()))
+    /// Time left at `now` before the deadline (`None`: no deadline; zero: passed).
+    pub fn remaining_at(&self, now: Instant) -> Option<Duration> {
+        self.deadline.map(|at| at.saturating_duration_since(now))
     }
 
-    /// Whether the deadline has passed: the caller already got a 504, and work for this
-    /// request can be skipped.
-    pub fn expired(&self) -> bool {
-        self.deadline.is_some_and(|at| at <= Instant::now())
+    /// Whether the deadline has passed at `now`: the caller already got a 504, and work for
+    /// this request can be skipped.
+    pub fn expired_at(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|at| at <= now)
     }
 
     /// Answers with the data `write` puts in the [`Reply`] (or its error).
@@ -421,23 +421,37 @@ impl Output {
         }
     }
 
-    pub(crate) fn set_now(&mut self, now: Instant) {
+    /// An output whose requests arrive at `now` (see [`set_now`](Self::set_now)).
+    pub fn at(now: Instant) -> Self {
+        let mut out = Self::default();
+        out.set_now(now);
+        out
+    }
+
+    /// The time of the receive whose requests are being handled: when their replies'
+    /// deadlines and times in the server start. The connection sets it for each receive.
+    pub fn set_now(&mut self, now: Instant) {
         self.now = Some(now);
     }
 
-    pub(crate) fn now(&self) -> Option<Instant> {
+    /// The time of the receive being handled ([`set_now`](Self::set_now)).
+    pub fn now(&self) -> Option<Instant> {
         self.now
     }
 
-    /// Reserves the next reply's place for a handler that answers later.
-    pub(crate) fn defer(
+    /// Reserves the next reply's place for a handler that answers later (handlers get theirs
+    /// through [`Responder::defer`](crate::Responder::defer)).
+    ///
+    /// # Panics
+    /// If the time of the receive was never set ([`set_now`](Self::set_now)).
+    pub fn defer(
         &mut self,
         cmdid: u32,
         id: Option<Value<'_, '_>>,
         timeout: Option<Duration>,
         stats: &CoreStats,
     ) -> Deferred {
-        let arrived = self.now.unwrap_or_else(Instant::now);
+        let arrived = self.now.expect("the time of the receive is set before its requests are handled");
         let deferrals = self.deferred.get_or_insert_with(|| {
             Box::new(Deferrals {
                 mailbox: Mailbox::new(),
@@ -508,7 +522,7 @@ impl Output {
     /// Takes the completions waiting in the mailbox into their slots, then moves every
     /// answered reply at the head (and what follows it) to the ready bytes. Returns whether
     /// anything became ready.
-    pub(crate) fn take_completions(&mut self, stats: &CoreStats) -> bool {
+    pub fn take_completions(&mut self, stats: &CoreStats) -> bool {
         let Some(d) = self.deferred.as_deref_mut() else { return false };
         d.mailbox.take(&mut d.taken);
         let mut taken = std::mem::take(&mut d.taken);

@@ -21,8 +21,8 @@ use std::mem;
 use std::time::{Duration, Instant};
 
 use super::deferred::{Mailbox, Output};
+use super::session::Dispatch;
 use super::session::{Flow, Processor, Session};
-use crate::dispatch::Service;
 use crate::stats::CoreStats;
 
 /// Default longest request line, in bytes, not counting the `\n`.
@@ -200,10 +200,10 @@ impl Tls {
     /// Decrypts `received` and feeds the plaintext to the protocol session. Returns the
     /// flow and whether the peer closed the TLS session (`close_notify`); `Err` when the
     /// bytes are not TLS or the handshake failed.
-    fn receive<S: Service>(
+    fn receive<D: Dispatch>(
         &mut self,
         mut received: &[u8],
-        processor: &mut Processor<S>,
+        processor: &mut Processor<D>,
         session: &mut Session,
         out: &mut Output,
     ) -> Result<(Flow, bool), rustls::Error> {
@@ -531,9 +531,9 @@ impl Connection {
     /// `buf[..len]` was received (`buf` extends [`super::PADDING`] bytes past `len`): every
     /// complete request in it is answered into the output. Pauses reading once the connection
     /// holds more than `max_pending_output` reply bytes.
-    pub fn on_recv<S: Service>(
+    pub fn on_recv<D: Dispatch>(
         &mut self,
-        processor: &mut Processor<S>,
+        processor: &mut Processor<D>,
         buf: &mut [u8],
         len: usize,
         now: Instant,
@@ -591,9 +591,9 @@ impl Connection {
     /// A lent line buffer comes back with what its read brought (nothing, if it failed or
     /// met the peer's FIN: report those after this). Every request it completes is answered,
     /// as by [`on_recv`](Self::on_recv).
-    pub fn on_line_recv<S: Service>(
+    pub fn on_line_recv<D: Dispatch>(
         &mut self,
-        processor: &mut Processor<S>,
+        processor: &mut Processor<D>,
         line: super::LineBuf,
         now: Instant,
     ) {
@@ -781,53 +781,21 @@ mod tests {
     use crate::stats::StatsRegistry;
     use std::sync::Arc;
 
-    crate::routes! {
-        Echo {
-            10000 => crate::handlers::echo,
-            3000 => later,
-            3001 => defer_then_fail,
-        }
-    }
-
-    thread_local! {
-        /// Handles of the replies deferred by `later`, in request order.
-        static HELD: std::cell::RefCell<Vec<crate::Deferred>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-
-    fn later(
-        _: &crate::Ctx<'_, Echo>,
-        _: &crate::Request<'_, '_>,
-        deferred: crate::Deferred,
-    ) -> crate::HandlerResult {
-        HELD.with(|held| held.borrow_mut().push(deferred));
-        Ok(())
-    }
-
-    fn defer_then_fail(
-        _: &crate::Ctx<'_, Echo>,
-        _: &crate::Request<'_, '_>,
-        _deferred: crate::Deferred,
-    ) -> crate::HandlerResult {
-        Err(crate::HandlerError::bad_request("no such thing"))
-    }
-
-    fn held() -> Vec<crate::Deferred> {
-        HELD.with(|held| std::mem::take(&mut *held.borrow_mut()))
-    }
+    use crate::testing::{TestDispatch, held};
 
     const ECHO_LINE: &[u8] = b"{\"cmdid\":10000,\"params\":{\"x\":\"0123456789\"}}\n";
     const ECHO_REPLY: &[u8] = b"{\"code\":0,\"data\":{\"x\":\"0123456789\"}}\n";
 
     struct Fixture {
         stats: Arc<StatsRegistry>,
-        processor: Processor<Echo>,
+        processor: Processor<TestDispatch>,
         t0: Instant,
     }
 
     impl Fixture {
         fn new(limits: Limits) -> (Self, Connection) {
             let stats = StatsRegistry::new(1);
-            let processor = Processor::new(0, Arc::new(Echo), stats.clone(), limits);
+            let processor = Processor::new(0, TestDispatch, stats.clone(), limits);
             let t0 = Instant::now();
             let conn = Connection::new(limits, t0, stats.core(0));
             (Self { stats, processor, t0 }, conn)
@@ -1291,7 +1259,7 @@ mod tests {
         let stats = StatsRegistry::with_commands(1, &[0, 10000, 3000]);
         stats.time_handlers();
         let mut f = Fixture {
-            processor: Processor::new(0, Arc::new(Echo), stats.clone(), limits()),
+            processor: Processor::new(0, TestDispatch, stats.clone(), limits()),
             stats,
             t0: Instant::now(),
         };

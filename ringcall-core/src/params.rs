@@ -10,7 +10,7 @@ use simd_json::ValueType;
 use simd_json::prelude::*;
 use simd_json::tape::Value;
 
-use crate::dispatch::HandlerError;
+use crate::error::HandlerError;
 
 /// Deserializes `T` from `params`; a failure is a 400 naming the field.
 pub(crate) fn from_value<'i, T: de::Deserialize<'i>>(params: Value<'_, 'i>) -> Result<T, HandlerError> {
@@ -227,7 +227,7 @@ mod tests {
         ratio: f64,
     }
 
-    fn parse<T: for<'de> FnOnce(Result<Params<'de>, crate::HandlerError>)>(json: &str, check: T) {
+    fn parse<T: for<'de> FnOnce(Result<Params<'de>, crate::error::HandlerError>)>(json: &str, check: T) {
         let mut bytes = json.as_bytes().to_vec();
         let len = bytes.len();
         bytes.resize(len + simd_json::INPUT_PADDING, 0);

@@ -10,11 +10,11 @@ use simd_json::ValueType;
 use simd_json::prelude::*;
 use simd_json::tape::Value;
 
-use crate::dispatch::HandlerError;
+use crate::error::HandlerError;
 
 /// The reply line a connection gets when its core is at `max_connections_per_core`, just
 /// before it is closed.
-pub const TOO_MANY_CONNECTIONS: &[u8] =
+pub(crate) const TOO_MANY_CONNECTIONS: &[u8] =
     b"{\"code\":503,\"error\":\"too many connections on this core; retry later\"}\n";
 
 /// Writes `s` as the contents of a JSON string (without the surrounding quotes).
