@@ -9,8 +9,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ringcall::bench_support::{Dispatcher, reply, with_request};
-use ringcall::protocol::PADDING;
 use ringcall::{HandlerResult, Reply, Request, Routes, Service};
+use ringcall_core::PADDING;
 
 fn answer(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
     reply.u64(u64::from(request.cmdid()));

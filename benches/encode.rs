@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ringcall::bench_support::{encode_ok, with_request};
-use ringcall::protocol::PADDING;
+use ringcall_core::PADDING;
 
 fn bench(c: &mut Criterion, name: &str, request: &str) {
     let mut line = request.as_bytes().to_vec();

@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ringcall::protocol::{PADDING, frame};
+use ringcall_core::{PADDING, frame};
 
 /// A 256 KiB receive buffer (plus padding) filled with lines of `line_len` bytes.
 fn buffer(line_len: usize) -> Vec<u8> {

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ringcall::dispatch::Dispatcher;
-use ringcall::protocol::{Connection, Limits, PADDING, Processor};
+use ringcall::Dispatcher;
 use ringcall::stats::StatsRegistry;
 use ringcall::{Ctx, Deferred, HandlerResult, Request};
+use ringcall_core::{Connection, Limits, PADDING, Processor};
 
 struct Shapes;
 

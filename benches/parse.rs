@@ -12,8 +12,8 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ringcall::protocol::PADDING;
 use ringcall::simd_json::{self, Buffers, Tape};
+use ringcall_core::PADDING;
 
 const SEED: &str =
     "{\"cmdid\": 10000, \"timestamp\": 1437300000, \"params\": {\"content\": \"Hello world!\"}}";

@@ -6,7 +6,7 @@
 //! `request_sizes` sends one echo request of 1 KiB to 1 MiB through the core: in one receive
 //! buffer, and arriving in 16 KiB reads, either each copied into the line's carry buffer
 //! (`pieces_pooled`, as every backend did before lending) or, once the carry buffer has room,
-//! read straight into it (`pieces_lent`, [`ringcall::protocol::LineBuf`]). Throughput is bytes.
+//! read straight into it (`pieces_lent`, [`ringcall_core::LineBuf`]). Throughput is bytes.
 //!
 //! Each iteration first copies the request bytes into one reused receive buffer, inside the
 //! timed routine: that stands for the kernel's copy into the server's receive buffer, and it
@@ -19,9 +19,9 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::sync::Arc;
 
-use ringcall::dispatch::Dispatcher;
-use ringcall::protocol::{Limits, Output, PADDING, Processor, Session};
+use ringcall::Dispatcher;
 use ringcall::stats::StatsRegistry;
+use ringcall_core::{Limits, Output, PADDING, Processor, Session};
 
 const SEED: &[u8] =
     b"{\"cmdid\": 10000, \"timestamp\": 1437300000, \"params\": {\"content\": \"Hello world!\"}}\n";

@@ -1,16 +1,16 @@
 //! Hooks for the criterion benches in `benches/` (not a stable API): build a [`Request`] and a
-//! [`Reply`] exactly the way the protocol core does, so one stage can be timed alone.
+//! reply exactly the way the protocol core does, so one stage can be timed alone.
 
 use std::sync::Arc;
 
 use crate::HandlerResult;
 use crate::dispatch::{Ctx, Routes, Service, Services};
-use crate::protocol::{CoreContext, Output, Request, Responder};
 use crate::stats::StatsRegistry;
+use ringcall_core::{CoreContext, Output, Request, Responder};
 
-pub use crate::protocol::bench::{encode_ok, with_request};
+pub use ringcall_core::bench::{encode_ok, with_request};
 
-pub use crate::protocol::bench::reply;
+pub use ringcall_core::bench::reply;
 
 /// A service's table with one core's state, to time dispatch alone.
 pub struct Dispatcher<S: Service> {

@@ -93,11 +93,11 @@ impl Call {
         Self { cmdid, params: None }
     }
 
-    /// The hello presenting `token` ([`HelloToken`](crate::protocol::HelloToken)).
-    pub fn hello(token: &crate::protocol::HelloToken) -> Self {
+    /// The hello presenting `token` ([`HelloToken`](ringcall_core::HelloToken)).
+    pub fn hello(token: &ringcall_core::HelloToken) -> Self {
         let mut params = simd_json::owned::Object::new();
         params.insert("token".into(), OwnedValue::from(token.as_str()));
-        Self { cmdid: crate::protocol::HELLO, params: Some(OwnedValue::from(params)) }
+        Self { cmdid: ringcall_core::HELLO, params: Some(OwnedValue::from(params)) }
     }
 
     /// A call whose params are given as JSON text (must be an object).
@@ -110,7 +110,7 @@ impl Call {
             ClientError::Params(format!(
                 "{params:?} is not JSON (at byte {}: {}); write an object such as '{{\"name\":\"value\"}}'",
                 e.index(),
-                crate::protocol::json_error(&e)
+                ringcall_core::json_error(&e)
             ))
         })?;
         if !value.is_object() {
@@ -240,8 +240,8 @@ pub struct Client {
     timeout: Duration,
     reader: BufReader<Stream>,
     wire: Wire,
-    tls: Option<crate::protocol::ClientTls>,
-    token: Option<crate::protocol::HelloToken>,
+    tls: Option<ringcall_core::ClientTls>,
+    token: Option<ringcall_core::HelloToken>,
 }
 
 /// The blocking client's connection: plain TCP, or TLS over it.
@@ -301,7 +301,7 @@ impl Client {
         Self::connect_with(addr, timeout, None)
     }
 
-    /// Connects over TLS ([`ClientTls`](crate::protocol::ClientTls): the CA to trust, the
+    /// Connects over TLS ([`ClientTls`](ringcall_core::ClientTls): the CA to trust, the
     /// server's name, the client's certificate for mutual TLS); `timeout` bounds the
     /// connection and every reply.
     ///
@@ -311,7 +311,7 @@ impl Client {
     pub fn connect_tls(
         addr: &str,
         timeout: Duration,
-        tls: crate::protocol::ClientTls,
+        tls: ringcall_core::ClientTls,
     ) -> Result<Self, ClientError> {
         Self::connect_with(addr, timeout, Some(tls))
     }
@@ -319,7 +319,7 @@ impl Client {
     fn connect_with(
         addr: &str,
         timeout: Duration,
-        tls: Option<crate::protocol::ClientTls>,
+        tls: Option<ringcall_core::ClientTls>,
     ) -> Result<Self, ClientError> {
         let addr = resolve(addr)?;
         let stream = Self::open(addr, timeout, tls.as_ref())?;
@@ -329,7 +329,7 @@ impl Client {
     fn open(
         addr: SocketAddr,
         timeout: Duration,
-        tls: Option<&crate::protocol::ClientTls>,
+        tls: Option<&ringcall_core::ClientTls>,
     ) -> Result<Stream, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_string(), source };
         let stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
@@ -365,13 +365,13 @@ impl Client {
     /// # Errors
     /// The server refused the token (`Server { code: 401, .. }`; it closes the connection),
     /// or the connection failed.
-    pub fn with_token(mut self, token: crate::protocol::HelloToken) -> Result<Self, ClientError> {
+    pub fn with_token(mut self, token: ringcall_core::HelloToken) -> Result<Self, ClientError> {
         self.hello(&token)?;
         self.token = Some(token);
         Ok(self)
     }
 
-    fn hello(&mut self, token: &crate::protocol::HelloToken) -> Result<(), ClientError> {
+    fn hello(&mut self, token: &ringcall_core::HelloToken) -> Result<(), ClientError> {
         self.send(&Call::hello(token))?.into_result().map(drop)
     }
 
@@ -435,8 +435,8 @@ pub struct AsyncClient {
     timeout: Duration,
     stream: tokio::io::BufStream<Box<dyn AsyncIo>>,
     wire: Wire,
-    tls: Option<crate::protocol::ClientTls>,
-    token: Option<crate::protocol::HelloToken>,
+    tls: Option<ringcall_core::ClientTls>,
+    token: Option<ringcall_core::HelloToken>,
 }
 
 /// The async client's connection: plain TCP, or TLS over it.
@@ -468,7 +468,7 @@ impl AsyncClient {
     pub async fn connect_tls(
         addr: &str,
         timeout: Duration,
-        tls: crate::protocol::ClientTls,
+        tls: ringcall_core::ClientTls,
     ) -> Result<Self, ClientError> {
         Self::connect_with(addr, timeout, Some(tls)).await
     }
@@ -476,7 +476,7 @@ impl AsyncClient {
     async fn connect_with(
         addr: &str,
         timeout: Duration,
-        tls: Option<crate::protocol::ClientTls>,
+        tls: Option<ringcall_core::ClientTls>,
     ) -> Result<Self, ClientError> {
         let addr = resolve(addr)?;
         let stream = Self::open(addr, timeout, tls.as_ref()).await?;
@@ -486,7 +486,7 @@ impl AsyncClient {
     async fn open(
         addr: SocketAddr,
         timeout: Duration,
-        tls: Option<&crate::protocol::ClientTls>,
+        tls: Option<&ringcall_core::ClientTls>,
     ) -> Result<tokio::io::BufStream<Box<dyn AsyncIo>>, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_string(), source };
         let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
@@ -527,13 +527,13 @@ impl AsyncClient {
     ///
     /// # Errors
     /// As [`Client::with_token`].
-    pub async fn with_token(mut self, token: crate::protocol::HelloToken) -> Result<Self, ClientError> {
+    pub async fn with_token(mut self, token: ringcall_core::HelloToken) -> Result<Self, ClientError> {
         self.hello(&token).await?;
         self.token = Some(token);
         Ok(self)
     }
 
-    async fn hello(&mut self, token: &crate::protocol::HelloToken) -> Result<(), ClientError> {
+    async fn hello(&mut self, token: &ringcall_core::HelloToken) -> Result<(), ClientError> {
         self.send(&Call::hello(token)).await?.into_result().map(drop)
     }
 

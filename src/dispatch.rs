@@ -21,9 +21,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::protocol::{CoreContext, Deferred, Dispatch, Dispatched, Reply, Request, Responder};
 use crate::stats::StatsRegistry;
 use crate::{HandlerError, HandlerResult};
+use ringcall_core::{CoreContext, Deferred, Dispatch, Dispatched, Reply, Request, Responder};
 
 /// cmdids below this are reserved for the built-in commands (ping, stats, …) that every
 /// ringcall server answers itself.
@@ -82,7 +82,7 @@ impl Services {
 }
 
 /// A service's side of the core: the [`Dispatch`] a core's
-/// [`Processor`](crate::protocol::Processor) hands each request to. It answers the built-in
+/// [`Processor`](ringcall_core::Processor) hands each request to. It answers the built-in
 /// commands (ping, stats, the hello) itself and the rest from the service's table, with this
 /// core's state ([`Service::local`]); it times the handler when asked and turns a panic
 /// into a 500.
@@ -200,7 +200,7 @@ impl<'a, S: Service> Ctx<'a, S> {
 
     /// Answers `deferred` with what `work` returns, run as a tokio task: on this core's own
     /// runtime on the tokio backends, on the server's async runtime on `uring` (see
-    /// [`exec`](crate::exec)). The core goes on serving while it runs. If the request set
+    /// [`ExecConfig`](crate::ExecConfig)). The core goes on serving while it runs. If the request set
     /// `timeout_ms`, the task is dropped when it passes (the caller gets a 504).
     pub fn spawn<T, F>(&self, deferred: Deferred, work: F)
     where
@@ -446,7 +446,7 @@ macro_rules! routes {
         #[derive(Debug, Clone, Copy, Default)]
         $vis struct $name;
 
-        impl $crate::dispatch::Service for $name {
+        impl $crate::__private::Service for $name {
             type Routes = $name;
             type Local = ();
 
@@ -456,28 +456,28 @@ macro_rules! routes {
         $crate::routes!(@table $name, $name, $($cmdid => $handler),*);
     };
     (@table $name:ident, $service:ty, $($cmdid:literal => $handler:path),*) => {
-        impl $crate::dispatch::Routes<$service> for $name {
+        impl $crate::__private::Routes<$service> for $name {
             const CMDIDS: &'static [u32] = &[$($cmdid),*];
 
             #[inline]
             #[deny(unreachable_patterns)]
             fn call(
                 cmdid: u32,
-                ctx: &$crate::dispatch::Ctx<'_, $service>,
-                request: &$crate::Request<'_, '_>,
-                responder: $crate::protocol::Responder<'_>,
-            ) -> ::core::option::Option<$crate::HandlerResult> {
+                ctx: &$crate::__private::Ctx<'_, $service>,
+                request: &$crate::__private::Request<'_, '_>,
+                responder: $crate::__private::Responder<'_>,
+            ) -> ::core::option::Option<$crate::__private::HandlerResult> {
                 match cmdid {
                     $($cmdid => ::core::option::Option::Some(
-                        $crate::dispatch::call_handler($handler, ctx, request, responder)
+                        $crate::__private::call_handler($handler, ctx, request, responder)
                     ),)*
                     _ => ::core::option::Option::None,
                 }
             }
         }
 
-        const _: () = $crate::dispatch::check_cmdids(
-            <$name as $crate::dispatch::Routes<$service>>::CMDIDS,
+        const _: () = $crate::__private::check_cmdids(
+            <$name as $crate::__private::Routes<$service>>::CMDIDS,
         );
     };
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::HandlerError;
-use crate::protocol::Deferred;
+use ringcall_core::Deferred;
 
 /// Where an acknowledged append lies in its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -370,8 +370,8 @@ fn sync_thread(shared: &Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Output;
     use crate::stats::StatsRegistry;
+    use ringcall_core::Output;
 
     /// Appends `n` records through `commit`, each answered into `out`.
     fn append(commit: &mut GroupCommit, out: &mut Output, stats: &StatsRegistry, record: &[u8]) {

@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::HandlerError;
-use crate::protocol::Deferred;
+use ringcall_core::Deferred;
 
 /// Sizes of the async runtime and the blocking pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ fn take_jobs(rx: &Mutex<Receiver<Job>>) {
 }
 
 /// The server's async runtime (for `uring`) and blocking pool, started when first used.
-pub struct Executors {
+pub(crate) struct Executors {
     config: ExecConfig,
     workers: usize,
     runtime: OnceLock<tokio::runtime::Runtime>,
@@ -97,7 +97,7 @@ impl std::fmt::Debug for Executors {
 
 impl Executors {
     /// Executors for a server of `workers` worker threads.
-    pub fn new(config: ExecConfig, workers: usize) -> Arc<Self> {
+    pub(crate) fn new(config: ExecConfig, workers: usize) -> Arc<Self> {
         Arc::new(Self { config, workers, runtime: OnceLock::new(), blocking: OnceLock::new() })
     }
 

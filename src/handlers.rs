@@ -4,16 +4,16 @@
 //! can route it.
 
 use crate::HandlerResult;
-use crate::protocol::{ObjectWriter, Reply, Request};
 use crate::stats::{COUNTED_CODES, StatsSnapshot};
+use ringcall_core::{ObjectWriter, Reply, Request};
 
 /// cmdid of [`ping`].
-pub const PING: u32 = 0;
+pub const PING: u32 = ringcall_core::PING;
 /// cmdid of [`stats`].
 pub const STATS: u32 = 1;
-/// cmdid of the token hello ([`HelloToken`](crate::protocol::HelloToken)): checked by the core
+/// cmdid of the token hello ([`HelloToken`](ringcall_core::HelloToken)): checked by the core
 /// before a connection is admitted, answered `"hello"` afterwards and where no token is set.
-pub const HELLO: u32 = crate::protocol::HELLO;
+pub const HELLO: u32 = ringcall_core::HELLO;
 /// cmdid of [`echo`] in the shipped server.
 pub const ECHO: u32 = 10000;
 

@@ -28,69 +28,91 @@
 //!
 //! # Layout
 //!
-//! - [`protocol`]: the sans-I/O core. [`protocol::frame`] splits lines with memchr,
-//!   [`protocol::request`] reads the envelope off simd-json's tape, [`protocol::reply`]
-//!   encodes replies, [`protocol::session`] turns received bytes into reply bytes, and
-//!   [`protocol::connection`] holds every rule of a connection — backpressure, deadlines,
-//!   FIN and linger, draining, the connection limit — as one state machine every backend
-//!   drives; [`protocol::tls`] (TLS, mutual TLS, certificate reload) and [`protocol::acl`]
-//!   (which client identity may call what) sit in it too.
-//! - [`dispatch`]: services ([`Service`]: shared and per-core state), the [`Routes`] trait,
-//!   the [`routes!`] macro (compile-time tables), the handler shapes and their [`Ctx`].
-//! - [`protocol::deferred`]: replies answered later ([`Deferred`]), kept in request order.
-//! - [`durable`]: durable appends with group commit ([`durable::AppendFile`]), on the ring on
-//!   `uring`.
-//! - [`exec`]: where async and blocking handler work runs (a tokio runtime, a bounded
-//!   blocking pool).
-//! - [`handlers`]: the built-in commands (ping, stats, echo); the processor answers the
-//!   first two for every service, and any table can route echo.
-//! - [`stats`]: per-core counters (and per command: replies by code, handler time, time in
-//!   the server), merged on read.
-//! - [`metrics`]: those counters as Prometheus metrics, and a `/metrics` endpoint on its own
-//!   thread.
-//! - [`server`]: configuration, the builder, start-up and shutdown fan-out.
-//! - `signals`: graceful shutdown on SIGINT/SIGTERM for every server of the process (on by
-//!   default, [`ServerBuilder::handle_signals`]).
-//! - [`backend`]: the I/O drivers that turn the connection machine's answers into system
-//!   calls: `uring` (native io_uring), `tokio_uring`, `epoll`, `epoll_mt` and the connection
-//!   loop the epoll drivers share; [`backend::worker`], the contract between the server and a
-//!   worker thread; [`backend::sys`], sockets and fds (socket2, rustix), affinity, limits.
-//! - [`client`]: blocking and async clients with pipelining and id correlation.
-//! - [`pool`]: a client pool over several servers (balancing, failover, safe retries,
-//!   deadlines, endpoint discovery).
-//! - `bench_support`: hooks the criterion benches use to time one stage alone (hidden).
+//! Three crates, layered so the compiler keeps them apart:
+//!
+//! - [`ringcall_core`] (re-exported here in part): the sans-I/O core — framing, parsing,
+//!   [`Request`], [`Reply`], [`Deferred`], the connection machine and the per-core engine.
+//!   It has no runtime, no sockets and no clock, and it cannot name anything of this crate:
+//!   it calls the service layer through its `Dispatch` trait.
+//! - `ringcall-sys` (internal): the system calls the backends and the command-line tools share.
+//! - `ringcall` (this crate), with two cargo features, both on by default:
+//!   - `server`: the [`Server`] and its [`Backend`]s, services ([`Service`], [`routes!`],
+//!     [`Ctx`], the handler shapes), where async and blocking work runs ([`ExecConfig`]),
+//!     durable appends ([`durable`]), the built-in commands ([`handlers`]), Prometheus
+//!     [`metrics`], graceful shutdown on signals. A program that only calls services leaves
+//!     it out, and with it io_uring, tokio-uring and the metrics encoder.
+//!   - `client`: the blocking and async clients ([`client`]) and the pool over several servers
+//!     with discovery ([`pool`]). A server that never calls out leaves it out, and with it
+//!     the DNS resolver.
+//!
+//! Public here is what a service author or a caller uses, each item at one path: the root
+//! holds the server, services, requests and replies, TLS and limits; the modules `client`,
+//! `pool`, `durable`, `handlers`, `metrics` and `stats` are namespaces of their own. The
+//! backends, the dispatcher's internals and the executors are private. Hooks for the
+//! criterion benches (`bench_support`) are hidden and not a stable API.
 //!
 //! The `ringcall` command (`serve`, `call`, `bench`, `compare`) and its load generator live
 //! in the `ringcall-cli` member of the workspace, not in this library; services written on it
 //! as a user would are in the `ringcall-examples` member (`examples/`). Design notes live in
 //! `docs/architecture.md`; the wire format in `docs/protocol.md`.
 
-pub mod backend;
+#[cfg(feature = "server")]
+mod backend;
+#[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod bench_support;
+#[cfg(feature = "client")]
 pub mod client;
-pub mod dispatch;
+#[cfg(feature = "server")]
+mod dispatch;
+#[cfg(feature = "server")]
 pub mod durable;
-pub mod exec;
+#[cfg(feature = "server")]
+mod exec;
+#[cfg(feature = "server")]
 pub mod handlers;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "client")]
 pub mod pool;
-/// The sans-I/O core ([`ringcall_core`]).
-pub use ringcall_core as protocol;
-pub mod server;
+#[cfg(feature = "server")]
+mod server;
+#[cfg(feature = "server")]
 mod signals;
-pub use ringcall_core::stats;
 
-// `LineBuf::target` is a `bytes::BufMut`.
+pub use ringcall_core::stats;
+pub use ringcall_core::{
+    Acl, AclError, ArrayWriter, ClientTls, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE,
+    DEFAULT_MAX_DEFERRED, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Deferred, HandlerError,
+    HandlerResult, HelloToken, Limits, ObjectWriter, Reply, Request, TlsConfig, TlsError, TokenError,
+};
+
+#[cfg(feature = "server")]
+pub use backend::Backend;
+#[cfg(feature = "server")]
+pub use backend::worker::WorkerError;
+#[cfg(feature = "server")]
+pub use dispatch::{Ctx, Dispatcher, Handler, NoRoutes, RESERVED_BELOW, Routes, Service, shape};
+#[cfg(feature = "server")]
+pub use exec::{DEFAULT_BLOCKING_QUEUE, ExecConfig};
+#[cfg(feature = "server")]
+pub use server::{DEFAULT_ADDR, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper};
+
+// Crates whose types are in this API: `LineBuf::target` is a `bytes::BufMut`, requests are
+// simd-json values, TLS is rustls.
 pub use bytes;
-pub use dispatch::{Ctx, Handler, NoRoutes, Routes, Service};
-pub use protocol::{Deferred, Reply, Request};
-pub use ringcall_core::{HandlerError, HandlerResult};
 pub use rustls;
-pub use server::{Backend, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle, Stopper};
 pub use simd_json;
 
+/// What [`routes!`] expands to (not a stable API).
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::dispatch::{Ctx, Routes, Service, call_handler, check_cmdids};
+    pub use ringcall_core::{HandlerResult, Request, Responder};
+}
+
 /// The README's Rust examples, compiled as doc tests so they stay true.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "server", feature = "client"))]
 #[doc = include_str!("../README.md")]
 mod readme {}

@@ -8,15 +8,15 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use crate::backend::Backend;
+pub(crate) use crate::backend::Backend;
 use crate::backend::worker::{StopSignal, WorkerConfig, WorkerError, WorkerSetup};
 use crate::backend::{self, sys};
 use crate::dispatch::{Routes, Service};
 use crate::exec::{ExecConfig, Executors};
 use crate::handlers;
-use crate::protocol::Limits;
 use crate::signals;
 use crate::stats::StatsRegistry;
+use ringcall_core::Limits;
 
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
@@ -39,14 +39,14 @@ pub struct ServerConfig {
     /// The async runtime and blocking pool of handlers that use them.
     pub exec: ExecConfig,
     /// Serve TLS with this certificate and key (`None`: plain TCP).
-    pub tls: Option<crate::protocol::TlsConfig>,
-    /// Hand each new connection to the core holding the fewest ([`balance`]
-    /// (crate::backend::balance)), instead of serving it where the kernel's `SO_REUSEPORT`
+    pub tls: Option<ringcall_core::TlsConfig>,
+    /// Hand each new connection to the core holding the fewest (connection balancing, see
+    /// `docs/architecture.md`), instead of serving it where the kernel's `SO_REUSEPORT`
     /// hash put it. On by default; `epoll-mt` balances by moving tasks instead.
     pub balance_connections: bool,
     /// Admit a connection only after its first line presents this token
-    /// ([`HelloToken`](crate::protocol::HelloToken)); `None`: no hello is asked for.
-    pub token: Option<crate::protocol::HelloToken>,
+    /// ([`HelloToken`](ringcall_core::HelloToken)); `None`: no hello is asked for.
+    pub token: Option<ringcall_core::HelloToken>,
 }
 
 /// The default listen address.
@@ -239,8 +239,8 @@ impl ServerBuilder {
     }
 
     /// Serves TLS on every connection, with this certificate and key
-    /// ([`TlsConfig::from_pem_files`](crate::protocol::TlsConfig::from_pem_files)).
-    pub fn tls(mut self, tls: crate::protocol::TlsConfig) -> Self {
+    /// ([`TlsConfig::from_pem_files`](ringcall_core::TlsConfig::from_pem_files)).
+    pub fn tls(mut self, tls: ringcall_core::TlsConfig) -> Self {
         self.config.tls = Some(tls);
         self
     }
@@ -248,7 +248,7 @@ impl ServerBuilder {
     /// Admits a connection only once its first line is the hello presenting `token`: for
     /// plain TCP on one host, where it keeps out whoever lacks the secret. It crosses the
     /// wire in clear text: across hosts, use [`tls`](Self::tls) with client certificates.
-    pub fn token(mut self, token: crate::protocol::HelloToken) -> Self {
+    pub fn token(mut self, token: ringcall_core::HelloToken) -> Self {
         self.config.token = Some(token);
         self
     }
@@ -303,7 +303,7 @@ impl ServerBuilder {
             self.config.addr = resolve(&addr)?;
         }
         let mut config = self.config;
-        config.backend = backend::resolve(config.backend);
+        config.backend = config.backend.resolve();
         let threads = config.resolved_threads().max(1);
         config.threads = threads;
         // epoll-mt is one work-stealing runtime behind one listener; every other backend
@@ -366,7 +366,7 @@ impl ServerBuilder {
                 stats: stats.clone(),
                 stop: control.clone(),
                 exec: exec.clone(),
-                access: crate::protocol::Access { tls: config.tls.clone(), token: config.token.clone() },
+                access: ringcall_core::Access { tls: config.tls.clone(), token: config.token.clone() },
                 balancer: balancer.clone(),
                 ready: ready_tx.clone(),
             };

@@ -20,7 +20,7 @@ use crate::backend::worker::StopSignal;
 
 struct Registry {
     /// Each server's stop signal, and its TLS configuration if it serves TLS.
-    servers: Slab<(std::sync::Arc<StopSignal>, Option<crate::protocol::TlsConfig>)>,
+    servers: Slab<(std::sync::Arc<StopSignal>, Option<ringcall_core::TlsConfig>)>,
     /// A first signal already asked the servers to stop.
     stopping: bool,
 }
@@ -52,7 +52,7 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 /// is the first server that asks.
 pub(crate) fn register(
     server: std::sync::Arc<StopSignal>,
-    tls: Option<crate::protocol::TlsConfig>,
+    tls: Option<ringcall_core::TlsConfig>,
 ) -> io::Result<Registration> {
     LISTENING.get_or_init(listen).as_ref().map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
     let mut registry = registry();
@@ -102,7 +102,7 @@ fn on_signal(signal: i32) {
 
 /// SIGHUP: every TLS server reads its certificate and key again; a failure keeps the one in
 /// use and says why.
-fn reload(configs: &[crate::protocol::TlsConfig]) {
+fn reload(configs: &[ringcall_core::TlsConfig]) {
     if configs.is_empty() {
         tracing::info!("SIGHUP: no server serves TLS; nothing to reload");
     }

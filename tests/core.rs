@@ -5,10 +5,10 @@
 use proptest::prelude::*;
 use std::sync::Arc;
 
-use ringcall::dispatch::Dispatcher;
-use ringcall::protocol::{Flow, Limits, Output, Processor, Session};
+use ringcall::Dispatcher;
 use ringcall::stats::StatsRegistry;
 use ringcall::{HandlerError, HandlerResult, Reply, Request};
+use ringcall_core::{Flow, Limits, Output, Processor, Session};
 
 fn fail(_: &Request<'_, '_>, _: Reply<'_>) -> HandlerResult {
     Err(HandlerError::bad_request("no"))
@@ -98,8 +98,8 @@ fn replies_are_the_expected_bytes() {
 const TOKEN: &str = "0123456789abcdef-token";
 
 fn guarded() -> Processor<Dispatcher<CoreRoutes>> {
-    let token = ringcall::protocol::HelloToken::new(TOKEN).unwrap();
-    processor().with_access(ringcall::protocol::Access { tls: None, token: Some(token) })
+    let token = ringcall::HelloToken::new(TOKEN).unwrap();
+    processor().with_access(ringcall_core::Access { tls: None, token: Some(token) })
 }
 
 #[test]
@@ -227,7 +227,7 @@ fn run_lending(
         let size = size.max(1).min(stream.len() - pos);
         flow = match session.lend_line() {
             Some(mut line) => {
-                assert!(line.room() >= ringcall::protocol::DIRECT_READ_MIN);
+                assert!(line.room() >= ringcall_core::DIRECT_READ_MIN);
                 let n = size.min(line.room());
                 line.target().put_slice(&stream[pos..pos + n]);
                 assert_eq!(line.received(), n);

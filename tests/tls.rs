@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use common::{TestRoutes, start_service};
 use ringcall::Backend;
-use ringcall::protocol::{TlsConfig, TlsError};
 use ringcall::simd_json::prelude::*;
+use ringcall::{TlsConfig, TlsError};
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, written to a directory of its own.
 struct Certs {
@@ -267,8 +267,7 @@ fn refused(client: &mut BufReader<rustls::StreamOwned<rustls::ClientConnection, 
 
 fn mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what(backend: Backend) {
     let pki = Pki::new(backend.name());
-    let acl =
-        ringcall::protocol::Acl::parse("[allow]\n\"*\" = [0]\n\"billing.internal\" = [10000]\n").unwrap();
+    let acl = ringcall::Acl::parse("[allow]\n\"*\" = [0]\n\"billing.internal\" = [10000]\n").unwrap();
     let Some(server) = start_service(backend, TestRoutes, |b| b.tls(pki.server_config().with_acl(acl)))
     else {
         return;
@@ -316,8 +315,7 @@ fn the_async_client_speaks_mutual_tls(backend: Backend) {
     let ca = pki.dir.join("ca.pem");
     let identity = (pki.dir.join("async.pem"), pki.dir.join("async.key"));
     let tls =
-        ringcall::protocol::ClientTls::from_pem_files(&ca, "localhost", Some((&identity.0, &identity.1)))
-            .unwrap();
+        ringcall::ClientTls::from_pem_files(&ca, "localhost", Some((&identity.0, &identity.1))).unwrap();
     let addr = server.local_addr().to_string();
     let timeout = Duration::from_secs(30);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -337,7 +335,7 @@ fn the_async_client_speaks_mutual_tls(backend: Backend) {
         client.reconnect().await.unwrap();
         assert_eq!(client.call(0, &serde_json::json!({})).await.unwrap().encode(), "\"pong\"");
         // Without a client certificate the handshake fails, before connect returns.
-        let anonymous = ringcall::protocol::ClientTls::from_pem_files(&ca, "localhost", None).unwrap();
+        let anonymous = ringcall::ClientTls::from_pem_files(&ca, "localhost", None).unwrap();
         let refused = ringcall::client::AsyncClient::connect_tls(&addr, timeout, anonymous).await;
         // TLS 1.3 finishes the client's handshake before the server checks its certificate:
         // the refusal may show at the first call instead.
@@ -349,7 +347,7 @@ fn the_async_client_speaks_mutual_tls(backend: Backend) {
 
 fn the_blocking_client_speaks_tls_and_mutual_tls(backend: Backend) {
     let pki = Pki::new(&format!("client-{}", backend.name()));
-    let acl = ringcall::protocol::Acl::parse("[allow]\n\"billing.internal\" = [10000]\n").unwrap();
+    let acl = ringcall::Acl::parse("[allow]\n\"billing.internal\" = [10000]\n").unwrap();
     let Some(server) = start_service(backend, TestRoutes, |b| b.tls(pki.server_config().with_acl(acl)))
     else {
         return;
@@ -357,7 +355,7 @@ fn the_blocking_client_speaks_tls_and_mutual_tls(backend: Backend) {
     let (cert, key) = pki.issue("billing.internal");
     std::fs::write(pki.dir.join("billing.pem"), cert.pem()).unwrap();
     std::fs::write(pki.dir.join("billing.key"), key.serialize_pem()).unwrap();
-    let tls = ringcall::protocol::ClientTls::from_pem_files(
+    let tls = ringcall::ClientTls::from_pem_files(
         &pki.dir.join("ca.pem"),
         "localhost",
         Some((&pki.dir.join("billing.pem"), &pki.dir.join("billing.key"))),
@@ -375,8 +373,7 @@ fn the_blocking_client_speaks_tls_and_mutual_tls(backend: Backend) {
         other => panic!("expected a 403, got {other:?}"),
     }
     // Without a client certificate the handshake fails, and the call says so.
-    let anonymous =
-        ringcall::protocol::ClientTls::from_pem_files(&pki.dir.join("ca.pem"), "localhost", None).unwrap();
+    let anonymous = ringcall::ClientTls::from_pem_files(&pki.dir.join("ca.pem"), "localhost", None).unwrap();
     let mut client = ringcall::client::Client::connect_tls(
         &server.local_addr().to_string(),
         Duration::from_secs(30),
@@ -397,7 +394,7 @@ fn the_client_pool_speaks_mutual_tls(backend: Backend) {
     let (cert, key) = pki.issue("billing.internal");
     std::fs::write(pki.dir.join("pool.pem"), cert.pem()).unwrap();
     std::fs::write(pki.dir.join("pool.key"), key.serialize_pem()).unwrap();
-    let tls = ringcall::protocol::ClientTls::from_pem_files(
+    let tls = ringcall::ClientTls::from_pem_files(
         &pki.dir.join("ca.pem"),
         "localhost",
         Some((&pki.dir.join("pool.pem"), &pki.dir.join("pool.key"))),

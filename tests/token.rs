@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{Client, start_with, total_stat};
 use ringcall::Backend;
+use ringcall::HelloToken;
 use ringcall::client::ClientError;
-use ringcall::protocol::HelloToken;
 use ringcall::simd_json::prelude::*;
 
 const TOKEN: &str = "5f0c7a1e9b2d4c68a3e1f7b9d2c4e6a8";

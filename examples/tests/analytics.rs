@@ -11,7 +11,7 @@ use ringcall::Backend;
 use support::Running;
 
 fn counts_from_every_core_merge_in_one_read(backend: Backend) {
-    if backend == Backend::Uring && ringcall::backend::resolve(Backend::Auto) != Backend::Uring {
+    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
         eprintln!("SKIPPED: io_uring is not available here");
         return;
     }

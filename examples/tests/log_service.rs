@@ -46,7 +46,7 @@ fn append_all(client: &mut Client, round: usize, n: usize) -> Vec<(usize, usize,
 }
 
 fn acknowledged_records_survive_kill_9_and_a_restart_appends_after_them(backend: Backend) {
-    if backend == Backend::Uring && ringcall::backend::resolve(Backend::Auto) != Backend::Uring {
+    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
         eprintln!("SKIPPED: io_uring is not available here");
         return;
     }

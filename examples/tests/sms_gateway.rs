@@ -116,7 +116,7 @@ fn send(to: &str, text: &str) -> String {
 }
 
 fn relays_over_http_and_serves_on_while_calls_hang(backend: Backend) {
-    if backend == Backend::Uring && ringcall::backend::resolve(Backend::Auto) != Backend::Uring {
+    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
         eprintln!("SKIPPED: io_uring is not available here");
         return;
     }

@@ -26,7 +26,7 @@ fn request(id: usize, w: usize, h: usize, size: usize) -> String {
 }
 
 fn thumbnails_and_load_shedding(backend: Backend) {
-    if backend == Backend::Uring && ringcall::backend::resolve(Backend::Auto) != Backend::Uring {
+    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
         eprintln!("SKIPPED: io_uring is not available here");
         return;
     }

@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ringcall::client::{Call, Client};
 use ringcall::simd_json::prelude::Writable;
-use ringcall::{Backend, ServerConfig, backend::sys, handlers, protocol::DEFAULT_MAX_LINE};
+use ringcall::{Backend, DEFAULT_MAX_LINE, ServerConfig, handlers};
+use ringcall_sys as sys;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -53,7 +54,7 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct TopArgs {
     /// Server address, HOST:PORT.
-    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::DEFAULT_ADDR)]
     addr: String,
     /// Seconds between readings.
     #[arg(short = 'i', long, default_value_t = 1.0, allow_hyphen_values = true, value_parser = positive_seconds)]
@@ -67,7 +68,7 @@ struct TopArgs {
 struct CallArgs {
     /// Server address; several, comma-separated, make a client pool (the call goes to one of
     /// them, and to another if the first cannot be reached).
-    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::DEFAULT_ADDR)]
     addr: String,
     /// Seconds to wait for the connection and each reply.
     #[arg(long, default_value_t = 10.0)]
@@ -103,17 +104,17 @@ struct ClientAccessArgs {
 
 impl ClientAccessArgs {
     /// The TLS settings for servers at `addrs` (comma-separated), if TLS is asked for.
-    fn tls(&self, addrs: &str) -> anyhow::Result<Option<ringcall::protocol::ClientTls>> {
+    fn tls(&self, addrs: &str) -> anyhow::Result<Option<ringcall::ClientTls>> {
         let Some(ca) = &self.tls_ca else { return Ok(None) };
         let first = addrs.split(',').next().unwrap_or_default().trim();
         let host = first.rsplit_once(':').map_or(first, |(h, _)| h).trim_matches(['[', ']']);
         let name = self.tls_name.as_deref().unwrap_or(host);
         let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
-        Ok(Some(ringcall::protocol::ClientTls::from_pem_files(ca, name, identity)?))
+        Ok(Some(ringcall::ClientTls::from_pem_files(ca, name, identity)?))
     }
 
-    fn token(&self) -> anyhow::Result<Option<ringcall::protocol::HelloToken>> {
-        Ok(self.token_file.as_deref().map(ringcall::protocol::HelloToken::from_file).transpose()?)
+    fn token(&self) -> anyhow::Result<Option<ringcall::HelloToken>> {
+        Ok(self.token_file.as_deref().map(ringcall::HelloToken::from_file).transpose()?)
     }
 }
 
@@ -121,7 +122,7 @@ impl ClientAccessArgs {
 struct BenchArgs {
     /// Server address, HOST:PORT (an IP address or a host name); several, comma-separated,
     /// spread the connections over them and report each one's share.
-    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::DEFAULT_ADDR)]
     addr: String,
     /// Connections.
     #[arg(short = 'c', long, default_value_t = 16)]
@@ -174,7 +175,7 @@ struct BenchArgs {
 #[derive(clap::Args, Debug)]
 struct EchoBaselineArgs {
     /// Listen address (port 0: any free port); printed on stdout once listening.
-    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::DEFAULT_ADDR)]
     addr: String,
     /// Threads, one ring each (0: one per CPU allowed).
     #[arg(long, default_value_t = 1)]
@@ -230,7 +231,7 @@ struct CompareArgs {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Address to listen on, HOST:PORT (an IP address or a host name; loopback by default).
-    #[arg(long, default_value = ringcall::server::DEFAULT_ADDR)]
+    #[arg(long, default_value = ringcall::DEFAULT_ADDR)]
     addr: String,
     /// Worker threads, one per core (default: every CPU this process may use).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true, value_parser = whole_number)]
@@ -242,7 +243,7 @@ struct ServeArgs {
     /// and is closed.
     #[arg(
         long,
-        default_value_t = ringcall::protocol::DEFAULT_MAX_CONNECTIONS_PER_CORE,
+        default_value_t = ringcall::DEFAULT_MAX_CONNECTIONS_PER_CORE,
         allow_hyphen_values = true,
         value_parser = at_least_one
     )]
@@ -251,7 +252,7 @@ struct ServeArgs {
     /// (backpressure); reading resumes when half has drained.
     #[arg(
         long,
-        default_value_t = ringcall::protocol::DEFAULT_MAX_PENDING_OUTPUT,
+        default_value_t = ringcall::DEFAULT_MAX_PENDING_OUTPUT,
         allow_hyphen_values = true,
         value_parser = at_least_one
     )]
@@ -263,7 +264,7 @@ struct ServeArgs {
     /// after the server half-closed.
     #[arg(
         long,
-        default_value_t = ringcall::protocol::DEFAULT_LINE_TIMEOUT.as_secs_f64(),
+        default_value_t = ringcall::DEFAULT_LINE_TIMEOUT.as_secs_f64(),
         allow_hyphen_values = true,
         value_parser = positive_seconds
     )]
@@ -428,7 +429,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // The builder resolves `args.addr` (a host name too) and replaces this.
         addr: ringcall::ServerConfig::default().addr,
         threads: args.threads,
-        limits: ringcall::protocol::Limits {
+        limits: ringcall::Limits {
             max_line: args.max_line,
             max_connections_per_core: args.max_connections_per_core.max(1),
             max_pending_output: args.max_pending_output.max(1),
@@ -436,28 +437,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             line_timeout: Duration::from_secs_f64(args.line_timeout.max(0.001)),
             slow_request: args.slow_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             // The shipped commands answer at once; only services that defer replies need it.
-            max_deferred: ringcall::protocol::DEFAULT_MAX_DEFERRED,
+            max_deferred: ringcall::DEFAULT_MAX_DEFERRED,
         },
         // `auto` resolved here, so that an error names the backend that failed.
-        backend: ringcall::backend::resolve(args.backend),
+        backend: args.backend.resolve(),
         pin_threads: !args.no_pin,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         // SIGINT/SIGTERM drain the server, a second one exits with 130: the library does it.
         handle_signals: true,
         // The shipped commands answer at once: no async runtime or blocking pool is started.
-        exec: ringcall::exec::ExecConfig::default(),
+        exec: ringcall::ExecConfig::default(),
         tls: match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
-            (Some(cert), Some(key), None) => Some(ringcall::protocol::TlsConfig::from_pem_files(cert, key)?),
+            (Some(cert), Some(key), None) => Some(ringcall::TlsConfig::from_pem_files(cert, key)?),
             (Some(cert), Some(key), Some(ca)) => {
-                let tls = ringcall::protocol::TlsConfig::mutual_from_pem_files(cert, key, ca)?;
+                let tls = ringcall::TlsConfig::mutual_from_pem_files(cert, key, ca)?;
                 Some(match &args.acl {
-                    Some(acl) => tls.with_acl(ringcall::protocol::Acl::from_file(acl)?),
+                    Some(acl) => tls.with_acl(ringcall::Acl::from_file(acl)?),
                     None => tls,
                 })
             }
             _ => None,
         },
-        token: args.token_file.as_deref().map(ringcall::protocol::HelloToken::from_file).transpose()?,
+        token: args.token_file.as_deref().map(ringcall::HelloToken::from_file).transpose()?,
         balance_connections: !args.no_balance,
     };
     let server = ringcall::ServerBuilder::config(config.clone())
@@ -564,11 +565,7 @@ fn call(args: CallArgs) -> anyhow::Result<()> {
 }
 
 /// Sends stdin's request lines as they are and prints the reply lines, in order.
-fn call_stdin(
-    addr: &str,
-    timeout: Duration,
-    token: Option<&ringcall::protocol::HelloToken>,
-) -> anyhow::Result<()> {
+fn call_stdin(addr: &str, timeout: Duration, token: Option<&ringcall::HelloToken>) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Write};
     let stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;

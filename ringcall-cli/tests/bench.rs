@@ -156,7 +156,7 @@ fn bench_speaks_tls_and_reconnects(backend: Backend) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, made.cert.pem()).unwrap();
     std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
-    let tls = ringcall::protocol::TlsConfig::from_pem_files(&cert, &key).unwrap();
+    let tls = ringcall::TlsConfig::from_pem_files(&cert, &key).unwrap();
     let Some(server) = common::start_with(backend, |b| b.tls(tls)) else { return };
     let bench = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"))
@@ -195,7 +195,7 @@ fn bench_speaks_tls_and_reconnects(backend: Backend) {
 /// A server that asks for a token: the load presents it on every connection, and the
 /// hellos are not counted as measured requests.
 fn bench_presents_the_token(backend: Backend) {
-    let token = ringcall::protocol::HelloToken::new("bench-token-0123456789abcdef").unwrap();
+    let token = ringcall::HelloToken::new("bench-token-0123456789abcdef").unwrap();
     let Some(server) = common::start_with(backend, |b| b.token(token.clone())) else { return };
     let config = BenchConfig {
         connect: ringcall_cli::bench::ConnectOptions { token: Some(token), ..Default::default() },

@@ -56,7 +56,7 @@ fn config(frontend: u16, servers: &[SocketAddr], admin: &Path) -> String {
             let name = trimmed.split_whitespace().nth(1).unwrap();
             out.push_str(&format!("    server {name} {} check\n", next.next().expect("three servers")));
         } else if trimmed.starts_with("maxconn ") {
-            let limit = ringcall::backend::sys::raise_nofile_limit().expect("the open-file limit");
+            let limit = ringcall_sys::raise_nofile_limit().expect("the open-file limit");
             let maxconn = (limit.saturating_sub(100) / 2).min(100_000);
             out.push_str(&format!("    maxconn {maxconn}\n"));
             out.push_str(&format!("    stats socket {} mode 600 level admin\n", admin.display()));

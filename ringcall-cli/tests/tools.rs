@@ -47,7 +47,7 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     let dir = std::env::temp_dir().join(format!("ringcall-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("compare.json"), dir.join("compare.svg"));
-    let cpus = ringcall::backend::sys::allowed_cpus();
+    let cpus = ringcall_sys::allowed_cpus();
     let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
     let out = Command::new(RINGCALL)
         .args([
@@ -178,7 +178,7 @@ fn a_port_in_use_names_the_backend_chosen_and_the_cause_once() {
     let (code, err) = run(&["serve", "--addr", &addr, "--backend", "auto", "--no-pin"]);
     assert_eq!(code, Some(1));
     let last = err.lines().last().unwrap();
-    let chosen = ringcall::backend::resolve(Backend::Auto);
+    let chosen = Backend::Auto.resolve();
     assert!(
         last.starts_with(&format!("error: cannot start the {chosen} server: cannot listen on {addr}")),
         "{err}"
@@ -333,7 +333,7 @@ fn the_echo_baseline_echoes_bytes_and_compare_measures_it() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let cpus = ringcall::backend::sys::allowed_cpus();
+    let cpus = ringcall_sys::allowed_cpus();
     let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
     let out = Command::new(RINGCALL)
         .args(["compare", "--backends", "uring,epoll", "--baseline", "--workloads", "2x2@1k,2x2+tls"])

@@ -19,6 +19,10 @@ use super::tls::TlsConfig;
 /// cmdid of the hello that presents the token (a built-in: any server answers it).
 pub const HELLO: u32 = 2;
 
+/// cmdid of the built-in ping every server answers (`"pong"`): what a pool probes a
+/// server with.
+pub const PING: u32 = 0;
+
 /// The shortest token accepted: 16 bytes, so a guess per connection gets nowhere.
 pub(crate) const MIN_TOKEN_BYTES: usize = 16;
 
@@ -76,7 +80,7 @@ impl HelloToken {
     /// part of it).
     ///
     /// # Errors
-    /// The file cannot be read, or its token is shorter than [`MIN_TOKEN_BYTES`] or holds
+    /// The file cannot be read, or its token is shorter than 16 bytes or holds
     /// characters that cannot travel in a JSON string unescaped.
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
         let text = std::fs::read_to_string(path)

@@ -43,7 +43,7 @@ mod tls;
 #[cfg(test)]
 mod testing;
 
-pub use access::{Access, HELLO, HelloToken, TokenError};
+pub use access::{Access, HELLO, HelloToken, PING, TokenError};
 pub use acl::{Acl, AclError};
 pub use connection::{
     CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_DEFERRED,

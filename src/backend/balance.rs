@@ -43,7 +43,7 @@ struct Core {
 }
 
 /// The cores of one server and their inboxes.
-pub struct Balancer {
+pub(crate) struct Balancer {
     stats: Arc<StatsRegistry>,
     cores: Box<[Core]>,
 }
@@ -57,7 +57,7 @@ impl std::fmt::Debug for Balancer {
 /// The core a connection accepted on `me` should be served on: the least loaded one if it
 /// holds fewer than `me` (the first of them), else `me`. `loads[c]` is `None` for a core
 /// that takes no connections from others.
-pub fn choose(loads: &[Option<usize>], me: usize) -> usize {
+pub(crate) fn choose(loads: &[Option<usize>], me: usize) -> usize {
     let mine = loads.get(me).copied().flatten().unwrap_or(0);
     let least = loads.iter().enumerate().filter_map(|(c, load)| load.map(|l| (l, c))).min();
     match least {
@@ -72,7 +72,7 @@ fn lock(inbox: &Mutex<Inbox>) -> MutexGuard<'_, Inbox> {
 
 impl Balancer {
     /// A balancer for the cores `stats` counts for.
-    pub fn new(stats: Arc<StatsRegistry>) -> Arc<Self> {
+    pub(crate) fn new(stats: Arc<StatsRegistry>) -> Arc<Self> {
         let cores = (0..stats.cores())
             .map(|_| Core {
                 inbox: Mutex::new(Inbox::Starting),
@@ -85,7 +85,7 @@ impl Balancer {
 
     /// Core `core` serves: connections handed to it call `wake`, after which it calls
     /// [`take`](Self::take).
-    pub fn serve(&self, core: usize, wake: impl Fn() + Send + Sync + 'static) {
+    pub(crate) fn serve(&self, core: usize, wake: impl Fn() + Send + Sync + 'static) {
         *lock(&self.cores[core].inbox) = Inbox::Serving { wake: Box::new(wake), waiting: Vec::new() };
         self.cores[core].serving.store(true, Ordering::Release);
     }
@@ -98,8 +98,10 @@ impl Balancer {
     }
 
     /// Places `fd`, just accepted on `me`: `Some(fd)` to serve it there, `None` when it was
-    /// handed to a core holding fewer connections.
-    pub fn place(&self, me: usize, fd: OwnedFd) -> Option<OwnedFd> {
+    /// handed to a core holding fewer connections. (Drivers decide with their engine; this is
+    /// the same rule for the tests.)
+    #[cfg(test)]
+    pub(crate) fn place(&self, me: usize, fd: OwnedFd) -> Option<OwnedFd> {
         match self.target(me) {
             target if target == me => Some(fd),
             target => self.hand_over(target, fd),
@@ -107,14 +109,14 @@ impl Balancer {
     }
 
     /// The core a connection just accepted on `me` should go to ([`choose`]).
-    pub fn target(&self, me: usize) -> usize {
+    pub(crate) fn target(&self, me: usize) -> usize {
         let loads: Vec<Option<usize>> = (0..self.cores.len()).map(|c| self.load(c)).collect();
         choose(&loads, me)
     }
 
     /// Hands `fd` to `target`: `None` once it is in its inbox, `Some(fd)` back if `target`
     /// takes no connections (it is starting or shutting down).
-    pub fn hand_over(&self, target: usize, fd: OwnedFd) -> Option<OwnedFd> {
+    pub(crate) fn hand_over(&self, target: usize, fd: OwnedFd) -> Option<OwnedFd> {
         let core = &self.cores[target];
         let mut inbox = lock(&core.inbox);
         match &mut *inbox {
@@ -129,7 +131,7 @@ impl Balancer {
     }
 
     /// The connections handed to `core` since it last looked.
-    pub fn take(&self, core: usize) -> Vec<OwnedFd> {
+    pub(crate) fn take(&self, core: usize) -> Vec<OwnedFd> {
         let c = &self.cores[core];
         let taken = match &mut *lock(&c.inbox) {
             Inbox::Serving { waiting, .. } => std::mem::take(waiting),
@@ -140,7 +142,7 @@ impl Balancer {
     }
 
     /// `core` is shutting down: it takes no more, and gets what its inbox still held.
-    pub fn stop(&self, core: usize) -> Vec<OwnedFd> {
+    pub(crate) fn stop(&self, core: usize) -> Vec<OwnedFd> {
         let c = &self.cores[core];
         c.serving.store(false, Ordering::Release);
         let taken = match std::mem::replace(&mut *lock(&c.inbox), Inbox::Stopped) {

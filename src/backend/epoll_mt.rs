@@ -17,8 +17,8 @@ use super::tokio_conn::{serve_connection, tokio_listener};
 use super::tokio_core::{CoreAccess, CoreEngine, CoreIo, serve_worker};
 use super::worker::{WorkerError, WorkerSetup};
 use crate::dispatch::Service;
-use crate::protocol::Limits;
 use crate::stats::StatsRegistry;
+use ringcall_core::Limits;
 
 thread_local! {
     /// This worker thread's `CoreIo<S>` (type-erased: a thread-local cannot be generic).
@@ -29,7 +29,7 @@ thread_local! {
 struct ThreadCore<S: Service> {
     service: Arc<S>,
     exec: Arc<crate::exec::Executors>,
-    access: crate::protocol::Access,
+    access: ringcall_core::Access,
     stats: Arc<StatsRegistry>,
     limits: Limits,
     next_index: Arc<AtomicUsize>,

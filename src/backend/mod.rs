@@ -1,5 +1,5 @@
 //! The I/O drivers. Each moves bytes between sockets and the shared protocol core
-//! ([`crate::protocol::Processor`]) and nothing else: framing, parsing, dispatch and reply
+//! ([`ringcall_core::Processor`]) and nothing else: framing, parsing, dispatch and reply
 //! encoding never live here.
 //!
 //! - [`uring`]: native io_uring, one ring per core (what `auto` picks where it works).
@@ -12,17 +12,16 @@
 //! - [`worker`]: the contract between the server and a worker thread.
 //!
 //! Every connection rule (backpressure, deadlines, FIN, draining, the connection limit)
-//! lives in [`crate::protocol::connection`]; a driver only turns its answers into syscalls.
+//! lives in [`ringcall_core::connection`]; a driver only turns its answers into syscalls.
 
-pub mod balance;
-pub mod epoll;
-pub mod epoll_mt;
-pub mod sys;
+pub(crate) mod balance;
+pub(crate) mod epoll;
+pub(crate) mod epoll_mt;
 pub(crate) mod tokio_conn;
 pub(crate) mod tokio_core;
-pub mod tokio_uring;
-pub mod uring;
-pub mod worker;
+pub(crate) mod tokio_uring;
+pub(crate) mod uring;
+pub(crate) mod worker;
 
 use std::fmt;
 use std::str::FromStr;
@@ -52,6 +51,30 @@ impl Backend {
     /// Every concrete backend (not `auto`), in the order they are documented.
     pub const ALL: [Backend; 4] = [Backend::Uring, Backend::TokioUring, Backend::Epoll, Backend::EpollMt];
 
+    /// Resolves `auto` to the backend this host supports, logging the choice and why; any
+    /// other backend is returned as it is. The server does this when it starts; call it
+    /// first to name the backend that will run (in an error message, say).
+    pub fn resolve(self) -> Backend {
+        if self != Backend::Auto {
+            return self;
+        }
+        match uring::probe() {
+            Ok(()) => {
+                tracing::info!(
+                    "backend auto: using uring (io_uring with multishot and buffer rings works here)"
+                );
+                Backend::Uring
+            }
+            Err(e) => {
+                tracing::info!(
+                    "backend auto: using epoll because io_uring is unavailable: {e}. {}",
+                    uring::diagnose(&e)
+                );
+                Backend::Epoll
+            }
+        }
+    }
+
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -80,34 +103,23 @@ impl FromStr for Backend {
     }
 }
 
-/// Usable bytes of a receive buffer; each is followed by [`crate::protocol::PADDING`] bytes.
-pub(crate) const RECV_BUF_SIZE: usize = 16 * 1024;
+pub(crate) use ringcall_sys as sys;
+/// Usable bytes of a receive buffer; each is followed by [`ringcall_core::PADDING`] bytes.
+pub(crate) use ringcall_sys::RECV_BUF_SIZE;
 
-/// Resolves `auto` to the backend this host supports, logging the choice and why; any other
-/// backend is returned as it is. The server does this when it starts; call it first to name
-/// the backend that will run (in an error message, say).
-pub fn resolve(backend: Backend) -> Backend {
-    if backend != Backend::Auto {
-        return backend;
-    }
-    match uring::probe() {
-        Ok(()) => {
-            tracing::info!("backend auto: using uring (io_uring with multishot and buffer rings works here)");
-            Backend::Uring
-        }
-        Err(e) => {
-            tracing::info!(
-                "backend auto: using epoll because io_uring is unavailable: {e}. {}",
-                uring::diagnose(&e)
-            );
-            Backend::Epoll
-        }
+/// Names the peer of `fd` in `conn`'s logs, if they would name it (a `getpeername` call
+/// per connection, made only then).
+pub(crate) fn name_peer(fd: std::os::fd::BorrowedFd<'_>, conn: &mut ringcall_core::Connection) {
+    if conn.wants_peer()
+        && let Some(peer) = socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket())
+    {
+        conn.set_peer(peer);
     }
 }
 
 /// For a connection task: resolves once answers to its deferred replies wait in `mailbox`;
 /// never while it has none.
-pub(crate) async fn deferred_ready(mailbox: Option<&crate::protocol::Mailbox>) {
+pub(crate) async fn deferred_ready(mailbox: Option<&ringcall_core::Mailbox>) {
     match mailbox {
         Some(mailbox) => std::future::poll_fn(|cx| mailbox.poll_ready(cx)).await,
         None => std::future::pending().await,

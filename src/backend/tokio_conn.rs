@@ -2,7 +2,7 @@
 //! send what the connection's state machine owes, ask the engine what it wants, then wait
 //! for that — readable (if it reads), writable (if a send could not finish), deferred
 //! answers, the engine's wake-up (a deadline, the drain notice) — and feed the event back.
-//! Every rule is the core's ([`Connection`], [`crate::protocol::Engine`]); this loop only
+//! Every rule is the core's ([`Connection`], [`ringcall_core::Engine`]); this loop only
 //! makes the syscalls. The per-core tasks around it are [`super::tokio_core`]'s.
 //!
 //! The receive buffer belongs to the core, not the connection (read with `try_read` right
@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::tokio_core::{Core, CoreAccess, Listen, Socket, Waker};
 use super::{RECV_BUF_SIZE, deferred_ready, sys};
 use crate::dispatch::Service;
-use crate::protocol::{Connection, Handle, Step};
+use ringcall_core::{Connection, Handle, Step};
 
 impl Socket for TcpStream {
     fn fd(&self) -> BorrowedFd<'_> {
@@ -64,7 +64,7 @@ pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
     // One clock read per wake-up: the events handled together share it.
     let mut now = Instant::now();
     let mut conn = core.access.with(|io| io.processor.open_connection(now));
-    sys::name_peer(stream.as_fd(), &mut conn);
+    super::name_peer(stream.as_fd(), &mut conn);
     loop {
         flush(&stream, &mut conn, &core.access, now);
         // Reads go on until the kernel has nothing more, so its count is the whole truth.

@@ -2,7 +2,7 @@
 //! it carries out the [`Engine`]'s actions with tokio's tools. One task accepts (and on the
 //! stop signal takes in the backlog, stops, and waits for the connections to drain), one
 //! task sleeps until the engine's next timeout, and each connection is a task of its
-//! backend's that owns its [`Connection`](crate::protocol::Connection) and asks the engine
+//! backend's that owns its [`Connection`](ringcall_core::Connection) and asks the engine
 //! what to do after every event ([`Core::drive`]). A connection's task is woken through its
 //! engine waker (a [`Notify`]) when the engine has something for it: a deadline, the drain
 //! notice; on that wake-up it gives the connection the time (`on_timeout` acts only on
@@ -26,10 +26,10 @@ use super::balance::Balancer;
 use super::worker::{WorkerError, WorkerSetup};
 use super::{RECV_BUF_SIZE, sys};
 use crate::dispatch::{Dispatcher, Service};
-use crate::protocol::{
+use crate::stats::StatsRegistry;
+use ringcall_core::{
     Action, Connection, Decision, Engine, Handle, Interest, Limits, Listening, PADDING, Processor,
 };
-use crate::stats::StatsRegistry;
 
 /// How the engine wakes a connection's task.
 pub(crate) type Waker = Arc<Notify>;
@@ -48,7 +48,7 @@ impl<S: Service> CoreIo<S> {
         core: usize,
         service: Arc<S>,
         exec: Arc<crate::exec::Executors>,
-        access: crate::protocol::Access,
+        access: ringcall_core::Access,
         stats: Arc<StatsRegistry>,
         limits: Limits,
     ) -> Self {
@@ -82,7 +82,7 @@ impl<S: Service> LocalCore<S> {
         core: usize,
         service: Arc<S>,
         exec: Arc<crate::exec::Executors>,
-        access: crate::protocol::Access,
+        access: ringcall_core::Access,
         stats: Arc<StatsRegistry>,
         limits: Limits,
         engine: CoreEngine,

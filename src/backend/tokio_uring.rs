@@ -6,7 +6,7 @@
 //! connection lends it), there is no multishot or provided-buffer ring, and the ring is
 //! waited on through tokio's epoll reactor: the reasons it trails the native `uring` backend.
 //!
-//! Every rule is the core's ([`Connection`], [`crate::protocol::Engine`]); the per-core
+//! Every rule is the core's ([`Connection`], [`ringcall_core::Engine`]); the per-core
 //! tasks (accepting, timers, shutdown) are [`super::tokio_core`]'s, shared with the epoll
 //! backends. Each connection is one task that keeps a read in flight while the machine
 //! wants to read and a write in flight while it owes bytes, both at once, and acts on
@@ -33,7 +33,7 @@ use super::tokio_core::{Core, CoreAccess, Listen, LocalCore, Socket, Waker, serv
 use super::worker::{WorkerError, WorkerSetup};
 use super::{RECV_BUF_SIZE, sys, uring};
 use crate::dispatch::Service;
-use crate::protocol::{Connection, Handle, LineBuf, PADDING, Step};
+use ringcall_core::{Connection, Handle, LineBuf, PADDING, Step};
 
 /// How long a read waits for the write in flight before it is issued anyway. Reading only
 /// after the write completes lets requests accumulate in the kernel, so one read takes a
@@ -170,7 +170,7 @@ async fn serve_connection<S: Service, A: CoreAccess<S>>(
 ) {
     let _ = stream.set_nodelay(true);
     let mut conn = core.access.with(|io| io.processor.open_connection(Instant::now()));
-    sys::name_peer(fd_of(&stream), &mut conn);
+    super::name_peer(fd_of(&stream), &mut conn);
     serve_io(&stream, handle, &waker, &core, &mut conn).await;
     // Ends whatever is still in flight; dropping those operations is safe (tokio-uring keeps
     // their buffers until the kernel is done with them).

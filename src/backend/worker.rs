@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use super::Backend;
 use super::sys::EventFd;
-use crate::protocol::Limits;
 use crate::stats::StatsRegistry;
+use ringcall_core::Limits;
 
 /// What a worker needs to know of the server's configuration.
 #[derive(Debug, Clone, Copy)]
-pub struct WorkerConfig {
+pub(crate) struct WorkerConfig {
     /// The limits every connection obeys.
     pub limits: Limits,
     /// How long a graceful shutdown waits for connections to drain.
@@ -30,7 +30,7 @@ pub struct WorkerConfig {
 /// The server's stop signal: a flag, one eventfd per worker (for workers blocked in the
 /// kernel) and a watch channel (for async workers).
 #[derive(Debug)]
-pub struct StopSignal {
+pub(crate) struct StopSignal {
     stopping: AtomicBool,
     wakers: Vec<EventFd>,
     watch: tokio::sync::watch::Sender<bool>,
@@ -47,17 +47,17 @@ impl StopSignal {
     }
 
     /// Whether a shutdown has begun.
-    pub fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
 
     /// For async workers: resolves once a shutdown has begun.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
         self.watch.subscribe()
     }
 
     /// The eventfd that becomes readable when worker `core` must stop.
-    pub fn waker(&self, core: usize) -> &EventFd {
+    pub(crate) fn waker(&self, core: usize) -> &EventFd {
         &self.wakers[core]
     }
 
@@ -101,7 +101,7 @@ pub enum WorkerError {
 }
 
 /// What each worker thread is given.
-pub struct WorkerSetup {
+pub(crate) struct WorkerSetup {
     /// The worker's index (its counters and its eventfd).
     pub core: usize,
     /// The CPU it is pinned to, if any.
@@ -117,7 +117,7 @@ pub struct WorkerSetup {
     /// Where handlers' async and blocking work runs (shared by every worker).
     pub exec: Arc<crate::exec::Executors>,
     /// How connections are admitted (TLS, the token hello).
-    pub access: crate::protocol::Access,
+    pub access: ringcall_core::Access,
     /// Where connections accepted here go when another core holds fewer (`None`: each
     /// core serves what it accepts).
     pub balancer: Option<Arc<super::balance::Balancer>>,

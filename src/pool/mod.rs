@@ -53,9 +53,9 @@ pub struct PoolConfig {
     pub retry_floor: f64,
     /// Speak TLS to every endpoint (the endpoints' certificates must carry the name it
     /// gives).
-    pub tls: Option<crate::protocol::ClientTls>,
+    pub tls: Option<ringcall_core::ClientTls>,
     /// Present this token on every new connection (servers started with `--token-file`).
-    pub token: Option<crate::protocol::HelloToken>,
+    pub token: Option<ringcall_core::HelloToken>,
 }
 
 impl Default for PoolConfig {
@@ -460,7 +460,7 @@ async fn maintain(pool: std::sync::Weak<Inner>, discover: impl Discover) {
                         inner.config.token.as_ref(),
                     )
                     .await?;
-                    match mux.call(&Call::new(crate::handlers::PING), None).await {
+                    match mux.call(&Call::new(ringcall_core::PING), None).await {
                         Ok(r) if r.code == 0 => Ok(mux),
                         Ok(r) => {
                             Err(ClientError::Server { code: r.code, message: r.error.unwrap_or_default() })

@@ -42,8 +42,8 @@ impl Mux {
     pub(crate) async fn connect(
         addr: &str,
         timeout: Duration,
-        tls: Option<&crate::protocol::ClientTls>,
-        token: Option<&crate::protocol::HelloToken>,
+        tls: Option<&ringcall_core::ClientTls>,
+        token: Option<&ringcall_core::HelloToken>,
     ) -> Result<Arc<Self>, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_owned(), source };
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {

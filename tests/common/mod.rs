@@ -23,7 +23,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use ringcall::backend::worker::WorkerError;
+use ringcall::WorkerError;
 use ringcall::{Backend, HandlerError, HandlerResult, Reply, Request, ServerError, ServerHandle};
 
 /// Failsafe so a broken server fails a test instead of hanging it; never a timing assertion.
@@ -158,7 +158,7 @@ pub(crate) fn total_stat(client: &mut Client, field: &str) -> u64 {
 
 /// The hard open-file limit, after raising this process's soft limit to it.
 pub(crate) fn raise_nofile() -> u64 {
-    ringcall::backend::sys::raise_nofile_limit().expect("raise RLIMIT_NOFILE")
+    ringcall_sys::raise_nofile_limit().expect("raise RLIMIT_NOFILE")
 }
 
 /// Everything this test binary logs from now on, from any thread, at `level` and above (the

@@ -304,8 +304,8 @@ impl ThrowawayCertificate {
         ["--tls-cert".into(), self.cert(), "--tls-key".into(), key]
     }
 
-    fn client(&self) -> Result<ringcall::protocol::ClientTls, CompareError> {
-        ringcall::protocol::ClientTls::from_pem_files(self.cert().as_ref(), "localhost", None)
+    fn client(&self) -> Result<ringcall::ClientTls, CompareError> {
+        ringcall::ClientTls::from_pem_files(self.cert().as_ref(), "localhost", None)
             .map_err(|e| CompareError::Certificate(e.to_string()))
     }
 }

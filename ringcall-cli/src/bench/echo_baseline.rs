@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use io_uring::types::Fd;
 use io_uring::{IoUring, cqueue, opcode, squeue};
-use ringcall::backend::sys;
-use ringcall::backend::uring::{BGID, BufferPool, build_ring, push_entry};
+use ringcall_sys as sys;
+use ringcall_sys::uring::{BGID, BufferPool, build_ring, push_entry};
 
 const ACCEPT: u64 = 1;
 const RECV: u64 = 2;
@@ -50,7 +50,7 @@ pub fn serve(addr: SocketAddr, threads: usize, cpus: &[usize]) -> io::Result<Soc
                 let _ = sys::pin_to_cpu(cpu);
             }
             let echo = build_ring().and_then(|ring| {
-                let pool = BufferPool::new(&ring)?;
+                let pool = BufferPool::new(&ring, 0)?;
                 Ok(Echo::new(ring, pool, listener))
             });
             match echo {

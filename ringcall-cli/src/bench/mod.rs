@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 pub use report::{BenchReport, Latency, OutputFormat};
 
-use ringcall::backend::sys;
+use ringcall_sys as sys;
 
 /// When a run stops.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,9 +70,9 @@ pub struct BenchConfig {
 #[derive(Debug, Clone, Default)]
 pub struct ConnectOptions {
     /// Speak TLS (the handshakes of the first connections are made before measuring).
-    pub tls: Option<ringcall::protocol::ClientTls>,
+    pub tls: Option<ringcall::ClientTls>,
     /// Present this token as each connection's first line (not measured).
-    pub token: Option<ringcall::protocol::HelloToken>,
+    pub token: Option<ringcall::HelloToken>,
     /// Close each connection after this many requests and open a new one (closed loop): the
     /// rate of new connections (with TLS, of full handshakes) under load.
     pub requests_per_connection: Option<u64>,
@@ -449,7 +449,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> LoadIo for T {}
 /// Opens load connections as [`ConnectOptions`] say.
 struct Dialer {
     tls: Option<(tokio_rustls::TlsConnector, ringcall::rustls::pki_types::ServerName<'static>)>,
-    token: Option<ringcall::protocol::HelloToken>,
+    token: Option<ringcall::HelloToken>,
 }
 
 impl Dialer {
@@ -493,10 +493,7 @@ impl Dialer {
 }
 
 /// Presents `token` on a plain stream, before the load starts, and checks the reply.
-fn hello_blocking(
-    stream: &std::net::TcpStream,
-    token: &ringcall::protocol::HelloToken,
-) -> std::io::Result<()> {
+fn hello_blocking(stream: &std::net::TcpStream, token: &ringcall::HelloToken) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let mut stream = stream;
     stream.write_all(&token.hello_line(0))?;

@@ -13,7 +13,7 @@ use io_uring::types::{Fd, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
 use super::{BenchConfig, DRAIN_WAIT, Ended, Flight, Reply, Shared, ThreadResult};
-use ringcall::backend::uring::{BGID, BufferPool, build_ring, push_entry};
+use ringcall_sys::uring::{BGID, BufferPool, build_ring, push_entry};
 
 const RECV: u64 = 1;
 const SEND: u64 = 2;
@@ -50,7 +50,7 @@ impl UringLoad {
     /// A ring and its buffer pool, if io_uring works here.
     pub(super) fn setup() -> io::Result<(IoUring, BufferPool)> {
         let ring = build_ring()?;
-        let pool = BufferPool::new(&ring)?;
+        let pool = BufferPool::new(&ring, 0)?;
         Ok((ring, pool))
     }
 

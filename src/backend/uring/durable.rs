@@ -12,8 +12,8 @@ use io_uring::{IoUring, opcode, squeue};
 use slab::Slab;
 
 use super::op::{Op, user_data};
-use super::ring::push_entry;
 use crate::durable::{Shared, WriteAndSync};
+use ringcall_sys::uring::push_entry;
 
 /// The files with a durable write and sync in flight on one ring.
 #[derive(Default)]

@@ -10,9 +10,9 @@
 //! and this driver only turns their answers into submissions and waits on one ring for
 //! completions and for the engine's next timeout.
 //!
-//! - [`ring`]: ring setup, the host check and its diagnosis; [`pool`]: the receive buffers;
-//!   `op`: what a completion's `user_data` names; `wake`: eventfds other threads ring;
-//!   `durable`: durable appends on the ring.
+//! - `op`: what a completion's `user_data` names; `wake`: eventfds other threads ring;
+//!   `durable`: durable appends on the ring. Ring setup, its diagnosis and the receive
+//!   buffers are `ringcall_sys::uring`'s, shared with the command-line tools' io_uring loops.
 //!
 //! Connection places are only reused once no operation referring to them is in flight, and
 //! every `user_data` carries the connection's generation, so a late completion can never be
@@ -20,8 +20,6 @@
 
 mod durable;
 mod op;
-pub mod pool;
-pub mod ring;
 mod wake;
 
 use std::io;
@@ -33,17 +31,15 @@ use std::time::Instant;
 use io_uring::types::{Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
-pub use pool::{BGID, BufferPool};
-pub use ring::{build_ring, push_entry};
-pub(crate) use ring::{diagnose, probe};
+use ringcall_sys::uring::{BGID, BufferPool, CQ_ENTRIES, build_ring, push_entry};
+pub(crate) use ringcall_sys::uring::{diagnose, probe};
 
 use super::sys;
 use super::worker::{StopSignal, WorkerError, WorkerSetup};
 use crate::dispatch::{Dispatcher, Service};
-use crate::protocol::{Action, Connection, Decision, Engine, Handle, LineBuf, Processor, Step};
 use durable::DurableRing;
 use op::{Op, conn_data, split_user_data, user_data, with_total_limit};
-use ring::CQ_ENTRIES;
+use ringcall_core::{Action, Connection, Decision, Engine, Handle, LineBuf, Processor, Step};
 use wake::Wakeups;
 
 /// A recv ended with the error `-res`: the connection fails, unless the recv was cancelled
@@ -172,7 +168,7 @@ impl<S: Service> Worker<S> {
         let unavailable =
             |source: io::Error| WorkerError::IoUringUnavailable { hint: diagnose(&source), source };
         let ring = build_ring().map_err(unavailable)?;
-        let pool = BufferPool::new(&ring).map_err(unavailable)?;
+        let pool = BufferPool::new(&ring, ringcall_core::PADDING).map_err(unavailable)?;
         let limits = setup.config.limits;
         let dispatcher = Dispatcher::new(setup.core, setup.stats.cores(), service)
             .with_executors(setup.exec)
@@ -364,8 +360,8 @@ impl<S: Service> Worker<S> {
             let cancelled = self.accept == Accept::Cancelling;
             self.accept = Accept::Idle;
             match self.engine.listening() {
-                crate::protocol::Listening::Accepting => self.arm_accept()?,
-                crate::protocol::Listening::Stopping if cancelled => self.engine.accept_stopped(),
+                ringcall_core::Listening::Accepting => self.arm_accept()?,
+                ringcall_core::Listening::Stopping if cancelled => self.engine.accept_stopped(),
                 // Backing off: the engine's retry re-arms it.
                 _ => {}
             }
@@ -402,7 +398,7 @@ impl<S: Service> Worker<S> {
             tracing::debug!(core = self.core(), "TCP_NODELAY failed: {e}");
         }
         let mut conn = self.processor.open_connection(self.now);
-        sys::name_peer(fd.as_fd(), &mut conn);
+        super::name_peer(fd.as_fd(), &mut conn);
         self.conns.insert(Conn {
             fd,
             handle,

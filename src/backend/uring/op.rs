@@ -5,7 +5,7 @@
 
 use io_uring::squeue;
 
-use crate::protocol::Handle;
+use ringcall_core::Handle;
 
 /// Operation kinds, in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use io_uring::types::Fd;
 
 use super::op::{Op, user_data};
 use crate::backend::sys::EventFd;
-use crate::protocol::Handle;
+use ringcall_core::Handle;
 
 /// How answers to deferred replies reach this core: the waker of each connection's mailbox
 /// names the connection here and makes the eventfd the ring reads readable (once per batch:

@@ -6,10 +6,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use io_uring::IoUring;
 use io_uring::types::BufRingEntry;
 
-use crate::protocol::PADDING;
-
-/// Usable bytes per pooled receive buffer (each is followed by [`PADDING`] bytes of slack).
-const BUF_SIZE: usize = crate::backend::RECV_BUF_SIZE;
+/// Usable bytes per pooled receive buffer (each is followed by the pool's slack).
+const BUF_SIZE: usize = crate::RECV_BUF_SIZE;
 /// Receive buffers per core (a power of two, at most 32768). Few, because the kernel takes
 /// them in turn: every byte received is written to the next buffer and read back from it at
 /// once, so the pool's size is the memory the receive path cycles through; fewer risk
@@ -19,23 +17,24 @@ const BUF_COUNT: u16 = 64;
 /// The provided-buffer group id.
 pub const BGID: u16 = 0;
 
-const STRIDE: usize = BUF_SIZE + PADDING;
-
-/// The pool: `BUF_COUNT` buffers of `BUF_SIZE` usable bytes plus `PADDING` bytes of slack
-/// for the parser, registered as buffer group [`BGID`].
+/// The pool: `BUF_COUNT` buffers of `BUF_SIZE` usable bytes, each followed by readable slack
+/// the kernel never writes (the parser's padding), registered as buffer group [`BGID`].
 pub struct BufferPool {
     ring: *mut BufRingEntry,
     ring_bytes: usize,
     storage: Box<[u8]>,
+    stride: usize,
     tail: u16,
 }
 
 impl BufferPool {
-    /// Registers the pool with `ring` as buffer group [`BGID`], every buffer handed to the kernel.
+    /// Registers the pool with `ring` as buffer group [`BGID`], every buffer handed to the
+    /// kernel, each followed by `slack` bytes.
     ///
     /// # Errors
     /// The mapping or the registration failed (old kernel, locked-memory limit).
-    pub fn new(ring: &IoUring) -> io::Result<Self> {
+    pub fn new(ring: &IoUring, slack: usize) -> io::Result<Self> {
+        let stride = BUF_SIZE + slack;
         let ring_bytes = usize::from(BUF_COUNT) * size_of::<BufRingEntry>();
         // SAFETY: a fresh anonymous private mapping; the kernel requires page alignment, which
         // mmap gives.
@@ -50,7 +49,8 @@ impl BufferPool {
         let mut pool = Self {
             ring: addr.cast(),
             ring_bytes,
-            storage: vec![0u8; usize::from(BUF_COUNT) * STRIDE].into_boxed_slice(),
+            storage: vec![0u8; usize::from(BUF_COUNT) * stride].into_boxed_slice(),
+            stride,
             tail: 0,
         };
         // SAFETY: the mapping lives as long as the pool, which outlives the ring's use of it
@@ -63,15 +63,15 @@ impl BufferPool {
         Ok(pool)
     }
 
-    /// The received bytes of buffer `bid`, followed by its padding.
+    /// The received bytes of buffer `bid`, followed by its slack.
     pub fn buffer(&mut self, bid: u16) -> &mut [u8] {
-        let start = usize::from(bid) * STRIDE;
-        &mut self.storage[start..start + STRIDE]
+        let start = usize::from(bid) * self.stride;
+        &mut self.storage[start..start + self.stride]
     }
 
     /// Queues buffer `bid` for the kernel again; visible after [`publish`](Self::publish).
     pub fn give_back(&mut self, bid: u16) {
-        let addr = self.storage.as_ptr() as u64 + (usize::from(bid) * STRIDE) as u64;
+        let addr = self.storage.as_ptr() as u64 + (usize::from(bid) * self.stride) as u64;
         let index = usize::from(self.tail & (BUF_COUNT - 1));
         // SAFETY: index < BUF_COUNT, inside the mapping.
         let entry = unsafe { &mut *self.ring.add(index) };

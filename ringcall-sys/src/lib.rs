@@ -1,6 +1,11 @@
-//! The system calls every backend shares, over `OwnedFd`/`BorrowedFd` (socket2 and rustix,
-//! no raw descriptors): listening sockets with `SO_REUSEPORT`, socket options, CPU affinity,
-//! the open-file limit and eventfd wake-ups.
+//! The system calls ringcall's backends and its command-line tools share, over
+//! `OwnedFd`/`BorrowedFd` (socket2 and rustix, no raw descriptors): listening sockets with
+//! `SO_REUSEPORT`, socket options, CPU affinity, the open-file limit, eventfd wake-ups, and
+//! ([`uring`]) an io_uring ring with the fastest flags the kernel takes and its pool of
+//! provided receive buffers. An internal crate: the `ringcall` library's public API does not
+//! expose it.
+
+pub mod uring;
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -24,16 +29,6 @@ pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
-}
-
-/// Names the peer of `fd` in `conn`'s logs, if they would name it (a `getpeername` call
-/// per connection, made only then).
-pub fn name_peer(fd: BorrowedFd<'_>, conn: &mut crate::protocol::Connection) {
-    if conn.wants_peer()
-        && let Some(peer) = socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket())
-    {
-        conn.set_peer(peer);
-    }
 }
 
 /// The address a socket is bound to.
@@ -200,6 +195,9 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(limit.current.unwrap_or(u64::MAX))
 }
+
+/// Usable bytes of a receive buffer (each is followed by the parser's padding).
+pub const RECV_BUF_SIZE: usize = 16 * 1024;
 
 /// An eventfd used to wake a worker blocked in the kernel.
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use super::pool::BufferPool;
 /// completions do not overflow it.
 const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries.
-pub(crate) const CQ_ENTRIES: u32 = 16 * 1024;
+pub const CQ_ENTRIES: u32 = 16 * 1024;
 
 /// Queues `entry` on `ring`, submitting first while the submission queue is full.
 ///
@@ -54,13 +54,13 @@ pub fn build_ring() -> io::Result<IoUring> {
 }
 
 /// Checks that this host can run the `uring` backend: a ring and a provided-buffer ring.
-pub(crate) fn probe() -> io::Result<()> {
+pub fn probe() -> io::Result<()> {
     let ring = build_ring()?;
-    BufferPool::new(&ring).map(drop)
+    BufferPool::new(&ring, 0).map(drop)
 }
 
 /// Why io_uring setup failed, and what to do about it.
-pub(crate) fn diagnose(err: &io::Error) -> String {
+pub fn diagnose(err: &io::Error) -> String {
     let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok());
