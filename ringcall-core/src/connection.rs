@@ -20,7 +20,8 @@
 use std::mem;
 use std::time::{Duration, Instant};
 
-use super::deferred::{Mailbox, Output};
+use super::deferred::Mailbox;
+use super::output::Output;
 use super::session::Dispatch;
 use super::session::{Flow, Processor, Session};
 use crate::stats::CoreStats;
@@ -221,13 +222,12 @@ impl Tls {
                 }
             }
             loop {
-                // Once the stream is out of sync the processor discards what it is fed.
+                // Once the stream is out of sync nothing more is fed (the connection discards it).
+                if flow == Flow::Close {
+                    return Ok((flow, peer_closed));
+                }
                 match processor.on_recv_from(session, out, &mut self.session.reader()) {
-                    Ok(Some(next)) => {
-                        if flow == Flow::Continue {
-                            flow = next;
-                        }
-                    }
+                    Ok(Some(next)) => flow = next,
                     Ok(None) => {
                         peer_closed = true;
                         break;

@@ -33,6 +33,7 @@ mod deferred;
 mod engine;
 mod error;
 pub mod frame;
+mod output;
 mod params;
 mod reply;
 mod request;
@@ -49,11 +50,12 @@ pub use connection::{
     CloseReason, Connection, DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_DEFERRED,
     DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step,
 };
-pub use deferred::{Deferred, Mailbox, Output};
+pub use deferred::{Deferred, Mailbox};
 pub use engine::{
     ACCEPT_BACKOFF, ACCEPT_ERROR_LOG_EVERY, Action, Decision, Engine, Handle, Interest, Listening, Phase,
 };
 pub use error::{HandlerError, HandlerResult};
+pub use output::Output;
 pub use reply::{ArrayWriter, ObjectWriter, Reply};
 pub use request::{CoreContext, Request};
 pub use session::{

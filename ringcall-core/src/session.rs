@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use simd_json::{Buffers, Tape};
 
 use super::connection::Limits;
-use super::deferred::{Deferred, Output};
+use super::deferred::Deferred;
 use super::error::HandlerResult;
 use super::frame::{content_len, find_newline, is_blank};
+use super::output::Output;
 use super::reply::{Reply, begin_ok, end_ok, write_error};
 use super::request::{CoreContext, Rejected, Request, decode};
 use crate::stats::{CoreStats, StatsRegistry};
@@ -98,7 +99,9 @@ pub enum Flow {
     /// Keep reading.
     Continue,
     /// Send what is in the output buffer, then close: the stream cannot be resynchronised
-    /// (a line over the limit). Further input is discarded.
+    /// (a line over the limit, a refused hello). The caller feeds this session nothing
+    /// more: the [`Connection`](crate::Connection), which owns that rule
+    /// ([`State::Desynced`](crate::State::Desynced)), discards what follows.
     Close,
 }
 
@@ -106,7 +109,6 @@ pub enum Flow {
 #[derive(Debug, Default)]
 pub struct Session {
     carry: Vec<u8>,
-    desynced: bool,
     /// The incomplete line held in `carry` began in the last receive.
     new_partial: bool,
     /// The peer's address, for the logs (set only when something logs it).
@@ -159,9 +161,7 @@ impl Session {
 
     /// Whether the unfinished line held has room for a read of its own ([`LineBuf`]).
     pub fn wants_line_read(&self) -> bool {
-        !self.desynced
-            && !self.carry.is_empty()
-            && self.carry.capacity() - self.carry.len() >= DIRECT_READ_MIN + PADDING
+        !self.carry.is_empty() && self.carry.capacity() - self.carry.len() >= DIRECT_READ_MIN + PADDING
     }
 
     /// Lends the buffer of the unfinished line for a read straight into it, when it has room
@@ -348,16 +348,12 @@ impl<D: Dispatch> Processor<D> {
     ) -> Flow {
         assert!(buf.len() >= len + PADDING, "receive buffers need PADDING bytes of slack");
         self.stats().bytes_in(len);
-        if session.desynced {
-            return Flow::Close;
-        }
         if !session.greeted && self.access.token.is_none() {
             session.greeted = true;
         }
         let max_line = self.limits.max_line;
         let mut pos = 0;
         if !session.carry.is_empty() {
-            debug_assert!(!session.desynced);
             let Some(nl) = find_newline(&buf[..len]) else {
                 return self.stash(session, &buf[..len], out);
             };
@@ -534,13 +530,11 @@ impl<D: Dispatch> Processor<D> {
     /// The hello was refused: nothing more is read from this connection.
     fn refused(&self, session: &mut Session) -> Flow {
         session.carry = Vec::new();
-        session.desynced = true;
         Flow::Close
     }
 
     fn too_long(&mut self, session: &mut Session, out: &mut Output) -> Flow {
         session.carry = Vec::new();
-        session.desynced = true;
         self.stats().request();
         self.stats().reply(413);
         let max_line = self.limits.max_line;

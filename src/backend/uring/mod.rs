@@ -35,7 +35,7 @@ use ringcall_sys::uring::{BGID, BufferPool, CQ_ENTRIES, build_ring, push_entry};
 pub(crate) use ringcall_sys::uring::{diagnose, probe};
 
 use super::sys;
-use super::worker::{StopSignal, WorkerError, WorkerSetup};
+use super::worker::{WorkerError, WorkerSetup};
 use crate::dispatch::{Dispatcher, Service};
 use durable::DurableRing;
 use op::{Op, conn_data, split_user_data, user_data, with_total_limit};
@@ -141,24 +141,34 @@ struct Turn {
     handles: Vec<Handle>,
 }
 
-struct Worker<S: Service> {
-    // Field order matters for drop: the ring goes before the buffers it points into.
-    ring: IoUring,
+/// How connections are received: the pool the multishot recvs fill, and what the kernel
+/// takes of them.
+struct Receive {
     pool: BufferPool,
-    processor: Processor<Dispatcher<S>>,
-    engine: Engine,
-    conns: Conns,
-    /// The listener, its multishot accept, and the balancer connections are handed over by.
+    /// Whether the kernel takes a total byte limit on a multishot recv (6.16 and later);
+    /// cleared by the first recv that fails with EINVAL.
+    limit: bool,
+}
+
+/// Where connections come from: the listener with its multishot accept, and the balancer
+/// that hands connections between cores.
+struct Acceptor {
     listener: OwnedFd,
     accept: Accept,
     balancer: Option<Arc<super::balance::Balancer>>,
-    stop: Arc<StopSignal>,
+}
+
+struct Worker<S: Service> {
+    // Field order matters for drop: the ring goes before the buffers it points into.
+    ring: IoUring,
+    recv: Receive,
+    processor: Processor<Dispatcher<S>>,
+    engine: Engine,
+    conns: Conns,
+    acceptor: Acceptor,
     wakeups: Wakeups,
     durable: DurableRing,
     turn: Turn,
-    /// Whether the kernel takes a total byte limit on a multishot recv (6.16 and later);
-    /// cleared by the first recv that fails with EINVAL.
-    recv_limit: bool,
     /// The time at the start of this loop turn (one clock read per turn).
     now: Instant,
 }
@@ -174,33 +184,29 @@ impl<S: Service> Worker<S> {
             .with_executors(setup.exec)
             .with_durable_ring();
         let processor = Processor::new(setup.core, dispatcher, setup.stats, limits).with_access(setup.access);
-        let wakeups = Wakeups::new().map_err(|source| WorkerError::Io {
+        let wakeups = Wakeups::new(setup.stop).map_err(|source| WorkerError::Io {
             what: "cannot create the eventfd for deferred replies",
             source,
         })?;
         let mut worker = Self {
             ring,
-            pool,
+            recv: Receive { pool, limit: true },
             processor,
             engine: Engine::new(setup.core, limits.max_connections_per_core, setup.config.shutdown_timeout),
             conns: Conns::default(),
-            listener: setup.listener,
-            accept: Accept::Idle,
-            balancer: setup.balancer,
-            stop: setup.stop,
+            acceptor: Acceptor { listener: setup.listener, accept: Accept::Idle, balancer: setup.balancer },
             wakeups,
             durable: DurableRing::default(),
             turn: Turn { completions: Vec::with_capacity(CQ_ENTRIES as usize), ..Turn::default() },
-            recv_limit: true,
             now: Instant::now(),
         };
         worker.arm_accept().map_err(unavailable)?;
-        let stop = worker.wakeups.stop_read(worker.stop.waker(worker.engine.core()));
+        let stop = worker.wakeups.stop_read(worker.engine.core());
         worker.push(stop).map_err(unavailable)?;
         let deferred = worker.wakeups.deferred_read();
         worker.push(deferred).map_err(unavailable)?;
         worker.ring.submit().map_err(unavailable)?;
-        if let Some(balancer) = &worker.balancer {
+        if let Some(balancer) = &worker.acceptor.balancer {
             let wake = worker.wakeups.deferred.clone();
             balancer.serve(worker.engine.core(), move || wake.notify());
         }
@@ -220,11 +226,11 @@ impl<S: Service> Worker<S> {
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {
-        let entry = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
+        let entry = opcode::AcceptMulti::new(Fd(self.acceptor.listener.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(user_data(Op::Accept, 0, 0));
-        self.accept = Accept::Armed;
+        self.acceptor.accept = Accept::Armed;
         self.push(entry)
     }
 
@@ -233,7 +239,7 @@ impl<S: Service> Worker<S> {
             self.durable
                 .start(&mut self.ring, |kicks| self.processor.dispatcher().take_durable_kicks(kicks))?;
             self.queue_sends()?;
-            self.pool.publish();
+            self.recv.pool.publish();
             // Durable I/O in flight reads its batch's bytes: the worker waits for it.
             if self.engine.finished() && self.durable.is_idle() {
                 return Ok(());
@@ -284,13 +290,13 @@ impl<S: Service> Worker<S> {
                 }
                 Action::Drive(handle) => self.drive(handle, false)?,
                 Action::StartAccepting => {
-                    if self.accept == Accept::Idle {
+                    if self.acceptor.accept == Accept::Idle {
                         self.arm_accept()?;
                     }
                 }
-                Action::StopAccepting => match self.accept {
+                Action::StopAccepting => match self.acceptor.accept {
                     Accept::Armed => {
-                        self.accept = Accept::Cancelling;
+                        self.acceptor.accept = Accept::Cancelling;
                         let entry = opcode::AsyncCancel::new(user_data(Op::Accept, 0, 0))
                             .build()
                             .user_data(user_data(Op::Cancel, 0, 0));
@@ -300,14 +306,14 @@ impl<S: Service> Worker<S> {
                     Accept::Cancelling => {}
                 },
                 Action::TakeBacklog => {
-                    if sys::set_nonblocking(self.listener.as_fd()).is_ok() {
+                    if sys::set_nonblocking(self.acceptor.listener.as_fd()).is_ok() {
                         let mut backlog = Vec::new();
-                        sys::accept_backlog(self.listener.as_fd(), |fd| backlog.push(fd));
+                        sys::accept_backlog(self.acceptor.listener.as_fd(), |fd| backlog.push(fd));
                         for fd in backlog {
                             self.admit(fd)?;
                         }
                     }
-                    if let Some(balancer) = self.balancer.clone() {
+                    if let Some(balancer) = self.acceptor.balancer.clone() {
                         for fd in balancer.stop(self.core()) {
                             self.admit(fd)?;
                         }
@@ -335,9 +341,9 @@ impl<S: Service> Worker<S> {
     }
 
     fn on_stop_signal(&mut self) -> io::Result<()> {
-        if !self.stop.stopping() {
+        if !self.wakeups.stop.stopping() {
             // A spurious wake-up: keep listening for the real one.
-            let entry = self.wakeups.stop_read(self.stop.waker(self.core()));
+            let entry = self.wakeups.stop_read(self.core());
             return self.push(entry);
         }
         self.engine.on_shutdown(self.now);
@@ -350,15 +356,15 @@ impl<S: Service> Worker<S> {
         if res >= 0 {
             // SAFETY: the kernel just created this descriptor for us.
             let fd = unsafe { OwnedFd::from_raw_fd(res) };
-            let target = self.balancer.as_ref().map(|b| b.target(self.core()));
+            let target = self.acceptor.balancer.as_ref().map(|b| b.target(self.core()));
             let decision = self.engine.on_accepted(self.now, target, self.processor.stats(), || ());
             self.decided(decision, fd)?;
         } else if res != -libc::ECANCELED {
             self.engine.on_accept_failed(self.now, &io::Error::from_raw_os_error(-res));
         }
         if !more {
-            let cancelled = self.accept == Accept::Cancelling;
-            self.accept = Accept::Idle;
+            let cancelled = self.acceptor.accept == Accept::Cancelling;
+            self.acceptor.accept = Accept::Idle;
             match self.engine.listening() {
                 ringcall_core::Listening::Accepting => self.arm_accept()?,
                 ringcall_core::Listening::Stopping if cancelled => self.engine.accept_stopped(),
@@ -383,7 +389,7 @@ impl<S: Service> Worker<S> {
                 Ok(())
             }
             Decision::HandOver(target) => {
-                let balancer = self.balancer.as_ref().expect("a hand-over needs a balancer");
+                let balancer = self.acceptor.balancer.as_ref().expect("a hand-over needs a balancer");
                 match balancer.hand_over(target, fd) {
                     None => Ok(()),
                     // That core takes none now: served here.
@@ -416,7 +422,7 @@ impl<S: Service> Worker<S> {
         let bid = cqueue::buffer_select(cqe.flags());
         let Some(c) = self.conns.get_mut(handle) else {
             if let Some(bid) = bid {
-                self.pool.give_back(bid);
+                self.recv.pool.give_back(bid);
             }
             return Ok(());
         };
@@ -439,17 +445,17 @@ impl<S: Service> Worker<S> {
             // Also where a recv's byte limit was reached: drive() arms the next one.
             c.recv = Recv::Off;
         }
-        if res == -libc::EINVAL && self.recv_limit {
+        if res == -libc::EINVAL && self.recv.limit {
             // A kernel before 6.16 refuses the byte limit: read without it from now on.
             tracing::debug!(
                 core = self.engine.core(),
                 "multishot recv without a byte limit (kernel before 6.16)"
             );
-            self.recv_limit = false;
+            self.recv.limit = false;
         } else if res > 0 {
             let bid = bid.expect("recv completion with data carries a buffer id");
-            c.conn.on_recv(&mut self.processor, self.pool.buffer(bid), res as usize, self.now);
-            self.pool.give_back(bid);
+            c.conn.on_recv(&mut self.processor, self.recv.pool.buffer(bid), res as usize, self.now);
+            self.recv.pool.give_back(bid);
         } else if res == 0 {
             c.conn.on_peer_closed(self.now);
         } else if res != -libc::ENOBUFS {
@@ -482,7 +488,7 @@ impl<S: Service> Worker<S> {
         }
         ready.clear();
         self.turn.handles = ready;
-        if let Some(balancer) = self.balancer.clone() {
+        if let Some(balancer) = self.acceptor.balancer.clone() {
             for fd in balancer.take(self.core()) {
                 self.admit(fd)?;
             }
@@ -516,7 +522,7 @@ impl<S: Service> Worker<S> {
                 } else {
                     c.recv = Recv::Armed;
                     let entry = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID).build();
-                    if self.recv_limit {
+                    if self.recv.limit {
                         // Ends by itself near the backpressure limit, instead of reading on for
                         // as many buffers as arrive before a cancel lands.
                         let budget = c.conn.read_budget().try_into().unwrap_or(u32::MAX);

@@ -12,6 +12,7 @@ use io_uring::types::Fd;
 
 use super::op::{Op, user_data};
 use crate::backend::sys::EventFd;
+use crate::backend::worker::StopSignal;
 use ringcall_core::Handle;
 
 /// How answers to deferred replies reach this core: the waker of each connection's mailbox
@@ -70,19 +71,21 @@ impl std::task::Wake for ConnWaker {
 
 /// The eventfd reads a core keeps armed, with the 8-byte buffers the kernel reads into.
 pub(super) struct Wakeups {
+    /// The server's stop signal.
+    pub(super) stop: Arc<StopSignal>,
     pub(super) deferred: Arc<DeferredWake>,
     deferred_buf: Box<u64>,
     stop_buf: Box<u64>,
 }
 
 impl Wakeups {
-    pub(super) fn new() -> io::Result<Self> {
-        Ok(Self { deferred: DeferredWake::new()?, deferred_buf: Box::new(0), stop_buf: Box::new(0) })
+    pub(super) fn new(stop: Arc<StopSignal>) -> io::Result<Self> {
+        Ok(Self { stop, deferred: DeferredWake::new()?, deferred_buf: Box::new(0), stop_buf: Box::new(0) })
     }
 
-    /// The read of the stop signal's eventfd `stop`.
-    pub(super) fn stop_read(&mut self, stop: &EventFd) -> squeue::Entry {
-        let fd = stop.as_fd().as_raw_fd();
+    /// The read of core `core`'s eventfd of the stop signal.
+    pub(super) fn stop_read(&mut self, core: usize) -> squeue::Entry {
+        let fd = self.stop.waker(core).as_fd().as_raw_fd();
         opcode::Read::new(Fd(fd), (&mut *self.stop_buf as *mut u64).cast(), 8).build().user_data(user_data(
             Op::Wake,
             0,
