@@ -102,7 +102,7 @@ fn handler_shapes(c: &mut Criterion) {
         let stats = StatsRegistry::new(1);
         let limits = Limits::default();
         let mut processor = Processor::new(0, Dispatcher::new(0, 1, Arc::new(Shapes)), stats.clone(), limits);
-        let mut conn = Connection::new(limits, Instant::now(), stats.core(0));
+        let mut conn = Connection::new(Arc::new(limits), Instant::now(), stats.core(0));
         group.bench_function(name, |b| {
             b.iter(|| black_box(round(&mut conn, &mut processor, &runtime, &mut buf, &received, &stats)))
         });

@@ -18,6 +18,7 @@
 //! its operations in flight and this machine — nothing else.
 
 use std::mem;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::deferred::Mailbox;
@@ -176,10 +177,11 @@ pub struct Connection {
     line_started: Option<Instant>,
     /// When the server's shutdown deadline closes this connection.
     drain_deadline: Option<Instant>,
-    limits: Limits,
+    /// Shared by every connection of the server (one pointer here, not a copy each).
+    limits: Arc<Limits>,
     /// `connection{peer=…}`, entered while this machine handles an event, so that what its
-    /// requests log carries it; a disabled span (no cost) unless debug logging is on.
-    span: tracing::Span,
+    /// requests log carries it; only while debug logging is on.
+    span: Option<Box<tracing::Span>>,
     /// The TLS session, on a TLS port: bytes received are decrypted before framing, bytes
     /// sent are encrypted.
     tls: Option<Box<Tls>>,
@@ -243,7 +245,7 @@ impl Tls {
 
 impl Connection {
     /// A connection accepted at `now` (counted as opened; allocates nothing).
-    pub fn new(limits: Limits, now: Instant, stats: &CoreStats) -> Self {
+    pub fn new(limits: Arc<Limits>, now: Instant, stats: &CoreStats) -> Self {
         stats.connection_opened();
         Self {
             state: State::Serving,
@@ -260,11 +262,8 @@ impl Connection {
             line_started: None,
             drain_deadline: None,
             limits,
-            span: if tracing::enabled!(tracing::Level::DEBUG) {
-                tracing::debug_span!("connection", peer = tracing::field::Empty)
-            } else {
-                tracing::Span::none()
-            },
+            span: tracing::enabled!(tracing::Level::DEBUG)
+                .then(|| Box::new(tracing::debug_span!("connection", peer = tracing::field::Empty))),
             tls: None,
         }
     }
@@ -309,8 +308,8 @@ impl Connection {
     /// Deferred replies were answered (the mailbox woke the backend): they join the output
     /// in request order, with the replies that waited behind them.
     pub fn on_deferred(&mut self, stats: &CoreStats) {
-        let span = self.span.clone();
-        let _entered = span.enter();
+        let span = self.span.as_deref().cloned();
+        let _entered = span.as_ref().map(tracing::Span::enter);
         if matches!(self.state, State::Closed(_)) {
             return;
         }
@@ -337,7 +336,9 @@ impl Connection {
 
     /// The peer's address, for the logs (see [`wants_peer`](Self::wants_peer)).
     pub fn set_peer(&mut self, peer: std::net::SocketAddr) {
-        self.span.record("peer", tracing::field::display(peer));
+        if let Some(span) = &self.span {
+            span.record("peer", tracing::field::display(peer));
+        }
         self.session.set_peer(peer);
     }
 
@@ -538,8 +539,8 @@ impl Connection {
         len: usize,
         now: Instant,
     ) {
-        let span = self.span.clone();
-        let _entered = span.enter();
+        let span = self.span.as_deref().cloned();
+        let _entered = span.as_ref().map(tracing::Span::enter);
         if !self.begin_receive(now) {
             processor.stats().bytes_in(len);
             return;
@@ -601,8 +602,8 @@ impl Connection {
             self.session.return_line(line);
             return;
         }
-        let span = self.span.clone();
-        let _entered = span.enter();
+        let span = self.span.as_deref().cloned();
+        let _entered = span.as_ref().map(tracing::Span::enter);
         if !self.begin_receive(now) {
             processor.stats().bytes_in(line.received());
             self.session.return_line(line);
@@ -654,8 +655,8 @@ impl Connection {
     /// The peer sent FIN (a read returned 0): an unterminated last line is dropped, the
     /// replies owed are sent, then the connection closes.
     pub fn on_peer_closed(&mut self, now: Instant) {
-        let span = self.span.clone();
-        let _entered = span.enter();
+        let span = self.span.as_deref().cloned();
+        let _entered = span.as_ref().map(tracing::Span::enter);
         self.last_activity = now;
         match self.state {
             State::Serving | State::Draining | State::Desynced => {
@@ -717,8 +718,8 @@ impl Connection {
     /// A timer fired at `now`: closes the connection if one of its deadlines has passed, and
     /// counts why.
     pub fn on_timeout(&mut self, now: Instant, stats: &CoreStats) {
-        let span = self.span.clone();
-        let _entered = span.enter();
+        let span = self.span.as_deref().cloned();
+        let _entered = span.as_ref().map(tracing::Span::enter);
         if matches!(self.state, State::Closed(_)) {
             return;
         }
@@ -797,7 +798,7 @@ mod tests {
             let stats = StatsRegistry::new(1);
             let processor = Processor::new(0, TestDispatch, stats.clone(), limits);
             let t0 = Instant::now();
-            let conn = Connection::new(limits, t0, stats.core(0));
+            let conn = Connection::new(Arc::new(limits), t0, stats.core(0));
             (Self { stats, processor, t0 }, conn)
         }
 
@@ -1263,7 +1264,7 @@ mod tests {
             stats,
             t0: Instant::now(),
         };
-        let mut conn = Connection::new(limits(), f.t0, f.stats.core(0));
+        let mut conn = Connection::new(Arc::new(limits()), f.t0, f.stats.core(0));
         // An echo at 0 ms, a deferred reply and a ping at 2 ms.
         f.recv(&mut conn, ECHO_LINE, 0);
         f.recv(&mut conn, &[LATER_LINE, b"{\"cmdid\":0}\n"].concat(), 2);

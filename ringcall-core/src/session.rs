@@ -111,8 +111,9 @@ pub struct Session {
     carry: Vec<u8>,
     /// The incomplete line held in `carry` began in the last receive.
     new_partial: bool,
-    /// The peer's address, for the logs (set only when something logs it).
-    peer: Option<std::net::SocketAddr>,
+    /// The peer's address, for the logs (set only when something logs it; boxed, since
+    /// most connections never have one).
+    peer: Option<Box<std::net::SocketAddr>>,
     /// The client's verified identity (mutual TLS), for handlers and the access policy.
     identity: Option<Arc<str>>,
     /// Length of the last line completed in the carry buffer: a new carried line gets that
@@ -146,7 +147,7 @@ impl Session {
 
     /// Names the peer in what this connection's requests log (slow requests, debug lines).
     pub fn set_peer(&mut self, peer: std::net::SocketAddr) {
-        self.peer = Some(peer);
+        self.peer = Some(Box::new(peer));
     }
 
     /// The client's verified identity (from its TLS certificate), given to every request.
@@ -265,7 +266,7 @@ pub struct Processor<D> {
     tape: Tape<'static>,
     empty_params: Tape<'static>,
     context: CoreContext,
-    limits: Limits,
+    limits: Arc<Limits>,
     scratch: Vec<u8>,
     dispatch: D,
     access: super::access::Access,
@@ -279,7 +280,7 @@ impl<D: Dispatch> Processor<D> {
             tape: Tape(Vec::with_capacity(64)),
             empty_params: Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]),
             context: CoreContext::new(core, stats),
-            limits,
+            limits: Arc::new(limits),
             scratch: Vec::new(),
             dispatch,
             access: super::access::Access::default(),
@@ -302,7 +303,7 @@ impl<D: Dispatch> Processor<D> {
     /// A new connection of this core, accepted at `now`: its limits, its counters, and on a
     /// TLS port its TLS session.
     pub fn open_connection(&self, now: Instant) -> super::Connection {
-        let mut conn = super::Connection::new(self.limits, now, self.stats());
+        let mut conn = super::Connection::new(self.limits.clone(), now, self.stats());
         if let Some(tls) = self.tls() {
             conn.start_tls(tls);
         }
@@ -321,7 +322,7 @@ impl<D: Dispatch> Processor<D> {
 
     /// The limits in force.
     pub fn limits(&self) -> Limits {
-        self.limits
+        *self.limits
     }
 
     /// Feeds `buf[..len]`, just received on `session`'s connection, and appends every reply
@@ -365,7 +366,7 @@ impl<D: Dispatch> Processor<D> {
             let line_len = carry.len();
             session.carry_hint = u32::try_from(line_len).unwrap_or(u32::MAX);
             carry.resize(line_len + PADDING, 0);
-            let peer = session.peer;
+            let peer = session.peer.as_deref().copied();
             let flow = self.handle_line(carry, line_len, out, peer, identity, &mut session.greeted);
             // Kept while the next line is carried too (below), so a stream of long lines
             // does not grow the carry from nothing for each.
@@ -405,8 +406,14 @@ impl<D: Dispatch> Processor<D> {
                 Some(nl) if nl > self.limits.max_line => return Err(self.too_long(session, out)),
                 Some(nl) => {
                     let greeted = &mut session.greeted;
-                    if self.handle_line(&mut buf[pos..], nl, out, session.peer, identity, greeted)
-                        == Flow::Close
+                    if self.handle_line(
+                        &mut buf[pos..],
+                        nl,
+                        out,
+                        session.peer.as_deref().copied(),
+                        identity,
+                        greeted,
+                    ) == Flow::Close
                     {
                         return Err(self.refused(session));
                     }
@@ -454,7 +461,7 @@ impl<D: Dispatch> Processor<D> {
         session.carry_hint = u32::try_from(line_len).unwrap_or(u32::MAX);
         // Within the capacity the read left for it: no reallocation.
         buf.resize(total + PADDING, 0);
-        let peer = session.peer;
+        let peer = session.peer.as_deref().copied();
         if self.handle_line(&mut buf, line_len, out, peer, identity, &mut session.greeted) == Flow::Close {
             return self.refused(session);
         }

@@ -89,8 +89,9 @@ struct Conn {
     ending: bool,
     /// Its mailbox (made at its first deferred reply) has this core's waker.
     waker_set: bool,
-    /// The line buffer a one-shot recv is filling (owned here until it completes).
-    line: Option<LineBuf>,
+    /// The line buffer a one-shot recv is filling (owned here until it completes; boxed,
+    /// since most connections never read a line this long).
+    line: Option<Box<LineBuf>>,
     conn: Connection,
 }
 
@@ -426,7 +427,8 @@ impl<S: Service> Worker<S> {
             }
             return Ok(());
         };
-        if let Some(mut line) = c.line.take() {
+        if let Some(line) = c.line.take() {
+            let mut line = *line;
             // The one-shot recv into a line's buffer.
             c.recv = Recv::Off;
             if res > 0 {
@@ -516,7 +518,7 @@ impl<S: Service> Worker<S> {
                 let entry = if let Some(mut line) = c.conn.lend_line() {
                     let room = line.room().try_into().unwrap_or(u32::MAX);
                     let entry = opcode::Recv::new(Fd(fd.as_raw_fd()), line.read_ptr(), room).build();
-                    c.line = Some(line);
+                    c.line = Some(Box::new(line));
                     c.recv = Recv::Direct;
                     entry
                 } else {
