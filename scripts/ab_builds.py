@@ -3,7 +3,10 @@
 and a candidate binary, in interleaved rounds, with medians and per-round ratios.
 
 `ringcall compare` compares backends of one build; this compares builds (is a change a
-regression?). Servers run pinned to --server-cpu with one worker; the load is the
+regression?), by requests/s and by the server's CPU time per request answered (schedstat of
+every server thread over the run, warm-up included, divided by the requests its stats
+command counted over the same span; steadier than requests/s when the load generator is the
+bottleneck). Servers run pinned to --server-cpu with one worker; the load is the
 candidate's `ringcall bench`, pinned to --client-cpu. The order of the runs rotates every
 round, so drift on a noisy host hits both builds alike.
 
@@ -12,10 +15,33 @@ round, so drift on a noisy host hits both builds alike.
 """
 
 import argparse
+import glob
 import json
+import socket
 import statistics
 import subprocess
 import threading
+
+
+def server_cpu_ns(pid):
+    """CPU time every thread of the server has run, from schedstat (nanoseconds)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def server_requests(addr):
+    """Requests the server has answered, from its built-in stats command."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b'{"cmdid":1}\n')
+        line = conn.makefile("rb").readline()
+    return json.loads(line)["data"]["total"]["requests"]
 
 
 def start_server(binary, backend, cpu):
@@ -57,13 +83,17 @@ def run(args, binary, backend, workload):
         shape, _, size = workload.partition("@")
         connections, pipeline = shape.split("x")
         payload = ["--payload-bytes", size] if size else []
+        cpu0, served0 = server_cpu_ns(server.pid), server_requests(addr)
         out = subprocess.run(
             [args.candidate, "bench", "--addr", addr, "-c", connections, "-P", pipeline,
              "-d", str(args.duration), "--warmup", str(args.warmup), "--cpus", str(args.client_cpu),
              "--output", "json", *payload],
             check=True, capture_output=True,
         ).stdout
-        return json.loads(out)["requests_per_sec"]
+        cpu1, served1 = server_cpu_ns(server.pid), server_requests(addr)
+        # The warm-up's requests count too, on both sides: CPU per request answered.
+        cpu_per_request = (cpu1 - cpu0) / max(served1 - served0, 1)
+        return json.loads(out)["requests_per_sec"], cpu_per_request
     finally:
         server.terminate()
         server.wait()
@@ -90,18 +120,24 @@ def main():
             mine = [s for s in slots if s[0] == workload]
             shift = round_ % len(mine)
             for w, backend, build in mine[shift:] + mine[:shift]:
-                rps = run(args, builds[build], backend, w)
-                results.setdefault((w, backend, build), []).append(rps)
-                print(f"round {round_ + 1} {w:>7} {backend:12} {build:9} {rps:12.0f} req/s", flush=True)
-    print("\n| workload | backend | baseline req/s | candidate req/s | candidate / baseline, per round |")
-    print("|---|---|---:|---:|---|")
+                rps, cpu = run(args, builds[build], backend, w)
+                results.setdefault((w, backend, build), []).append((rps, cpu))
+                print(f"round {round_ + 1} {w:>7} {backend:12} {build:9} {rps:12.0f} req/s "
+                      f"{cpu:8.0f} ns of server CPU per request", flush=True)
+    print("\n| workload | backend | baseline req/s | candidate req/s | candidate / baseline, per round "
+          "| server CPU per request, baseline → candidate (ns) | candidate / baseline, per round |")
+    print("|---|---|---:|---:|---|---|---|")
     for workload in args.workloads.split(","):
         for backend in args.backends.split(","):
             base = results[(workload, backend, "baseline")]
             cand = results[(workload, backend, "candidate")]
-            ratios = [c / b for b, c in zip(base, cand)]
-            print(f"| {workload} | {backend} | {statistics.median(base):.0f} | {statistics.median(cand):.0f} | "
-                  f"median {statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)}) |")
+            ratios = [c[0] / b[0] for b, c in zip(base, cand)]
+            cpu_ratios = [c[1] / b[1] for b, c in zip(base, cand)]
+            print(f"| {workload} | {backend} | {statistics.median(b[0] for b in base):.0f} | "
+                  f"{statistics.median(c[0] for c in cand):.0f} | "
+                  f"median {statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)}) | "
+                  f"{statistics.median(b[1] for b in base):.0f} → {statistics.median(c[1] for c in cand):.0f} | "
+                  f"median {statistics.median(cpu_ratios):.2f}x ({', '.join(f'{r:.2f}' for r in cpu_ratios)}) |")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
     let mut now = Instant::now();
     let mut conn = core.access.with(|io| io.processor.open_connection(now));
     super::name_peer(stream.as_fd(), &mut conn);
+    // Made once and re-armed after it fires: a `Notified` registers with its `Notify` when
+    // first polled, and would register (and deregister) again on every turn if remade.
+    let mut woken = std::pin::pin!(waker.notified());
     loop {
         flush(&stream, &mut conn, &core.access, now);
         // Reads go on until the kernel has nothing more, so its count is the whole truth.
@@ -82,7 +85,10 @@ pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
             () = deferred_ready(mailbox.as_deref()), if mailbox.is_some() => Wake::Deferred,
             ready = stream.readable(), if interest.read => Wake::Readable(ready.is_ok()),
             ready = stream.writable(), if interest.send => Wake::Writable(ready.is_ok()),
-            () = waker.notified() => Wake::Engine,
+            () = woken.as_mut() => {
+                woken.set(waker.notified());
+                Wake::Engine
+            }
         };
         now = Instant::now();
         match event {

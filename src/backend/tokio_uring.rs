@@ -220,6 +220,18 @@ async fn serve_io<S: Service, A: CoreAccess<S>>(
             Step::ShutdownWrite => sys::shutdown(fd_of(stream), Shutdown::Write),
             Step::Close(reason) => {
                 tracing::debug!(?reason, "connection closed");
+                // The operations in flight end once the socket is shut down; awaiting them
+                // frees their buffers before the connection counts as closed.
+                sys::shutdown(fd_of(stream), Shutdown::Both);
+                if let Some(read) = reading.as_mut().as_pin_mut() {
+                    drop(read.await);
+                }
+                if let Some(write) = writing.as_mut().as_pin_mut() {
+                    drop(write.await);
+                }
+                if let Some(no_op) = settling.as_mut().as_pin_mut() {
+                    drop(no_op.await);
+                }
                 return;
             }
         }
