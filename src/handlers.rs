@@ -1,5 +1,5 @@
 //! The built-in commands. `ping` (0), `stats` (1) and the token hello (2) are answered by every ringcall server
-//! (cmdids below [`RESERVED_BELOW`](crate::dispatch::RESERVED_BELOW) are reserved for them);
+//! (cmdids below [`RESERVED_BELOW`](crate::RESERVED_BELOW) are reserved for them);
 //! [`echo`] is the shipped server's cmdid 10000 (tornado-TCP's `TEST_CMDID`), and any table
 //! can route it.
 
