@@ -159,14 +159,20 @@ impl<S: Service, A: CoreAccess<S>> Core<S, A> {
         now: Instant,
         unread: impl FnOnce() -> Option<usize>,
     ) -> Interest {
-        let (interest, moved) = self.access.engine(|engine| {
-            let interest = engine.drive(handle, conn, now, unread);
-            (interest, engine.take_timer_moved())
+        self.update(|engine| engine.drive(handle, conn, now, unread))
+    }
+
+    /// Runs `f` on the engine; if that moved its next timeout earlier (a connection's
+    /// deadline, the accept back-off, the shutdown deadline), the timer task sleeps again.
+    fn update<T>(&self, f: impl FnOnce(&mut CoreEngine) -> T) -> T {
+        let (value, moved) = self.access.engine(|engine| {
+            let value = f(engine);
+            (value, engine.take_timer_moved())
         });
         if moved {
             self.signals.timer_moved.notify_one();
         }
-        interest
+        value
     }
 
     /// The engine woke the connection's task: a deadline may have passed.
@@ -347,7 +353,7 @@ pub(crate) async fn serve_worker<S, A, L>(
                 Err(e) => {
                     let listening = core.access.engine(|engine| engine.listening());
                     if listening == Listening::Accepting {
-                        core.access.engine(|engine| engine.on_accept_failed(Instant::now(), &e));
+                        core.update(|engine| engine.on_accept_failed(Instant::now(), &e));
                     }
                 }
             }
@@ -361,7 +367,7 @@ pub(crate) async fn serve_worker<S, A, L>(
             tokio::select! {
                 // The guard `wait_for` returns is dropped inside, so this future stays Send.
                 () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
-                    core.access.engine(|engine| engine.on_shutdown(Instant::now()));
+                    core.update(|engine| engine.on_shutdown(Instant::now()));
                     core.run_actions(on_listener_action);
                     return;
                 }
