@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::connection::{CloseReason, Connection, State, Step};
+use super::connection::{CloseReason, Connection, Step};
 use super::reply::TOO_MANY_CONNECTIONS;
 use crate::stats::CoreStats;
 
@@ -326,11 +326,6 @@ impl<W> Engine<W> {
         self.slot(handle).map(|slot| &slot.waker)
     }
 
-    /// Every open connection's handle and waker.
-    pub fn wakers(&self) -> impl Iterator<Item = (Handle, &W)> {
-        self.slots.iter().map(|(index, slot)| (Handle::from_parts(index, slot.generation), &slot.waker))
-    }
-
     fn slot(&self, handle: Handle) -> Option<&Slot<W>> {
         self.slots.get(handle.index()).filter(|slot| slot.generation == handle.generation)
     }
@@ -582,12 +577,12 @@ impl<W> Engine<W> {
         self.actions.pop_front()
     }
 
-    /// The driver released the connection's socket: its place is freed and it counts as
-    /// closed. Deferred replies still pending are abandoned.
+    /// The driver released the connection's socket: it counts as closed (deferred replies
+    /// still pending are abandoned) and its place is freed; returns its waker (`None` for a
+    /// stale handle).
     pub fn release(&mut self, handle: Handle, conn: Connection, stats: &CoreStats) -> Option<W> {
-        let slot = self.slot(handle)?;
-        let _ = slot;
         conn.finish(stats);
+        self.slot(handle)?;
         Some(self.slots.remove(handle.index()).waker)
     }
 
@@ -596,11 +591,6 @@ impl<W> Engine<W> {
         matches!(self.phase, Phase::Draining { .. })
             && self.slots.is_empty()
             && self.listening == Listening::Stopped
-    }
-
-    /// Whether `conn` is closed (its driver ends its operations and then releases it).
-    pub fn is_closed(conn: &Connection) -> bool {
-        matches!(conn.state(), State::Closed(_))
     }
 }
 
