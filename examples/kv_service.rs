@@ -1,12 +1,28 @@
 //! A small custom service on ringcall: a per-core counter and a greeting, in a few lines.
 //!
-//! Run it with `cargo run --release --example kv_service [ADDR]` (it prints the address it
-//! listens on; SIGINT or SIGTERM drains it gracefully), then:
+//! Run it with `cargo run --release --example kv_service -- --addr 127.0.0.1:8890` (the
+//! default; `--help` lists the flags). It prints the address it listens on; SIGINT or SIGTERM
+//! drains it gracefully. Then:
 //! `printf '{"cmdid":2000,"params":{"name":"ops"}}\n{"cmdid":2001,"params":{"by":5}}\n' | nc -q1 127.0.0.1 8890`
 
 use std::cell::Cell;
 
-use ringcall::{Ctx, HandlerError, HandlerResult, Reply, Request, Server, Service};
+use clap::Parser;
+use ringcall::{Backend, Ctx, HandlerError, HandlerResult, Reply, Request, Server, Service};
+
+#[derive(Parser)]
+#[command(about = "A per-core counter and a greeting on ringcall")]
+struct Args {
+    /// Address to listen on (port 0 picks a free one; the address is printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8890")]
+    addr: String,
+    /// I/O backend: auto, uring, tokio-uring, epoll or epoll-mt.
+    #[arg(long, default_value = "auto")]
+    backend: Backend,
+    /// Worker threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
 
 /// The service: nothing shared; each core keeps its own counter.
 struct KvService;
@@ -47,20 +63,11 @@ ringcall::routes! {
     }
 }
 
-fn main() -> Result<(), ringcall::ServerError> {
-    // Logs to stderr (stdout carries the address), coloured only on a terminal.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    // `kv_service [ADDR]`: 127.0.0.1:8890 unless told otherwise (port 0 picks a free one).
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8890".to_owned());
+fn main() -> anyhow::Result<()> {
+    ringcall_examples::init_logs();
+    let args = Args::parse();
     // SIGINT/SIGTERM drain the server as `ringcall serve` does: stop accepting, answer every
     // request received, then return from wait().
-    let server = Server::builder().addr(addr).start(KvService)?;
-    println!("{}", server.local_addr());
-    tracing::info!(addr = %server.local_addr(), "kv_service listening");
-    server.wait()?;
-    tracing::info!("kv_service stopped");
-    Ok(())
+    let builder = Server::builder().addr(args.addr).backend(args.backend).threads(args.threads);
+    ringcall_examples::serve(builder, KvService, "kv_service")
 }

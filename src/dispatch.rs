@@ -275,6 +275,15 @@ pub mod shape {
 
 /// A function [`routes!`](crate::routes) can put in a table of service `S`; `Shape` is one
 /// of the [`shape`] markers, inferred from the function's signature.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a handler `routes!` can call",
+    label = "not one of the handler shapes",
+    note = "a handler is one of: `fn(&Request, Reply) -> HandlerResult`, \
+            `fn(&Ctx<S>, &Request, Reply) -> HandlerResult` (with the service's state), or \
+            `fn(&Ctx<S>, &Request, Deferred) -> HandlerResult` (answering later)",
+    note = "in a table declared `routes! {{ Table for MyService {{ … }} }}`, `S` is `MyService`; \
+            in `routes! {{ Name {{ … }} }}`, `S` is `Name` itself"
+)]
 pub trait Handler<S: Service, Shape> {
     /// Runs the handler.
     fn call(&self, ctx: &Ctx<'_, S>, request: &Request<'_, '_>, responder: Responder<'_>) -> HandlerResult;

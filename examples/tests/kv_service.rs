@@ -29,7 +29,7 @@ impl Drop for Service {
 fn a_library_built_service_drains_on_sigterm_and_exits_0() {
     let mut service = Service(
         Command::new(example("kv_service"))
-            .arg("127.0.0.1:0")
+            .args(["--addr", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
