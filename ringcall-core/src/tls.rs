@@ -40,10 +40,24 @@ impl rustls::server::ResolvesServerCert for CertSource {
     }
 }
 
+/// The crypto provider of every TLS session: the process default when the application
+/// installed one (`rustls::crypto::CryptoProvider::install_default`, with aws-lc-rs for
+/// post-quantum key exchange, say), else ring's.
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    if let Some(installed) = rustls::crypto::CryptoProvider::get_default() {
+        return installed.clone();
+    }
+    // rustls 0.23.48 deprecates ring's provider (it has no post-quantum key exchange); ring is
+    // still what builds without cmake here (see Cargo.toml), and an application that wants
+    // more installs its own provider, taken above.
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
 /// Loads `cert` and `key` as a certified key, checking that they match.
 fn certified_key(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, TlsError> {
     let (chain, private) = load_pair(cert, key)?;
-    rustls::sign::CertifiedKey::from_der(chain, private, &rustls::crypto::ring::default_provider())
+    rustls::sign::CertifiedKey::from_der(chain, private, &crypto_provider())
         .map_err(|source| TlsError::Mismatch { cert: cert.to_owned(), key: key.to_owned(), source })
 }
 
@@ -200,7 +214,7 @@ impl TlsConfig {
             key: key.to_owned(),
             current: std::sync::RwLock::new(Arc::new(certified_key(cert, key)?)),
         });
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crypto_provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|source| TlsError::Mismatch { cert: cert.to_owned(), key: key.to_owned(), source })?;
@@ -280,7 +294,7 @@ impl ClientTls {
         identity: Option<(&Path, &Path)>,
     ) -> Result<Self, TlsError> {
         let roots = load_roots(ca, "CA")?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crypto_provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|source| TlsError::Mismatch { cert: ca.to_owned(), key: ca.to_owned(), source })?
