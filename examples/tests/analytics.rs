@@ -12,7 +12,7 @@ use support::Running;
 
 fn counts_from_every_core_merge_in_one_read(backend: Backend) {
     if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
-        eprintln!("SKIPPED: io_uring is not available here");
+        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
         return;
     }
     let args = [

@@ -47,7 +47,7 @@ fn append_all(client: &mut Client, round: usize, n: usize) -> Vec<(usize, usize,
 
 fn acknowledged_records_survive_kill_9_and_a_restart_appends_after_them(backend: Backend) {
     if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
-        eprintln!("SKIPPED: io_uring is not available here");
+        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
         return;
     }
     let dir = TempDir::new(&format!("log-{backend}"));

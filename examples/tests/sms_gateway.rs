@@ -117,7 +117,7 @@ fn send(to: &str, text: &str) -> String {
 
 fn relays_over_http_and_serves_on_while_calls_hang(backend: Backend) {
     if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
-        eprintln!("SKIPPED: io_uring is not available here");
+        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
         return;
     }
     let provider = Arc::new(Provider::default());

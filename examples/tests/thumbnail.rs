@@ -27,7 +27,7 @@ fn request(id: usize, w: usize, h: usize, size: usize) -> String {
 
 fn thumbnails_and_load_shedding(backend: Backend) {
     if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
-        eprintln!("SKIPPED: io_uring is not available here");
+        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
         return;
     }
     let args =
