@@ -213,5 +213,37 @@ every_backend!(
     bench_with_sized_requests_sends_exactly_those_bytes,
     bench_totals_match_the_server_stats,
     open_loop_bench_reports_corrected_latency,
-    bench_over_several_servers_reports_each
+    bench_over_several_servers_reports_each,
+    bench_counts_no_warm_up_bytes_and_reports_transfer_rates
 );
+
+/// The warm-up's traffic is not counted, as its requests are not: bytes per request are the
+/// request line's length whatever the warm-up (the requests in flight as measuring starts and
+/// ends are a handful among thousands), and the transfer rates are the counts over the time.
+fn bench_counts_no_warm_up_bytes_and_reports_transfer_rates(backend: Backend) {
+    let Some(server) = start(backend) else { return };
+    let line = BenchConfig::echo_request();
+    let config = BenchConfig {
+        stop: StopAfter::Duration(Duration::from_millis(500)),
+        warmup: Duration::from_millis(500),
+        ..counted(vec![server.local_addr()], 2, 4, 0)
+    };
+    let report = ringcall_cli::bench::run(&config).unwrap();
+    assert!(report.requests > 100, "{} requests", report.requests);
+    let per_request = report.bytes_sent as f64 / report.requests as f64;
+    let expected = line.len() as f64;
+    assert!(
+        (0.9 * expected..1.1 * expected).contains(&per_request),
+        "{per_request} bytes sent per request, the request line is {expected}"
+    );
+    let secs = report.duration_secs;
+    assert!(
+        (report.bytes_sent_per_sec - report.bytes_sent as f64 / secs).abs()
+            < 1e-6 * report.bytes_sent_per_sec
+    );
+    assert!(
+        (report.bytes_received_per_sec - report.bytes_received as f64 / secs).abs()
+            < 1e-6 * report.bytes_received_per_sec.max(1.0)
+    );
+    assert!(report.render(ringcall_cli::bench::OutputFormat::Text).contains("transfer    "));
+}

@@ -133,6 +133,12 @@ const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
+/// Whether the run is measuring now: bytes moved during the warm-up are not counted, like
+/// its requests.
+fn measuring(shared: &Shared) -> bool {
+    shared.phase.load(Ordering::Relaxed) == MEASURE
+}
+
 /// Codes below this are counted in an array; others under "other".
 const CODE_SLOTS: usize = 1000;
 /// Open loop: requests allowed in flight on one connection before sending pauses.
@@ -556,7 +562,9 @@ async fn connection(
                 result.connection_ended(Ended::from_io(&e), flight.len());
                 break;
             }
-            result.bytes_sent += out.len() as u64;
+            if measuring(&shared) {
+                result.bytes_sent += out.len() as u64;
+            }
             out.clear();
         }
         let stopped = Flight::stopping(&config, &shared);
@@ -603,7 +611,9 @@ async fn connection(
             }
             Ok(n) => n,
         };
-        result.bytes_received += n as u64;
+        if measuring(&shared) {
+            result.bytes_received += n as u64;
+        }
         filled += n;
         let now = Instant::now();
         let mut start = 0;

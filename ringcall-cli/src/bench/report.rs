@@ -95,10 +95,14 @@ pub struct BenchReport {
     pub errors: u64,
     /// Requests sent and never answered, by how their connection ended.
     pub unanswered: Unanswered,
-    /// Bytes written.
+    /// Bytes written while measuring (the warm-up's are not counted, as its requests are not).
     pub bytes_sent: u64,
-    /// Bytes read.
+    /// Bytes read while measuring.
     pub bytes_received: u64,
+    /// `bytes_sent / duration`.
+    pub bytes_sent_per_sec: f64,
+    /// `bytes_received / duration`: the transfer rate wrk and oha report.
+    pub bytes_received_per_sec: f64,
     /// Latency of measured requests.
     #[serde(rename = "latency_us")]
     pub latency: Latency,
@@ -164,6 +168,8 @@ impl BenchReport {
             unanswered: result.unanswered,
             bytes_sent: result.bytes_sent,
             bytes_received: result.bytes_received,
+            bytes_sent_per_sec: if secs > 0.0 { result.bytes_sent as f64 / secs } else { 0.0 },
+            bytes_received_per_sec: if secs > 0.0 { result.bytes_received as f64 / secs } else { 0.0 },
             latency,
             coordinated_omission_corrected: config.rate.is_some(),
             tls: config.connect.tls.is_some(),
@@ -238,6 +244,13 @@ impl BenchReport {
             u.other
         );
         let _ = writeln!(s, "  bytes       {} sent, {} received", self.bytes_sent, self.bytes_received);
+        let mib = |bytes: f64| bytes / f64::from(1 << 20);
+        let _ = writeln!(
+            s,
+            "  transfer    {:.2} MiB/s sent, {:.2} MiB/s received",
+            mib(self.bytes_sent_per_sec),
+            mib(self.bytes_received_per_sec)
+        );
         let l = &self.latency;
         let _ = writeln!(
             s,
