@@ -695,6 +695,8 @@ impl Comparison {
     /// one bar per backend, drawn with plotters.
     pub fn svg(&self) -> String {
         use plotters::prelude::*;
+        const PANEL_WIDTH: u32 = 240;
+        const LEGEND_ENTRY_WIDTH: u32 = 130;
         const COLORS: [RGBColor; 5] = [
             RGBColor(0xd6, 0x27, 0x28),
             RGBColor(0xff, 0x7f, 0x0e),
@@ -715,14 +717,22 @@ impl Comparison {
         let color = |backend: Contender| {
             COLORS[backends.iter().position(|b| *b == backend).unwrap_or(0) % COLORS.len()]
         };
-        let width = 240 * workloads.len().max(1) as u32 + 20;
+        let title = format!("ringcall compare: median requests/s (higher is better) — {}", self.machine);
+        // Wide enough for every panel, for the legend's row of backends, and for the title
+        // (at 14 px, a character of sans-serif takes at most about 8 px).
+        let width = [
+            PANEL_WIDTH * workloads.len().max(1) as u32 + 20,
+            LEGEND_ENTRY_WIDTH * backends.len() as u32 + 20,
+            8 * title.chars().count() as u32 + 20,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(PANEL_WIDTH);
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, (width, 400)).into_drawing_area();
             let drawn = (|| -> Result<(), Box<dyn std::error::Error + '_>> {
                 root.fill(&WHITE)?;
-                let title =
-                    format!("ringcall compare: median requests/s (higher is better) — {}", self.machine);
                 let root = root.titled(&title, ("sans-serif", 14))?;
                 let (panels, legend) = root.split_vertically(340);
                 for (panel, workload) in
@@ -772,7 +782,7 @@ impl Comparison {
                     }))?;
                 }
                 for (i, backend) in backends.iter().enumerate() {
-                    let x = 10 + 130 * i as i32;
+                    let x = 10 + (LEGEND_ENTRY_WIDTH * i as u32) as i32;
                     legend.draw(&Rectangle::new([(x, 20), (x + 12, 32)], color(*backend).filled()))?;
                     legend.draw(&Text::new(backend.to_string(), (x + 16, 22), ("sans-serif", 12)))?;
                 }
@@ -856,6 +866,56 @@ mod tests {
         assert_eq!(median_ratio(&[(1.5, true), (0.5, false), (1.25, true)]), (Some(1.375), 2));
         assert_eq!(median_ratio(&[(0.5, false), (0.9, false), (1.3, false)]), (Some(0.9), 3));
         assert_eq!(median_ratio(&[]), (None, 0));
+    }
+
+    #[test]
+    fn the_chart_makes_room_for_its_title_and_every_backend_with_one_workload() {
+        let contenders = [
+            Contender::Backend(Backend::Uring),
+            Contender::Backend(Backend::TokioUring),
+            Contender::Backend(Backend::Epoll),
+            Contender::Backend(Backend::EpollMt),
+            Contender::EchoBaseline,
+        ];
+        let workload: Workload = "16x16".parse().unwrap();
+        let comparison = Comparison {
+            machine: "a host whose description is long, as /proc/cpuinfo's model names are".into(),
+            measurements: Vec::new(),
+            summary: contenders
+                .iter()
+                .map(|&backend| Summary {
+                    backend,
+                    workload,
+                    requests_per_sec: 1e6,
+                    p99_us: 100.0,
+                    server_cpu_us_per_request: 1.0,
+                    server_busy_percent: 100.0,
+                    steal_percent: 0.0,
+                    vs_epoll: None,
+                    vs_epoll_rounds: 0,
+                    vs_baseline: None,
+                })
+                .collect(),
+        };
+        let svg = comparison.svg();
+        let width: u32 = svg
+            .split("width=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|w| w.parse().ok())
+            .expect("the chart's width");
+        let title =
+            format!("ringcall compare: median requests/s (higher is better) — {}", comparison.machine);
+        assert!(
+            width >= 8 * title.chars().count() as u32,
+            "{width} px for a title of {} characters",
+            title.len()
+        );
+        assert!(width >= 130 * contenders.len() as u32, "{width} px for {} legend entries", contenders.len());
+        for contender in contenders {
+            let name = contender.to_string();
+            assert!(svg.lines().any(|line| line.trim() == name), "{name} missing from the legend:\n{svg}");
+        }
     }
 
     #[test]
