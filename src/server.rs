@@ -217,6 +217,14 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a deferred reply may take when its request set no `timeout_ms` (default 60 s;
+    /// `None`: as long as it takes). Past it the caller gets a 504 in the reply's place and the
+    /// late answer is dropped, as with `timeout_ms`; counted in `deadline_expired`.
+    pub fn deferred_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.limits.deferred_timeout = timeout;
+        self
+    }
+
     /// Threads of the async runtime that runs async handler work on `uring` (default: one
     /// per worker); the tokio backends run it on each core's own runtime.
     pub fn async_threads(mut self, threads: usize) -> Self {

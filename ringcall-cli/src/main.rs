@@ -438,6 +438,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             slow_request: args.slow_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             // The shipped commands answer at once; only services that defer replies need it.
             max_deferred: ringcall::DEFAULT_MAX_DEFERRED,
+            deferred_timeout: Some(ringcall::DEFAULT_DEFERRED_TIMEOUT),
         },
         // `auto` resolved here, so that an error names the backend that failed.
         backend: args.backend.resolve(),

@@ -35,6 +35,8 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_CORE: usize = 16_384;
 pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 1 << 20;
 /// Default deferred replies one connection may have pending before reading from it pauses.
 pub const DEFAULT_MAX_DEFERRED: usize = 1024;
+/// Default time a deferred reply may take when its request set no `timeout_ms`.
+pub const DEFAULT_DEFERRED_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time a peer may take to finish a line it started.
 pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -64,6 +66,11 @@ pub struct Limits {
     /// Deferred replies one connection may have pending; at this many, reading from it
     /// pauses until half are answered (so a peer cannot pile up unbounded work).
     pub max_deferred: usize,
+    /// The deadline of a deferred reply whose request set no `timeout_ms` (`None`: none):
+    /// past it the caller gets a 504 in the reply's place, as with `timeout_ms`, so a handler
+    /// that keeps its handle and never answers cannot hold that reply, and every later one on
+    /// the connection, forever.
+    pub deferred_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -76,6 +83,7 @@ impl Default for Limits {
             line_timeout: DEFAULT_LINE_TIMEOUT,
             slow_request: None,
             max_deferred: DEFAULT_MAX_DEFERRED,
+            deferred_timeout: Some(DEFAULT_DEFERRED_TIMEOUT),
         }
     }
 }
@@ -839,6 +847,7 @@ mod tests {
             line_timeout: Duration::from_secs(5),
             slow_request: None,
             max_deferred: 4,
+            deferred_timeout: None,
         }
     }
 
@@ -1191,6 +1200,34 @@ mod tests {
         assert_eq!(f.send_all(&mut conn, 2_000), b"");
         let total = f.total();
         assert_eq!((total.deadline_expired, total.late_replies, total.replies_with(504)), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_deferred_reply_without_timeout_ms_gets_the_servers_default_deadline() {
+        let limits =
+            Limits { idle_timeout: None, deferred_timeout: Some(Duration::from_secs(10)), ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        // One without `timeout_ms` (the default applies) and one with its own, shorter.
+        f.recv(&mut conn, b"{\"cmdid\":3000,\"id\":1}\n{\"cmdid\":3000,\"id\":2,\"timeout_ms\":50}\n", 1_000);
+        let held = held();
+        assert_eq!(held[0].deadline(), Some(f.at(11_000)));
+        assert_eq!(held[1].deadline(), Some(f.at(1_050)), "a request's own deadline wins");
+        assert_eq!(conn.poll_timeout(), Some(f.at(1_050)));
+        conn.on_timeout(f.at(1_050), f.stats.core(0));
+        // The first holds the second's 504 back; at its own deadline both leave, in order.
+        assert_eq!(f.send_all(&mut conn, 1_050), b"");
+        assert_eq!(conn.poll_timeout(), Some(f.at(11_000)));
+        conn.on_timeout(f.at(11_000), f.stats.core(0));
+        assert_eq!(
+            f.send_all(&mut conn, 11_000),
+            [
+                &b"{\"code\":504,\"id\":1,\"error\":\"deadline of 10000 ms passed before the handler answered\"}\n"[..],
+                b"{\"code\":504,\"id\":2,\"error\":\"deadline of 50 ms passed before the handler answered\"}\n",
+            ]
+            .concat()
+        );
+        assert_eq!(f.total().deadline_expired, 2);
+        drop(held);
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub struct Responder<'o> {
     start: usize,
     stats: &'o CoreStats,
     deferred: &'o mut bool,
+    /// The deadline of a deferred reply whose request set none.
+    deferred_timeout: Option<Duration>,
 }
 
 impl<'o> Responder<'o> {
@@ -220,7 +222,7 @@ impl<'o> Responder<'o> {
     /// set if the handler defers. (The [`Processor`] makes one for each request; this is for
     /// benches that time a handler alone.)
     pub fn new(out: &'o mut Output, start: usize, stats: &'o CoreStats, deferred: &'o mut bool) -> Self {
-        Self { out, start, stats, deferred }
+        Self { out, start, stats, deferred, deferred_timeout: None }
     }
 
     /// Answers now: the reply's data goes straight into the connection's output.
@@ -234,7 +236,8 @@ impl<'o> Responder<'o> {
     pub fn defer(self, request: &Request<'_, '_>) -> Deferred {
         self.out.sink().truncate(self.start);
         *self.deferred = true;
-        self.out.defer(request.cmdid(), request.id(), request.timeout(), self.stats)
+        let timeout = request.timeout().or(self.deferred_timeout);
+        self.out.defer(request.cmdid(), request.id(), timeout, self.stats)
     }
 }
 
@@ -670,7 +673,13 @@ impl<D: Dispatch> Processor<D> {
         let debug = tracing::enabled!(tracing::Level::DEBUG);
         let timed = metrics || debug || self.limits.slow_request.is_some() || request.timeout().is_some();
         let mut deferred = false;
-        let responder = Responder { out: &mut *out, start, stats: self.stats(), deferred: &mut deferred };
+        let responder = Responder {
+            out: &mut *out,
+            start,
+            stats: self.stats(),
+            deferred: &mut deferred,
+            deferred_timeout: self.limits.deferred_timeout,
+        };
         let Dispatched { result, ran } = self.dispatch.dispatch(&request, responder, timed);
         if metrics
             && !deferred

@@ -27,6 +27,7 @@ fn limits() -> Limits {
         line_timeout: Duration::from_secs(5),
         slow_request: None,
         max_deferred: 8,
+        deferred_timeout: None,
     }
 }
 
