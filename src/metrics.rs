@@ -67,9 +67,11 @@ impl Collector for Scrape {
                 "Deferred replies whose connection closed before they were answered.",
                 |s| s.deferred_abandoned,
             ),
-            ("deadline_expired", "Requests answered 504 because their timeout_ms passed first.", |s| {
-                s.deadline_expired
-            }),
+            (
+                "deadline_expired",
+                "Requests answered 504 because their deadline (timeout_ms, or the deferred default) passed first.",
+                |s| s.deadline_expired,
+            ),
             ("late_replies", "Deferred answers dropped because a 504 was sent first.", |s| s.late_replies),
         ];
         for (name, help, read) in counters {
