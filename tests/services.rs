@@ -214,6 +214,22 @@ fn a_deadline_answers_504_and_the_connection_goes_on(backend: Backend) {
     assert_eq!(total_stat(&mut client, "deadline_expired"), 1);
 }
 
+/// A deferred reply whose request set no `timeout_ms` gets the server's default deadline.
+fn a_deferred_reply_without_a_deadline_gets_the_servers_default(backend: Backend) {
+    let default = std::time::Duration::from_millis(100);
+    let Some(server) = start_service(backend, shop().0, |b| b.deferred_timeout(Some(default))) else {
+        return;
+    };
+    let mut client = Client::connect(server.local_addr());
+    // The work would take a minute and the request names no deadline.
+    assert_eq!(
+        client.call("{\"cmdid\":4002,\"id\":3,\"params\":{\"ms\":60000,\"value\":\"x\"}}\n"),
+        "{\"code\":504,\"id\":3,\"error\":\"deadline of 100 ms passed before the handler answered\"}\n"
+    );
+    assert_eq!(client.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
+    assert_eq!(total_stat(&mut client, "deadline_expired"), 1);
+}
+
 fn the_blocking_pool_sheds_load_with_503_while_the_core_serves_on(backend: Backend) {
     let (service, gate) = shop();
     let Some(server) = start_service(backend, service, |b| b.blocking_threads(1).blocking_queue(1)) else {
@@ -292,5 +308,6 @@ every_backend!(
     a_deadline_answers_504_and_the_connection_goes_on,
     the_blocking_pool_sheds_load_with_503_while_the_core_serves_on,
     a_forgotten_or_crashed_reply_is_a_500_never_silence,
+    a_deferred_reply_without_a_deadline_gets_the_servers_default,
     a_peer_gone_before_its_deferred_reply_loses_nothing_of_others,
 );
