@@ -14,19 +14,13 @@ CPU per request, this says whether the server's own code (user) or the kernel (s
 """
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import time
 
-
-def requests(addr):
-    host, port = addr.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(b'{"cmdid":1}\n')
-        return json.loads(conn.makefile("rb").readline())["data"]["total"]["requests"]
+# The stats command's request count, as the build A/B reads it (same directory).
+from ab_builds import server_requests as requests
 
 
 def cpu_ticks(pid):

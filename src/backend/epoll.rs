@@ -4,7 +4,7 @@
 
 use super::Backend;
 use super::tokio_conn::{serve_connection, tokio_listener};
-use super::tokio_core::{LocalCore, serve_worker};
+use super::tokio_core::{CoreIo, LocalCore, serve_worker};
 use super::worker::{WorkerError, WorkerSetup};
 use crate::dispatch::Service;
 use std::sync::Arc;
@@ -26,7 +26,9 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     serve_worker::<S, _, _>(
         setup,
         tokio_listener,
-        |core, stats, limits, engine| LocalCore::new(core, service, exec, access, stats, limits, engine),
+        |core, stats, limits, engine| {
+            LocalCore::new(CoreIo::new(core, service, exec, access, stats, limits), engine)
+        },
         |stream, handle, waker, core| {
             tokio::task::spawn_local(serve_connection(stream, handle, waker, core));
         },

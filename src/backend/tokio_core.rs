@@ -78,19 +78,8 @@ pub(crate) struct LocalCore<S: Service> {
 }
 
 impl<S: Service> LocalCore<S> {
-    pub(crate) fn new(
-        core: usize,
-        service: Arc<S>,
-        exec: Arc<crate::exec::Executors>,
-        access: ringcall_core::Access,
-        stats: Arc<StatsRegistry>,
-        limits: Limits,
-        engine: CoreEngine,
-    ) -> Self {
-        Self {
-            io: Rc::new(RefCell::new(CoreIo::new(core, service, exec, access, stats, limits))),
-            engine: Rc::new(RefCell::new(engine)),
-        }
+    pub(crate) fn new(io: CoreIo<S>, engine: CoreEngine) -> Self {
+        Self { io: Rc::new(RefCell::new(io)), engine: Rc::new(RefCell::new(engine)) }
     }
 }
 

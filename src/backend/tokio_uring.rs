@@ -29,7 +29,7 @@ use std::time::Instant;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
-use super::tokio_core::{Core, CoreAccess, Listen, LocalCore, Socket, Waker, serve_worker};
+use super::tokio_core::{Core, CoreAccess, CoreIo, Listen, LocalCore, Socket, Waker, serve_worker};
 use super::worker::{WorkerError, WorkerSetup};
 use super::{RECV_BUF_SIZE, sys, uring};
 use crate::dispatch::Service;
@@ -95,7 +95,9 @@ async fn serve<S: Service>(setup: WorkerSetup, service: Arc<S>) {
     serve_worker::<S, _, _>(
         setup,
         |fd| Ok(TcpListener::from_std(std::net::TcpListener::from(fd))),
-        |core, stats, limits, engine| LocalCore::new(core, service, exec, access, stats, limits, engine),
+        |core, stats, limits, engine| {
+            LocalCore::new(CoreIo::new(core, service, exec, access, stats, limits), engine)
+        },
         |stream, handle, waker, core| {
             tokio_uring::spawn(serve_connection(stream, handle, waker, core));
         },
