@@ -201,19 +201,32 @@ impl<'a, S: Service> Ctx<'a, S> {
     /// Answers `deferred` with what `work` returns, run as a tokio task: on this core's own
     /// runtime on the tokio backends, on the server's async runtime on `uring` (see
     /// [`ExecConfig`](crate::ExecConfig)). The core goes on serving while it runs. If the request set
-    /// `timeout_ms`, the task is dropped when it passes (the caller gets a 504).
+    /// `timeout_ms`, the task is dropped when it passes (the caller gets a 504); if nobody
+    /// waits for the answer any more (the connection closed, or the core answered 503 because
+    /// too many deferred replies were pending), it is dropped at once: an upstream call in it
+    /// is cancelled, not left to run for a caller that is gone.
     pub fn spawn<T, F>(&self, deferred: Deferred, work: F)
     where
         T: serde::Serialize + Send + 'static,
         F: std::future::Future<Output = Result<T, HandlerError>> + Send + 'static,
     {
+        let abandoned = deferred.abandoned();
         self.services.exec.async_handle().spawn(async move {
-            match deferred.deadline() {
-                Some(at) => match tokio::time::timeout_at(at.into(), work).await {
-                    Ok(result) => deferred.finish(result),
-                    Err(_) => deferred.expire(),
+            let deadline = deferred.deadline();
+            let work = async move {
+                match deadline {
+                    Some(at) => tokio::time::timeout_at(at.into(), work).await.ok(),
+                    None => Some(work.await),
+                }
+            };
+            tokio::select! {
+                // Nobody waits for the answer (the connection closed, or the core shed the
+                // request): the work is dropped where it stands.
+                () = abandoned => tracing::debug!(cmdid = deferred.cmdid(), "async work cancelled: its connection is gone"),
+                done = work => match done {
+                    Some(result) => deferred.finish(result),
+                    None => deferred.expire(),
                 },
-                None => deferred.finish(work.await),
             }
         });
     }
@@ -239,8 +252,8 @@ impl<'a, S: Service> Ctx<'a, S> {
     /// Answers `deferred` with what `work` returns, run on the server's bounded blocking pool
     /// (CPU-heavy or blocking work: image processing, a synchronous library). When the
     /// pool's queue is full the request is answered 503 at once; when the request's
-    /// `timeout_ms` passes before a thread takes the job, the job is skipped (the caller got
-    /// a 504). A panic in `work` answers 500.
+    /// `timeout_ms` passes before a thread takes the job, or its connection closes, the job is
+    /// skipped. A panic in `work` answers 500.
     pub fn spawn_blocking<T, F>(&self, deferred: Deferred, work: F)
     where
         T: serde::Serialize + 'static,

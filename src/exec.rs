@@ -74,6 +74,8 @@ fn take_jobs(rx: &Mutex<Receiver<Job>>) {
         match job {
             // A request whose deadline passed while it waited has its 504: skip the work.
             Ok(Job { deferred, .. }) if deferred.expired_at(std::time::Instant::now()) => deferred.expire(),
+            // Nobody waits for the answer any more (the connection closed): skip the work.
+            Ok(Job { deferred, .. }) if deferred.is_abandoned() => drop(deferred),
             Ok(Job { deferred, work }) => work(deferred),
             // The server is gone.
             Err(_) => return,

@@ -82,10 +82,10 @@ mod signals;
 
 pub use ringcall_core::stats;
 pub use ringcall_core::{
-    Acl, AclError, ArrayWriter, ClientTls, DEFAULT_DEFERRED_TIMEOUT, DEFAULT_LINE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_DEFERRED, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT,
-    Deferred, HandlerError, HandlerResult, HelloToken, Limits, ObjectWriter, Reply, Request, TlsConfig,
-    TlsError, TokenError,
+    Abandoned, Acl, AclError, ArrayWriter, ClientTls, DEFAULT_DEFERRED_TIMEOUT, DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_DEFERRED,
+    DEFAULT_MAX_DEFERRED_PER_CORE, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT, Deferred, HandlerError,
+    HandlerResult, HelloToken, Limits, ObjectWriter, Reply, Request, TlsConfig, TlsError, TokenError,
 };
 
 #[cfg(feature = "server")]

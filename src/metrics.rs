@@ -45,7 +45,7 @@ type PerCore = fn(&StatsSnapshot) -> u64;
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let cores: Vec<StatsSnapshot> = self.0.per_core().collect();
-        let counters: [(&str, &str, PerCore); 13] = [
+        let counters: [(&str, &str, PerCore); 14] = [
             ("connections_accepted", "Connections accepted.", |s| s.connections_total),
             ("connections_closed", "Connections closed.", |s| s.connections_closed),
             ("connections_refused", "Connections refused with a 503 because their core was full.", |s| {
@@ -61,6 +61,11 @@ impl Collector for Scrape {
             ),
             ("idle_timeouts", "Connections closed by the idle timeout.", |s| s.idle_timeouts),
             ("line_timeouts", "Connections closed by the line timeout.", |s| s.line_timeouts),
+            (
+                "hello_timeouts",
+                "Connections closed for not finishing their TLS handshake or token hello in time.",
+                |s| s.hello_timeouts,
+            ),
             ("deferred_replies", "Replies deferred by their handlers.", |s| s.deferred),
             (
                 "deferred_abandoned",

@@ -198,6 +198,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Close connections that do not finish their TLS handshake and token hello within this
+    /// long (default [`DEFAULT_HELLO_TIMEOUT`](crate::DEFAULT_HELLO_TIMEOUT)).
+    pub fn hello_timeout(mut self, timeout: Duration) -> Self {
+        self.config.limits.hello_timeout = timeout;
+        self
+    }
+
     /// Close connections that do not finish a started line within this long.
     pub fn line_timeout(mut self, timeout: Duration) -> Self {
         self.config.limits.line_timeout = timeout;
@@ -208,6 +215,14 @@ impl ServerBuilder {
     /// cmdid, code, core and peer.
     pub fn slow_request(mut self, threshold: Duration) -> Self {
         self.config.limits.slow_request = Some(threshold);
+        self
+    }
+
+    /// Deferred replies one core may have pending over all its connections; a handler that
+    /// defers beyond it has its request answered 503 at once (default
+    /// [`DEFAULT_MAX_DEFERRED_PER_CORE`](crate::DEFAULT_MAX_DEFERRED_PER_CORE)).
+    pub fn max_deferred_per_core(mut self, replies: usize) -> Self {
+        self.config.limits.max_deferred_per_core = replies.max(1);
         self
     }
 

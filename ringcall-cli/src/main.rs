@@ -269,6 +269,16 @@ struct ServeArgs {
         value_parser = positive_seconds
     )]
     line_timeout: f64,
+    /// Seconds a connection has to finish its TLS handshake and its token hello (on a TLS
+    /// port, or with --token-file); a peer that does not is closed, so that half-open
+    /// handshakes cannot hold connection slots.
+    #[arg(
+        long,
+        default_value_t = ringcall::DEFAULT_HELLO_TIMEOUT.as_secs_f64(),
+        allow_hyphen_values = true,
+        value_parser = positive_seconds
+    )]
+    hello_timeout: f64,
     /// Print a one-line stats summary every this many seconds (it is logged at debug level
     /// every 10 s otherwise).
     #[arg(long, allow_hyphen_values = true, value_parser = positive_seconds)]
@@ -439,6 +449,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // The shipped commands answer at once; only services that defer replies need it.
             max_deferred: ringcall::DEFAULT_MAX_DEFERRED,
             deferred_timeout: Some(ringcall::DEFAULT_DEFERRED_TIMEOUT),
+            hello_timeout: Duration::from_secs_f64(args.hello_timeout.max(0.001)),
+            max_deferred_per_core: ringcall::DEFAULT_MAX_DEFERRED_PER_CORE,
         },
         // `auto` resolved here, so that an error names the backend that failed.
         backend: args.backend.resolve(),

@@ -24,6 +24,17 @@ pub fn with_request<T>(line: &mut [u8], len: usize, f: impl FnOnce(&Request<'_, 
     f(&request)
 }
 
+/// [`with_request`] for any bytes: `None` when they are not JSON or not a request.
+pub fn try_with_request<T>(line: &mut [u8], len: usize, f: impl FnOnce(&Request<'_, '_>) -> T) -> Option<T> {
+    let mut buffers = Buffers::new(len);
+    let mut tape = Tape::null();
+    simd_json::fill_tape_padded(line, len, &mut buffers, &mut tape).ok()?;
+    let empty = Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]);
+    let context = CoreContext::new(0, StatsRegistry::new(1));
+    let request = decode(&tape, &empty, &context, None).ok()?;
+    Some(f(&request))
+}
+
 /// A reply writer over `out`, as handlers get it.
 pub fn reply(out: &mut Vec<u8>) -> Reply<'_> {
     Reply::new(out)

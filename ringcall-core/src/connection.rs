@@ -37,6 +37,12 @@ pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 1 << 20;
 pub const DEFAULT_MAX_DEFERRED: usize = 1024;
 /// Default time a deferred reply may take when its request set no `timeout_ms`.
 pub const DEFAULT_DEFERRED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default [`Limits::max_deferred_per_core`].
+pub const DEFAULT_MAX_DEFERRED_PER_CORE: usize = 16 * 1024;
+
+/// Default time a connection has to finish its TLS handshake and its token hello.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Default time a peer may take to finish a line it started.
 pub const DEFAULT_LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,6 +77,15 @@ pub struct Limits {
     /// that keeps its handle and never answers cannot hold that reply, and every later one on
     /// the connection, forever.
     pub deferred_timeout: Option<Duration>,
+    /// How long a connection that must be admitted first — a TLS handshake, the token
+    /// hello — has to finish that; past it, it is closed. Until then it holds a connection
+    /// slot without being able to call anything, so this bounds how long peers that never
+    /// finish can keep legitimate clients out.
+    pub hello_timeout: Duration,
+    /// Deferred replies one core may have pending, over all its connections; a handler that
+    /// defers beyond it gets its request answered 503 at once (load is shed before memory,
+    /// descriptors or an upstream run out).
+    pub max_deferred_per_core: usize,
 }
 
 impl Default for Limits {
@@ -84,6 +99,8 @@ impl Default for Limits {
             slow_request: None,
             max_deferred: DEFAULT_MAX_DEFERRED,
             deferred_timeout: Some(DEFAULT_DEFERRED_TIMEOUT),
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            max_deferred_per_core: DEFAULT_MAX_DEFERRED_PER_CORE,
         }
     }
 }
@@ -121,6 +138,8 @@ pub enum CloseReason {
     IdleTimeout,
     /// A started line, or the peer's close after our FIN, took longer than `line_timeout`.
     LineTimeout,
+    /// The TLS handshake or the token hello was not done within `hello_timeout`.
+    HelloTimeout,
     /// The server's shutdown deadline passed first.
     ShutdownDeadline,
     /// The socket failed.
@@ -185,6 +204,8 @@ pub struct Connection {
     line_started: Option<Instant>,
     /// When the server's shutdown deadline closes this connection.
     drain_deadline: Option<Instant>,
+    /// Until it is admitted (TLS handshake, token hello): when it is closed if not by then.
+    admit_by: Option<Instant>,
     /// Shared by every connection of the server (one pointer here, not a copy each).
     limits: Arc<Limits>,
     /// `connection{peer=…}`, entered while this machine handles an event, so that what its
@@ -269,6 +290,7 @@ impl Connection {
             last_activity: now,
             line_started: None,
             drain_deadline: None,
+            admit_by: None,
             limits,
             span: tracing::enabled!(tracing::Level::DEBUG)
                 .then(|| Box::new(tracing::debug_span!("connection", peer = tracing::field::Empty))),
@@ -292,6 +314,17 @@ impl Connection {
                 self.state = State::Closed(CloseReason::Error);
             }
         }
+    }
+
+    /// The connection, accepted at `now`, must finish a TLS handshake or present the token
+    /// before it may call anything: it is closed if that is not done within `hello_timeout`.
+    pub fn expect_admission(&mut self, now: Instant) {
+        self.admit_by = Some(now + self.limits.hello_timeout);
+    }
+
+    /// Whether the connection still has to finish its TLS handshake or its hello.
+    fn admitting(&self) -> bool {
+        self.admit_by.is_some() && (self.is_handshaking() || !self.session.greeted())
     }
 
     /// The backend released the socket: counts the connection as closed. Deferred replies
@@ -577,6 +610,32 @@ impl Connection {
         self.received(flow, now, processor.stats());
     }
 
+    /// Whether requests received while the output was full wait to be read, and the output
+    /// has room for their replies again: the driver calls [`replay`](Self::replay).
+    pub fn wants_replay(&self) -> bool {
+        self.reading == Reading::Active
+            && self.session.backlog() > 0
+            && matches!(self.state, State::Serving | State::Draining | State::PeerClosed)
+    }
+
+    /// Reads the requests received while the output was full (see
+    /// [`wants_replay`](Self::wants_replay)), up to the limits again.
+    pub fn replay<D: Dispatch>(&mut self, processor: &mut Processor<D>, now: Instant) {
+        let span = self.span.as_deref().cloned();
+        let _entered = span.as_ref().map(tracing::Span::enter);
+        let peer_closed = self.state == State::PeerClosed;
+        if peer_closed {
+            // Answered as if still serving: these requests arrived before the FIN.
+            self.state = State::Serving;
+        }
+        self.out.set_now(now);
+        let flow = processor.replay(&mut self.session, &mut self.out);
+        self.received(flow, now, processor.stats());
+        if peer_closed && self.state == State::Serving {
+            self.on_peer_closed(now);
+        }
+    }
+
     /// Whether the unfinished line held should be read straight into its buffer
     /// ([`lend_line`](Self::lend_line)): a backend reading into pooled buffers switches.
     pub fn wants_line_read(&self) -> bool {
@@ -714,13 +773,13 @@ impl Connection {
             State::Lingering { since } => Some(since + self.limits.line_timeout),
             _ => match self.line_started {
                 Some(since) => Some(since + self.limits.line_timeout),
+                // A connection waiting for its own deferred replies is not idle.
+                None if self.out.pending() > 0 => None,
                 None => self.limits.idle_timeout.map(|idle| self.last_activity + idle),
             },
         };
-        match (own, self.drain_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let admit = self.admit_by.filter(|_| self.admitting());
+        [own, self.drain_deadline, admit].into_iter().flatten().min()
     }
 
     /// A timer fired at `now`: closes the connection if one of its deadlines has passed, and
@@ -741,6 +800,9 @@ impl Connection {
         }
         let reason = if self.drain_deadline.is_some_and(|at| at <= now) {
             CloseReason::ShutdownDeadline
+        } else if self.admitting() && self.admit_by.is_some_and(|at| at <= now) {
+            stats.hello_timeout();
+            CloseReason::HelloTimeout
         } else if matches!(self.state, State::Lingering { .. }) || self.line_started.is_some() {
             stats.line_timeout();
             CloseReason::LineTimeout
@@ -756,7 +818,7 @@ impl Connection {
     /// bytes the kernel holds that were not read yet (`FIONREAD`); it is asked only while
     /// draining, where those bytes are requests still owed a reply.
     pub fn poll(&mut self, now: Instant, unread: impl FnOnce() -> usize) -> Step {
-        let output_done = self.output_done();
+        let output_done = self.output_done() && self.session.backlog() == 0;
         match self.state {
             State::Closed(reason) => Step::Close(reason),
             State::PeerClosed if output_done => {
@@ -848,6 +910,8 @@ mod tests {
             slow_request: None,
             max_deferred: 4,
             deferred_timeout: None,
+            hello_timeout: Duration::from_secs(10),
+            max_deferred_per_core: 1000,
         }
     }
 
@@ -910,31 +974,95 @@ mod tests {
         f.recv(&mut conn, ECHO_LINE, 1);
         assert!(!conn.wants_read());
         assert_eq!(f.total().backpressure_pauses, 1);
-        // Bytes already received while paused (a read in flight) are still answered.
-        f.recv(&mut conn, ECHO_LINE, 2);
-        assert_eq!(conn.unsent(), 12 * ECHO_REPLY.len());
-        assert_eq!(f.total().backpressure_pauses, 1);
-        // The 12 replies go out as one batch, and 6 more are answered meanwhile.
+        // Bytes received while paused (a read in flight) wait, unread, behind those replies.
+        f.recv(&mut conn, &ECHO_LINE.repeat(7), 2);
+        assert_eq!(conn.unsent(), 11 * ECHO_REPLY.len());
+        assert!(!conn.wants_replay());
+        // The 11 replies go out as one batch; the peer reads 6: the batch's buffer is held
+        // until it is all sent.
         let len = conn.start_send().unwrap().len();
-        assert_eq!(len, 12 * ECHO_REPLY.len());
-        f.recv(&mut conn, &ECHO_LINE.repeat(6), 3);
-        // The peer reads half the batch: the batch's buffer is held until it is all sent.
+        assert_eq!(len, 11 * ECHO_REPLY.len());
         conn.on_sent(6 * ECHO_REPLY.len(), f.at(4), f.stats.core(0));
-        assert!(!conn.wants_read());
-        // The batch is done; 6 replies are held, above half (5): still paused.
+        assert!(!conn.wants_read() && !conn.wants_replay());
+        // The batch is done: nothing held, the waiting requests are read, and reading resumes.
         conn.start_send().unwrap();
-        conn.on_sent(6 * ECHO_REPLY.len(), f.at(5), f.stats.core(0));
-        assert!(!conn.wants_read());
-        // Those 6 go out as the next batch; one is read: the batch is still held.
-        conn.start_send().unwrap();
-        conn.on_sent(ECHO_REPLY.len(), f.at(6), f.stats.core(0));
-        assert!(!conn.wants_read());
-        assert_eq!(conn.unsent(), 5 * ECHO_REPLY.len());
-        // The rest is read: nothing held, reading resumes.
-        conn.start_send().unwrap();
-        conn.on_sent(5 * ECHO_REPLY.len(), f.at(7), f.stats.core(0));
-        assert!(conn.wants_read());
+        conn.on_sent(5 * ECHO_REPLY.len(), f.at(5), f.stats.core(0));
+        assert!(conn.wants_replay());
+        let now = f.at(5);
+        conn.replay(&mut f.processor, now);
+        assert_eq!(conn.unsent(), 7 * ECHO_REPLY.len());
+        assert!(conn.wants_read() && !conn.wants_replay());
         assert_eq!(f.total().backpressure_pauses, 1);
+        assert_eq!(f.total().requests, 18);
+    }
+
+    /// Sends and replays until nothing more moves; returns what went out.
+    fn pump(f: &mut Fixture, conn: &mut Connection, ms: u64, most_held: &mut usize) -> Vec<u8> {
+        let mut wire = Vec::new();
+        loop {
+            *most_held = (*most_held).max(conn.held());
+            let sent = f.send_all(conn, ms);
+            if conn.wants_replay() {
+                let now = f.at(ms);
+                conn.replay(&mut f.processor, now);
+            } else if sent.is_empty() {
+                return wire;
+            }
+            wire.extend_from_slice(&sent);
+        }
+    }
+
+    #[test]
+    fn small_requests_with_large_replies_never_hold_more_than_the_limit_and_one_reply() {
+        // Replies about five times their requests' size, all in one receive.
+        let big = format!("{{\"cmdid\":10000,\"params\":{{\"s\":\"{}\"}}}}", "y".repeat(200));
+        let line = format!("{}\n", big);
+        let limits = Limits { max_pending_output: 1000, max_line: 4096, ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        let requests = 50;
+        let mut input = Vec::new();
+        for i in 0..requests {
+            input.extend_from_slice(
+                format!("{{\"cmdid\":10000,\"id\":{i},\"params\":{{\"s\":\"{}\"}}}}\n", "y".repeat(40))
+                    .as_bytes(),
+            );
+        }
+        f.recv(&mut conn, &input, 0);
+        let reply_len = b"{\"code\":0,\"id\":10,\"data\":{\"s\":\"\"}}\n".len() + 40;
+        assert!(conn.held() <= 1000 + reply_len, "{} held", conn.held());
+        assert!(!conn.wants_read());
+        let mut most_held = 0;
+        let wire = pump(&mut f, &mut conn, 1, &mut most_held);
+        assert!(most_held <= 1000 + reply_len, "{most_held} held at most");
+        let expected: Vec<u8> = (0..requests)
+            .flat_map(|i| {
+                format!("{{\"code\":0,\"id\":{i},\"data\":{{\"s\":\"{}\"}}}}\n", "y".repeat(40)).into_bytes()
+            })
+            .collect();
+        assert_eq!(String::from_utf8(wire).unwrap(), String::from_utf8(expected).unwrap());
+        assert!(conn.wants_read());
+        // A line that straddles the backlog's end is finished by the next receive.
+        f.recv(&mut conn, &line.as_bytes()[..10], 2);
+        f.recv(&mut conn, &line.as_bytes()[10..], 3);
+        assert_eq!(
+            f.send_all(&mut conn, 4),
+            format!("{{\"code\":0,\"data\":{{\"s\":\"{}\"}}}}\n", "y".repeat(200)).into_bytes()
+        );
+    }
+
+    #[test]
+    fn a_peer_that_closes_behind_a_backlog_gets_every_reply_before_the_close() {
+        let limits = Limits { max_pending_output: 2 * ECHO_REPLY.len(), ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        let mut input = ECHO_LINE.repeat(9);
+        input.extend_from_slice(b"{\"cmdid\":0"); // unterminated: dropped at the end
+        f.recv(&mut conn, &input, 0);
+        conn.on_peer_closed(f.at(1));
+        assert_eq!(conn.poll(f.at(1), || 0), Step::Wait);
+        let mut most_held = 0;
+        let wire = pump(&mut f, &mut conn, 2, &mut most_held);
+        assert_eq!(wire, ECHO_REPLY.repeat(9));
+        assert_eq!(conn.poll(f.at(2), || 0), Step::Close(CloseReason::PeerClosed));
     }
 
     #[test]
@@ -1273,6 +1401,119 @@ mod tests {
         assert!(!mailbox.has_waker());
         let total = f.total();
         assert_eq!((total.deferred_abandoned, total.deferred_pending, total.replies_with(0)), (2, 0, 0));
+    }
+
+    #[test]
+    fn no_more_deferred_replies_than_the_limit_however_many_requests_one_read_brings() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &LATER_LINE.repeat(20), 0);
+        assert_eq!(conn.deferred_pending(), 4);
+        assert!(!conn.wants_read() && !conn.wants_replay());
+        let mut answered = 0;
+        while answered < 20 {
+            for handle in held() {
+                handle.ok(&answered);
+                answered += 1;
+            }
+            conn.on_deferred(f.stats.core(0));
+            f.send_all(&mut conn, 1);
+            if conn.wants_replay() {
+                let now = f.at(1);
+                conn.replay(&mut f.processor, now);
+            }
+            assert!(conn.deferred_pending() <= 4);
+        }
+        assert_eq!(f.total().deferred, 20);
+    }
+
+    #[test]
+    fn a_connection_waiting_for_its_deferred_reply_is_not_idle() {
+        let (mut f, mut conn) =
+            Fixture::new(Limits { idle_timeout: Some(Duration::from_secs(2)), ..limits() });
+        f.recv(&mut conn, LATER_LINE, 0);
+        assert_eq!(conn.poll_timeout(), None, "no idle deadline while a reply is owed");
+        conn.on_timeout(f.at(4000), f.stats.core(0));
+        assert!(!matches!(conn.state(), State::Closed(_)));
+        held().pop().unwrap().ok(&1);
+        conn.on_deferred(f.stats.core(0));
+        assert_eq!(f.send_all(&mut conn, 4000), b"{\"code\":0,\"id\":7,\"data\":1}\n");
+        // Answered and sent: idle again from the send.
+        assert_eq!(conn.poll_timeout(), Some(f.at(6000)));
+    }
+
+    fn hello_fixture() -> (Fixture, Connection) {
+        let stats = StatsRegistry::new(1);
+        let access = crate::access::Access {
+            tls: None,
+            token: Some(crate::access::HelloToken::new("0123456789abcdef").unwrap()),
+        };
+        let processor = Processor::new(0, TestDispatch, stats.clone(), limits()).with_access(access);
+        let t0 = Instant::now();
+        let conn = processor.open_connection(t0);
+        (Fixture { stats, processor, t0 }, conn)
+    }
+
+    #[test]
+    fn a_connection_that_never_sends_its_hello_is_closed_at_the_hello_timeout() {
+        let (mut f, mut conn) = hello_fixture();
+        assert_eq!(conn.poll_timeout(), Some(f.at(10_000)));
+        // Bytes that are not a finished hello do not move the deadline.
+        f.recv(&mut conn, b"{\"cmdid\":2,", 9_000);
+        assert_eq!(conn.poll_timeout(), Some(f.at(10_000)));
+        conn.on_timeout(f.at(10_000), f.stats.core(0));
+        assert_eq!(conn.state(), State::Closed(CloseReason::HelloTimeout));
+        assert_eq!(f.total().hello_timeouts, 1);
+    }
+
+    #[test]
+    fn after_its_hello_a_connection_has_no_hello_deadline() {
+        let (mut f, mut conn) = hello_fixture();
+        f.recv(&mut conn, b"{\"cmdid\":2,\"params\":{\"token\":\"0123456789abcdef\"}}\n", 1);
+        assert_eq!(f.send_all(&mut conn, 1), b"{\"code\":0,\"data\":\"hello\"}\n");
+        // Only the idle timeout is left.
+        assert_eq!(conn.poll_timeout(), Some(f.at(60_001)));
+        conn.on_timeout(f.at(10_000), f.stats.core(0));
+        assert_eq!(conn.state(), State::Serving);
+    }
+
+    #[test]
+    fn past_the_cores_deferred_limit_a_request_is_answered_503_and_its_handle_abandoned() {
+        let limits = Limits { max_deferred: 100, max_deferred_per_core: 3, ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        let mut other = Connection::new(Arc::new(limits), f.t0, f.stats.core(0));
+        f.recv(&mut conn, &LATER_LINE.repeat(2), 0);
+        f.recv(&mut other, &LATER_LINE.repeat(3), 0);
+        let handles = held();
+        let abandoned: Vec<bool> = handles.iter().map(crate::Deferred::is_abandoned).collect();
+        assert_eq!(abandoned, [false, false, false, true, true]);
+        assert_eq!(conn.deferred_pending() + other.deferred_pending(), 3);
+        // The shed requests' 503s wait behind the pending one, in request order.
+        for handle in handles {
+            handle.ok(&"done");
+        }
+        conn.on_deferred(f.stats.core(0));
+        other.on_deferred(f.stats.core(0));
+        let wire = String::from_utf8(f.send_all(&mut other, 1)).unwrap();
+        let codes: Vec<&str> = wire.lines().map(|l| &l[..11]).collect();
+        assert_eq!(codes, ["{\"code\":0,\"", "{\"code\":503", "{\"code\":503"], "{wire}");
+        assert!(wire.contains("overloaded"), "{wire}");
+        assert_eq!(f.total().deferred_shed, 2);
+    }
+
+    #[test]
+    fn an_abandoned_future_resolves_when_its_connection_closes() {
+        use std::future::Future;
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, LATER_LINE, 0);
+        let handle = held().pop().unwrap();
+        let mut gone = std::pin::pin!(handle.abandoned());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(gone.as_mut().poll(&mut cx).is_pending());
+        assert!(!handle.is_abandoned());
+        conn.on_error();
+        conn.finish(f.stats.core(0));
+        assert!(handle.is_abandoned());
+        assert!(gone.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]

@@ -29,6 +29,9 @@ struct Inbox {
     waker: Option<Waker>,
     /// The connection is gone: completions are dropped.
     closed: bool,
+    /// Futures waiting for the connection to go ([`Abandoned`]), by their number.
+    watchers: Vec<(u64, Waker)>,
+    next_watcher: u64,
 }
 
 /// A reply line finished off the core, for slot `seq`.
@@ -112,10 +115,64 @@ impl Mailbox {
     }
 
     pub(crate) fn close(&self) {
-        let mut inbox = self.lock();
-        inbox.closed = true;
-        inbox.done = Vec::new();
-        inbox.waker = None;
+        let watchers = {
+            let mut inbox = self.lock();
+            inbox.closed = true;
+            inbox.done = Vec::new();
+            inbox.waker = None;
+            std::mem::take(&mut inbox.watchers)
+        };
+        for (_, waker) in watchers {
+            waker.wake();
+        }
+    }
+}
+
+/// Resolves once the connection of a [`Deferred`] reply has gone (see
+/// [`Deferred::abandoned`]).
+#[derive(Debug)]
+pub struct Abandoned {
+    mailbox: Option<Arc<Mailbox>>,
+    /// Its number among the mailbox's watchers, once registered.
+    watching: Option<u64>,
+}
+
+impl std::future::Future for Abandoned {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let Some(mailbox) = &this.mailbox else { return Poll::Ready(()) };
+        let mut inbox = mailbox.lock();
+        if inbox.closed {
+            return Poll::Ready(());
+        }
+        match this.watching {
+            Some(number) => {
+                if let Some((_, waker)) = inbox.watchers.iter_mut().find(|(n, _)| *n == number)
+                    && !waker.will_wake(cx.waker())
+                {
+                    *waker = cx.waker().clone();
+                }
+            }
+            None => {
+                let number = inbox.next_watcher;
+                inbox.next_watcher += 1;
+                inbox.watchers.push((number, cx.waker().clone()));
+                this.watching = Some(number);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        // Work that finished first takes its waker back, so a long-lived connection's
+        // mailbox does not collect one per request.
+        if let (Some(mailbox), Some(number)) = (&self.mailbox, self.watching) {
+            mailbox.lock().watchers.retain(|(n, _)| *n != number);
+        }
     }
 }
 
@@ -168,6 +225,26 @@ impl Deferred {
     /// this request can be skipped.
     pub fn expired_at(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|at| at <= now)
+    }
+
+    /// Whether nobody waits for this reply any more: its connection has closed, or the core
+    /// answered it already (503, because too many deferred replies were pending on it).
+    /// Work for it can stop.
+    pub fn is_abandoned(&self) -> bool {
+        self.mailbox.as_ref().is_none_or(|mailbox| mailbox.lock().closed)
+    }
+
+    /// A future that resolves when this reply is [abandoned](Self::is_abandoned): async work
+    /// for it races this and is dropped (cancelled) when it wins, as
+    /// [`Ctx::spawn`](../ringcall/struct.Ctx.html#method.spawn) does.
+    pub fn abandoned(&self) -> Abandoned {
+        Abandoned { mailbox: self.mailbox.clone(), watching: None }
+    }
+
+    /// The reply was answered by the core already: the handle answers nothing.
+    pub(crate) fn detach(mut self) -> Self {
+        self.mailbox = None;
+        self
     }
 
     /// Answers with the data `write` puts in the [`Reply`] (or its error).

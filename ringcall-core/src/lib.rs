@@ -47,11 +47,11 @@ mod testing;
 pub use access::{Access, HELLO, HelloToken, PING, TokenError};
 pub use acl::{Acl, AclError};
 pub use connection::{
-    CloseReason, Connection, DEFAULT_DEFERRED_TIMEOUT, DEFAULT_LINE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_DEFERRED, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING_OUTPUT,
-    Limits, State, Step,
+    CloseReason, Connection, DEFAULT_DEFERRED_TIMEOUT, DEFAULT_HELLO_TIMEOUT, DEFAULT_LINE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_CORE, DEFAULT_MAX_DEFERRED, DEFAULT_MAX_DEFERRED_PER_CORE, DEFAULT_MAX_LINE,
+    DEFAULT_MAX_PENDING_OUTPUT, Limits, State, Step,
 };
-pub use deferred::{Deferred, Mailbox};
+pub use deferred::{Abandoned, Deferred, Mailbox};
 pub use engine::{
     ACCEPT_BACKOFF, ACCEPT_ERROR_LOG_EVERY, Action, Decision, Engine, Handle, Interest, Listening, Phase,
 };

@@ -105,6 +105,16 @@ pub enum Flow {
     Close,
 }
 
+/// Where [`Processor::lines`] stopped.
+enum Rest {
+    /// Every line was answered.
+    None,
+    /// An unfinished line begins here.
+    Partial(usize),
+    /// The output is full: the bytes from here wait in the backlog.
+    Full(usize),
+}
+
 /// Per-connection protocol state.
 #[derive(Debug, Default)]
 pub struct Session {
@@ -121,6 +131,12 @@ pub struct Session {
     carry_hint: u32,
     /// The connection may call commands: it presented the token, or none is asked for.
     greeted: bool,
+    /// Bytes received after the output reached its limits (`max_pending_output` reply bytes,
+    /// or `max_deferred` pending replies), not read as requests yet: they are read, in order
+    /// and before anything received later, once the peer has read its replies
+    /// ([`Processor::replay`]). So no burst of small requests with large replies, however
+    /// much of it one read brings, makes the output outgrow its limit.
+    backlog: Vec<u8>,
 }
 
 impl Session {
@@ -132,6 +148,16 @@ impl Session {
     /// Bytes of an incomplete line held until its `\n` arrives.
     pub fn pending_bytes(&self) -> usize {
         self.carry.len()
+    }
+
+    /// Bytes received and not read as requests yet because the output was full.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// Whether the connection presented the token, or none is asked for.
+    pub fn greeted(&self) -> bool {
+        self.greeted
     }
 
     /// Bytes of the buffer holding incomplete lines, used or not.
@@ -162,7 +188,9 @@ impl Session {
 
     /// Whether the unfinished line held has room for a read of its own ([`LineBuf`]).
     pub fn wants_line_read(&self) -> bool {
-        !self.carry.is_empty() && self.carry.capacity() - self.carry.len() >= DIRECT_READ_MIN + PADDING
+        self.backlog.is_empty()
+            && !self.carry.is_empty()
+            && self.carry.capacity() - self.carry.len() >= DIRECT_READ_MIN + PADDING
     }
 
     /// Lends the buffer of the unfinished line for a read straight into it, when it has room
@@ -198,6 +226,10 @@ impl Session {
     /// The peer closed its side: an unterminated last line is not a frame and is dropped.
     /// Returns how many bytes were dropped.
     pub fn finish(&mut self) -> usize {
+        if !self.backlog.is_empty() {
+            // Requests still to be read come first; their unterminated end goes at replay.
+            return 0;
+        }
         let dropped = self.carry.len();
         self.carry = Vec::new();
         dropped
@@ -215,6 +247,9 @@ pub struct Responder<'o> {
     deferred: &'o mut bool,
     /// The deadline of a deferred reply whose request set none.
     deferred_timeout: Option<Duration>,
+    /// At this many deferred replies pending on the core, a handler that defers gets its
+    /// request answered 503 at once.
+    max_deferred_per_core: usize,
 }
 
 impl<'o> Responder<'o> {
@@ -222,7 +257,7 @@ impl<'o> Responder<'o> {
     /// set if the handler defers. (The [`Processor`] makes one for each request; this is for
     /// benches that time a handler alone.)
     pub fn new(out: &'o mut Output, start: usize, stats: &'o CoreStats, deferred: &'o mut bool) -> Self {
-        Self { out, start, stats, deferred, deferred_timeout: None }
+        Self { out, start, stats, deferred, deferred_timeout: None, max_deferred_per_core: usize::MAX }
     }
 
     /// Answers now: the reply's data goes straight into the connection's output.
@@ -233,11 +268,30 @@ impl<'o> Responder<'o> {
 
     /// Answers later: reserves the reply's place in the connection's ordered output and
     /// returns the handle that completes it.
+    ///
+    /// When the core already has `max_deferred_per_core` deferred replies pending, the
+    /// request is answered 503 at once instead, and the handle returned is
+    /// [abandoned](Deferred::is_abandoned): what is done with it is ignored, and the work
+    /// for it should not start.
     pub fn defer(self, request: &Request<'_, '_>) -> Deferred {
         self.out.sink().truncate(self.start);
         *self.deferred = true;
         let timeout = request.timeout().or(self.deferred_timeout);
-        self.out.defer(request.cmdid(), request.id(), timeout, self.stats)
+        let pending = self.stats.deferred_pending();
+        let deferred = self.out.defer(request.cmdid(), request.id(), timeout, self.stats);
+        if pending < self.max_deferred_per_core as u64 {
+            return deferred;
+        }
+        let mut line = Vec::new();
+        super::reply::write_error_raw(
+            &mut line,
+            503,
+            deferred.id.as_deref(),
+            format_args!("overloaded: {pending} deferred replies are pending on this core; retry later"),
+        );
+        self.out.answer_last(503, line, self.stats);
+        self.stats.deferred_shed();
+        deferred.detach()
     }
 }
 
@@ -310,6 +364,9 @@ impl<D: Dispatch> Processor<D> {
         if let Some(tls) = self.tls() {
             conn.start_tls(tls);
         }
+        if self.access.token.is_some() || self.access.tls.is_some() {
+            conn.expect_admission(now);
+        }
         conn
     }
 
@@ -352,6 +409,51 @@ impl<D: Dispatch> Processor<D> {
     ) -> Flow {
         assert!(buf.len() >= len + PADDING, "receive buffers need PADDING bytes of slack");
         self.stats().bytes_in(len);
+        if !session.backlog.is_empty() {
+            // Behind requests not read yet (only a backend whose reads outrun a pause, a
+            // multishot recv, gets here): kept in order after them.
+            session.backlog.extend_from_slice(&buf[..len]);
+            return Flow::Continue;
+        }
+        self.feed(session, buf, len, out, identity)
+    }
+
+    /// Whether the output has reached the connection's limits: no more requests are read
+    /// until the peer has read enough replies (the connection pauses reading, see
+    /// [`Session::backlog`]).
+    #[inline(always)]
+    fn output_full(&self, out: &Output) -> bool {
+        out.len() > self.limits.max_pending_output || out.pending() >= self.limits.max_deferred
+    }
+
+    /// Reads the requests of `session`'s backlog, once the output has room again: as a
+    /// receive would, and stopping again at the limits. Bytes were counted on arrival.
+    pub fn replay(&mut self, session: &mut Session, out: &mut Output) -> Flow {
+        if session.backlog.is_empty() || self.output_full(out) {
+            return Flow::Continue;
+        }
+        let mut buf = std::mem::take(&mut session.backlog);
+        let len = buf.len();
+        buf.resize(len + PADDING, 0);
+        let identity = session.identity.take();
+        let flow = self.feed(session, &mut buf, len, out, identity.as_deref());
+        session.identity = identity;
+        if session.backlog.is_empty() && flow == Flow::Continue && buf.capacity() <= CARRY_KEEP {
+            buf.clear();
+            session.backlog = buf;
+        }
+        flow
+    }
+
+    /// [`receive`](Self::receive) of bytes that go straight to the parser.
+    fn feed(
+        &mut self,
+        session: &mut Session,
+        buf: &mut [u8],
+        len: usize,
+        out: &mut Output,
+        identity: Option<&str>,
+    ) -> Flow {
         if !session.greeted && self.access.token.is_none() {
             session.greeted = true;
         }
@@ -381,8 +483,12 @@ impl<D: Dispatch> Processor<D> {
         }
         match self.lines(session, buf, pos, len, out, identity) {
             Err(flow) => flow,
-            Ok(Some(partial)) => self.stash(session, &buf[partial..len], out),
-            Ok(None) => {
+            Ok(Rest::Partial(partial)) => self.stash(session, &buf[partial..len], out),
+            Ok(Rest::Full(rest)) => {
+                session.backlog.extend_from_slice(&buf[rest..len]);
+                Flow::Continue
+            }
+            Ok(Rest::None) => {
                 session.release_large_carry();
                 Flow::Continue
             }
@@ -390,8 +496,8 @@ impl<D: Dispatch> Processor<D> {
     }
 
     /// Answers every complete line of `buf[pos..len]` where it lies (`buf` extends
-    /// [`PADDING`] bytes past `len`). `Ok(Some(start))`: an unfinished line begins at
-    /// `start`; `Err`: the stream ended (a line too long, a refused hello).
+    /// [`PADDING`] bytes past `len`), until the output is full. `Err`: the stream ended (a
+    /// line too long, a refused hello).
     // Inlined into both callers: out of line, every receive paid a call and its spills
     // (60 instructions per request on `request_path`'s `seed_x1`, callgrind).
     #[inline(always)]
@@ -403,8 +509,11 @@ impl<D: Dispatch> Processor<D> {
         len: usize,
         out: &mut Output,
         identity: Option<&str>,
-    ) -> Result<Option<usize>, Flow> {
+    ) -> Result<Rest, Flow> {
         while pos < len {
+            if self.output_full(out) {
+                return Ok(Rest::Full(pos));
+            }
             match find_newline(&buf[pos..len]) {
                 Some(nl) if nl > self.limits.max_line => return Err(self.too_long(session, out)),
                 Some(nl) => {
@@ -422,10 +531,10 @@ impl<D: Dispatch> Processor<D> {
                     }
                     pos += nl + 1;
                 }
-                None => return Ok(Some(pos)),
+                None => return Ok(Rest::Partial(pos)),
             }
         }
-        Ok(None)
+        Ok(Rest::None)
     }
 
     /// Feeds what a read straight into a lent line buffer brought ([`Session::lend_line`]),
@@ -470,8 +579,15 @@ impl<D: Dispatch> Processor<D> {
         }
         match self.lines(session, &mut buf, line_len + 1, total, out, identity) {
             Err(flow) => flow,
-            Ok(Some(partial)) if total - partial > max_line => self.too_long(session, out),
-            Ok(Some(partial)) => {
+            Ok(Rest::Full(rest)) => {
+                session.backlog.extend_from_slice(&buf[rest..total]);
+                buf.clear();
+                session.carry = buf;
+                session.release_large_carry();
+                Flow::Continue
+            }
+            Ok(Rest::Partial(partial)) if total - partial > max_line => self.too_long(session, out),
+            Ok(Rest::Partial(partial)) => {
                 // The next line's start is usually short next to the buffer's room: moved
                 // to the front, the buffer serves that line too.
                 buf.copy_within(partial..total, 0);
@@ -480,7 +596,7 @@ impl<D: Dispatch> Processor<D> {
                 session.carry = buf;
                 Flow::Continue
             }
-            Ok(None) => {
+            Ok(Rest::None) => {
                 buf.clear();
                 session.carry = buf;
                 session.release_large_carry();
@@ -540,11 +656,13 @@ impl<D: Dispatch> Processor<D> {
     /// The hello was refused: nothing more is read from this connection.
     fn refused(&self, session: &mut Session) -> Flow {
         session.carry = Vec::new();
+        session.backlog = Vec::new();
         Flow::Close
     }
 
     fn too_long(&mut self, session: &mut Session, out: &mut Output) -> Flow {
         session.carry = Vec::new();
+        session.backlog = Vec::new();
         self.stats().request();
         self.stats().reply(413);
         let max_line = self.limits.max_line;
@@ -679,6 +797,7 @@ impl<D: Dispatch> Processor<D> {
             stats: self.stats(),
             deferred: &mut deferred,
             deferred_timeout: self.limits.deferred_timeout,
+            max_deferred_per_core: self.limits.max_deferred_per_core,
         };
         let Dispatched { result, ran } = self.dispatch.dispatch(&request, responder, timed);
         if metrics

@@ -25,6 +25,8 @@ pub struct CoreStats {
     rejected_connections: AtomicU64,
     backpressure_pauses: AtomicU64,
     idle_timeouts: AtomicU64,
+    hello_timeouts: AtomicU64,
+    deferred_shed: AtomicU64,
     line_timeouts: AtomicU64,
     deferred: AtomicU64,
     deferred_settled: AtomicU64,
@@ -109,6 +111,11 @@ impl CoreStats {
         bump(&self.idle_timeouts, 1);
     }
 
+    /// A connection was closed for not finishing its TLS handshake or hello in time.
+    pub fn hello_timeout(&self) {
+        bump(&self.hello_timeouts, 1);
+    }
+
     /// A connection was closed for not finishing a line within `--line-timeout`.
     #[inline]
     pub fn line_timeout(&self) {
@@ -119,6 +126,18 @@ impl CoreStats {
     #[inline]
     pub fn deferred(&self) {
         bump(&self.deferred, 1);
+    }
+
+    /// Deferred replies pending on this core now (read by the core that writes them).
+    #[inline]
+    pub fn deferred_pending(&self) -> u64 {
+        self.deferred.load(Relaxed).saturating_sub(self.deferred_settled.load(Relaxed))
+    }
+
+    /// A request was answered 503 because too many deferred replies were pending on the core.
+    #[inline]
+    pub fn deferred_shed(&self) {
+        bump(&self.deferred_shed, 1);
     }
 
     /// A deferred reply was answered, expired or abandoned: no longer pending.
@@ -166,6 +185,8 @@ impl CoreStats {
             rejected_connections: self.rejected_connections.load(Relaxed),
             backpressure_pauses: self.backpressure_pauses.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
+            hello_timeouts: self.hello_timeouts.load(Relaxed),
+            deferred_shed: self.deferred_shed.load(Relaxed),
             line_timeouts: self.line_timeouts.load(Relaxed),
             deferred: self.deferred.load(Relaxed),
             deferred_pending: self.deferred.load(Relaxed).saturating_sub(self.deferred_settled.load(Relaxed)),
@@ -200,6 +221,11 @@ pub struct StatsSnapshot {
     pub backpressure_pauses: u64,
     /// Connections closed by `--idle-timeout`.
     pub idle_timeouts: u64,
+    /// Connections closed for not finishing their TLS handshake or token hello within
+    /// `--hello-timeout`.
+    pub hello_timeouts: u64,
+    /// Requests answered 503 because `max_deferred_per_core` deferred replies were pending.
+    pub deferred_shed: u64,
     /// Connections closed by `--line-timeout`.
     pub line_timeouts: u64,
     /// Replies deferred by their handlers since start.
@@ -237,6 +263,8 @@ impl StatsSnapshot {
         self.rejected_connections += other.rejected_connections;
         self.backpressure_pauses += other.backpressure_pauses;
         self.idle_timeouts += other.idle_timeouts;
+        self.hello_timeouts += other.hello_timeouts;
+        self.deferred_shed += other.deferred_shed;
         self.line_timeouts += other.line_timeouts;
         self.deferred += other.deferred;
         self.deferred_settled += other.deferred_settled;

@@ -148,7 +148,9 @@ impl<S: Service, A: CoreAccess<S>> Core<S, A> {
         now: Instant,
         unread: impl FnOnce() -> Option<usize>,
     ) -> Interest {
-        self.update(|engine| engine.drive(handle, conn, now, unread))
+        // The processor, then the engine: the order `release` takes them in too.
+        self.access
+            .with(|io| self.update(|engine| engine.drive(handle, conn, &mut io.processor, now, unread)))
     }
 
     /// Runs `f` on the engine; if that moved its next timeout earlier (a connection's

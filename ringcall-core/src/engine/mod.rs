@@ -45,6 +45,7 @@ use slab::Slab;
 
 use super::connection::{CloseReason, Connection, Step};
 use super::reply::TOO_MANY_CONNECTIONS;
+use super::session::{Dispatch, Processor};
 use crate::stats::CoreStats;
 
 /// Pause before accepting again after an accept error such as EMFILE, so it cannot spin.
@@ -401,11 +402,14 @@ impl<W> Engine<W> {
     /// drain notice, keeps its deadline in the timer table, and decides whether a draining
     /// connection may send FIN: that needs the kernel to hold nothing unread for it,
     /// which `unread` counts (`None`: not countable yet, see
-    /// [`take_unsettled`](Self::take_unsettled)). A stale handle asks for nothing.
-    pub fn drive(
+    /// [`take_unsettled`](Self::take_unsettled)). Requests the connection received while its
+    /// output was full are read here with `processor`, once it has room again. A stale
+    /// handle asks for nothing.
+    pub fn drive<D: Dispatch>(
         &mut self,
         handle: Handle,
         conn: &mut Connection,
+        processor: &mut Processor<D>,
         now: Instant,
         unread: impl FnOnce() -> Option<usize>,
     ) -> Interest {
@@ -424,6 +428,9 @@ impl<W> Engine<W> {
         if let (Phase::Draining { deadline }, false) = (phase, slot.notified) {
             slot.notified = true;
             conn.on_shutdown(deadline);
+        }
+        if conn.wants_replay() {
+            conn.replay(processor, now);
         }
         let mut unsettled = false;
         let step = conn.poll(now, || match unread() {

@@ -28,6 +28,8 @@ fn limits() -> Limits {
         slow_request: None,
         max_deferred: 8,
         deferred_timeout: None,
+        hello_timeout: Duration::from_secs(10),
+        max_deferred_per_core: 1000,
     }
 }
 
@@ -173,8 +175,9 @@ impl Sim {
         let Some(conn) = peer.conn.as_mut() else { return };
         // The peer's FIN is not a byte: FIONREAD does not count it.
         let unread = peer.kernel.len();
-        let interest =
-            self.engine.drive(peer.handle, conn, now, || (settled || counts_at_once).then_some(unread));
+        let interest = self.engine.drive(peer.handle, conn, &mut self.processor, now, || {
+            (settled || counts_at_once).then_some(unread)
+        });
         peer.interest = Some(interest);
         match interest.step {
             Step::Wait => {}

@@ -505,8 +505,9 @@ impl<S: Service> Worker<S> {
     fn drive(&mut self, handle: Handle, settled: bool) -> io::Result<()> {
         let Some(c) = self.conns.get_mut(handle) else { return Ok(()) };
         let fd = c.fd.as_fd();
-        let interest =
-            self.engine.drive(handle, &mut c.conn, self.now, || settled.then(|| sys::unread_bytes(fd)));
+        let interest = self.engine.drive(handle, &mut c.conn, &mut self.processor, self.now, || {
+            settled.then(|| sys::unread_bytes(fd))
+        });
         match interest.step {
             Step::Wait => {}
             Step::ShutdownWrite => sys::shutdown(fd, Shutdown::Write),
