@@ -79,7 +79,7 @@ fn round(
     while conn.deferred_pending() > 0 {
         let mailbox = conn.mailbox().expect("a mailbox").clone();
         runtime.block_on(std::future::poll_fn(|cx| mailbox.poll_ready(cx)));
-        conn.on_deferred(stats.core(0));
+        conn.on_deferred(now, stats.core(0));
     }
     let mut sent = 0;
     while let Some(bytes) = conn.start_send() {

@@ -220,6 +220,7 @@ impl<'a, S: Service> Ctx<'a, S> {
                 }
             };
             tokio::select! {
+                biased;
                 // Nobody waits for the answer (the connection closed, or the core shed the
                 // request): the work is dropped where it stands.
                 () = abandoned => tracing::debug!(cmdid = deferred.cmdid(), "async work cancelled: its connection is gone"),

@@ -279,19 +279,7 @@ fn a_peer_gone_before_its_deferred_reply_loses_nothing_of_others(backend: Backen
         std::thread::sleep(Duration::from_millis(1));
     }
     // A reset, not a FIN: the server cannot send the reply and closes the connection.
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: a valid socket and a linger struct of the size given.
-    let set = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(gone.stream()),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0);
-    drop(gone);
+    gone.reset();
     while total_stat(&mut client, "deferred_abandoned") == 0 {
         std::thread::sleep(Duration::from_millis(1));
     }

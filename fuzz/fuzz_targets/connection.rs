@@ -198,7 +198,7 @@ impl Sim {
         // was delivered.
         for i in 0..self.conns.len() {
             if let Some(conn) = self.conns[i].conn.as_mut() {
-                conn.on_deferred(self.processor.stats());
+                conn.on_deferred(self.now, self.processor.stats());
                 self.drive(i);
             }
         }

@@ -346,15 +346,18 @@ impl Connection {
         self.out.pending()
     }
 
-    /// Deferred replies were answered (the mailbox woke the backend): they join the output
-    /// in request order, with the replies that waited behind them.
-    pub fn on_deferred(&mut self, stats: &CoreStats) {
+    /// Deferred replies were answered (the mailbox woke the backend) at `now`: they join the
+    /// output in request order, with the replies that waited behind them. The idle clock
+    /// starts again: the connection was not idle while it waited for them.
+    pub fn on_deferred(&mut self, now: Instant, stats: &CoreStats) {
         let span = self.span.as_deref().cloned();
         let _entered = span.as_ref().map(tracing::Span::enter);
         if matches!(self.state, State::Closed(_)) {
             return;
         }
-        self.out.take_completions(stats);
+        if self.out.take_completions(stats) {
+            self.last_activity = now;
+        }
         self.resume_if_below();
     }
 
@@ -1285,10 +1288,10 @@ mod tests {
         assert_eq!(f.total().deferred_pending, 2);
         // The second answers first: it waits for the first.
         second.ok(&"b");
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert_eq!(f.send_all(&mut conn, 2), b"");
         first.ok(&"a");
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert_eq!(
             f.send_all(&mut conn, 3),
             [
@@ -1324,7 +1327,7 @@ mod tests {
         );
         assert_eq!(conn.poll_timeout(), None);
         late.ok(&"too late");
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert_eq!(f.send_all(&mut conn, 2_000), b"");
         let total = f.total();
         assert_eq!((total.deadline_expired, total.late_replies, total.replies_with(504)), (1, 1, 1));
@@ -1363,7 +1366,7 @@ mod tests {
         let (mut f, mut conn) = Fixture::new(limits());
         f.recv(&mut conn, &[LATER_LINE, b"{\"cmdid\":3001,\"id\":2}\n", b"{\"cmdid\":0}\n"].concat(), 0);
         drop(held());
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert_eq!(
             String::from_utf8(f.send_all(&mut conn, 1)).unwrap(),
             "{\"code\":500,\"id\":7,\"error\":\"handler for cmdid 3000 dropped its reply without answering\"}\n\
@@ -1382,7 +1385,7 @@ mod tests {
         conn.on_peer_closed(f.at(1));
         assert_eq!(conn.poll(f.at(1), || 0), Step::Wait, "a reply is still owed");
         held().pop().unwrap().ok(&1);
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert_eq!(f.send_all(&mut conn, 2), b"{\"code\":0,\"id\":7,\"data\":1}\n");
         assert_eq!(conn.poll(f.at(2), || 0), Step::Close(CloseReason::PeerClosed));
     }
@@ -1415,7 +1418,7 @@ mod tests {
                 handle.ok(&answered);
                 answered += 1;
             }
-            conn.on_deferred(f.stats.core(0));
+            conn.on_deferred(f.t0, f.stats.core(0));
             f.send_all(&mut conn, 1);
             if conn.wants_replay() {
                 let now = f.at(1);
@@ -1435,7 +1438,7 @@ mod tests {
         conn.on_timeout(f.at(4000), f.stats.core(0));
         assert!(!matches!(conn.state(), State::Closed(_)));
         held().pop().unwrap().ok(&1);
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert_eq!(f.send_all(&mut conn, 4000), b"{\"code\":0,\"id\":7,\"data\":1}\n");
         // Answered and sent: idle again from the send.
         assert_eq!(conn.poll_timeout(), Some(f.at(6000)));
@@ -1491,8 +1494,8 @@ mod tests {
         for handle in handles {
             handle.ok(&"done");
         }
-        conn.on_deferred(f.stats.core(0));
-        other.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
+        other.on_deferred(f.t0, f.stats.core(0));
         let wire = String::from_utf8(f.send_all(&mut other, 1)).unwrap();
         let codes: Vec<&str> = wire.lines().map(|l| &l[..11]).collect();
         assert_eq!(codes, ["{\"code\":0,\"", "{\"code\":503", "{\"code\":503"], "{wire}");
@@ -1526,10 +1529,10 @@ mod tests {
         assert_eq!(f.total().backpressure_pauses, 1);
         let mut handles = held().into_iter();
         handles.next().unwrap().ok(&0);
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert!(!conn.wants_read(), "3 pending is above half");
         handles.next().unwrap().ok(&1);
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         assert!(conn.wants_read(), "2 pending is half");
     }
 
@@ -1554,7 +1557,7 @@ mod tests {
         assert_eq!(in_server(10000), (1, 0.005), "sent whole at 5 ms");
         assert_eq!(in_server(0).0, 0, "the ping waits behind the deferred reply");
         held().pop().unwrap().ok(&"done");
-        conn.on_deferred(f.stats.core(0));
+        conn.on_deferred(f.t0, f.stats.core(0));
         f.send_all(&mut conn, 10);
         assert_eq!(in_server(3000), (1, 0.008));
         assert_eq!(in_server(0), (1, 0.008));

@@ -95,7 +95,7 @@ pub(crate) async fn serve_connection<S: Service, A: CoreAccess<S>>(
             Wake::Readable(true) => receive(&stream, &mut conn, &core.access, now),
             Wake::Readable(false) | Wake::Writable(false) => conn.on_error(),
             Wake::Engine => core.woken(&mut conn, now),
-            Wake::Deferred => core.access.with(|io| conn.on_deferred(io.processor.stats())),
+            Wake::Deferred => core.access.with(|io| conn.on_deferred(now, io.processor.stats())),
             Wake::Writable(true) => {}
         }
     }

@@ -312,7 +312,7 @@ async fn serve_io<S: Service, A: CoreAccess<S>>(
             }
             () = defer.as_mut(), if read_deferred_until.is_some() => {}
             () = super::deferred_ready(mailbox.as_deref()), if mailbox.is_some() => {
-                core.access.with(|io| conn.on_deferred(io.processor.stats()));
+                core.access.with(|io| conn.on_deferred(Instant::now(), io.processor.stats()));
             }
             () = wake.as_mut() => {
                 wake.set(waker.notified());

@@ -144,6 +144,23 @@ impl Client {
         }
     }
 
+    /// Closes with a reset (`SO_LINGER` 0), not a FIN: a peer that is gone, not one that
+    /// half-closed and still reads.
+    pub(crate) fn reset(mut self) {
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a valid socket and a linger struct of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(self.stream()),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+    }
+
     pub(crate) fn shutdown_write(&mut self) {
         self.reader.get_ref().shutdown(Shutdown::Write).unwrap();
     }

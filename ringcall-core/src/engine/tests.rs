@@ -267,7 +267,7 @@ impl Sim {
         // The mailbox woke the driver: every connection takes its answers in.
         for index in 0..self.peers.len() {
             if let Some(conn) = self.peers[index].conn.as_mut() {
-                conn.on_deferred(self.stats.core(0));
+                conn.on_deferred(self.now, self.stats.core(0));
                 self.drive(index, false);
             }
         }

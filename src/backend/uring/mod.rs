@@ -485,7 +485,7 @@ impl<S: Service> Worker<S> {
         self.wakeups.deferred.take(&mut ready);
         for &handle in &ready {
             let Some(c) = self.conns.get_mut(handle) else { continue };
-            c.conn.on_deferred(self.processor.stats());
+            c.conn.on_deferred(self.now, self.processor.stats());
             self.drive(handle, false)?;
         }
         ready.clear();
@@ -549,7 +549,7 @@ impl<S: Service> Worker<S> {
             c.waker_set = true;
             mailbox.set_waker(self.wakeups.deferred.waker(handle));
             // Answers may have come before the waker was set.
-            c.conn.on_deferred(self.processor.stats());
+            c.conn.on_deferred(self.now, self.processor.stats());
         }
         if interest.send {
             self.turn.sends.push(handle);
