@@ -134,6 +134,53 @@ fn tls_round_trips_and_plain_clients_are_closed(backend: Backend) {
     assert_eq!(reply, "{\"code\":0,\"data\":{\"via\":\"openssl\"}}\n");
 }
 
+/// A TLS client over the core's connection limit reads the 503 inside its TLS session (a
+/// plain-text line would be a protocol error to it), then the close; a peer that opens a
+/// connection and never finishes its handshake is closed at the hello timeout, so such
+/// peers cannot keep legitimate clients out.
+fn tls_refusals_are_readable_and_half_done_handshakes_time_out(backend: Backend) {
+    let certs = Certs::new(&format!("{}-limits", backend.name()));
+    let Some(server) = start_service(backend, TestRoutes, |b| {
+        b.tls(certs.config()).threads(1).max_connections_per_core(2).hello_timeout(Duration::from_secs(2))
+    }) else {
+        return;
+    };
+    let addr = server.local_addr();
+    let mut kept = certs.client(addr);
+    kept.get_mut().write_all(b"{\"cmdid\":0}\n").unwrap();
+    assert_eq!(line(&mut kept), "{\"code\":0,\"data\":\"pong\"}\n");
+    // A TCP connection that never starts its handshake holds the second place...
+    let mut half_open = TcpStream::connect(addr).unwrap();
+    half_open.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut over = certs.client(addr);
+    // ...so this one is over the limit: it is told so in TLS, then closed.
+    over.get_mut().write_all(b"{\"cmdid\":0}\n").unwrap();
+    assert_eq!(
+        line(&mut over),
+        "{\"code\":503,\"error\":\"too many connections on this core; retry later\"}\n"
+    );
+    assert_eq!(line(&mut over), "", "closed after the refusal");
+    // The half-open one is closed at the hello timeout, which frees its place.
+    let mut got = Vec::new();
+    let _ = half_open.read_to_end(&mut got);
+    assert!(got.is_empty(), "{got:?}");
+    let mut after = loop {
+        let mut c = certs.client(addr);
+        c.get_mut().write_all(b"{\"cmdid\":0}\n").unwrap();
+        let reply = line(&mut c);
+        if reply == "{\"code\":0,\"data\":\"pong\"}\n" {
+            break c;
+        }
+        // The server may not have seen the half-open close yet: refused, try again.
+        assert!(reply.starts_with("{\"code\":503"), "{reply}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    after.get_mut().write_all(b"{\"cmdid\":0}\n").unwrap();
+    assert_eq!(line(&mut after), "{\"code\":0,\"data\":\"pong\"}\n");
+    let stats = server.stats().total();
+    assert!(stats.hello_timeouts >= 1 && stats.rejected_connections >= 1, "{stats:?}");
+}
+
 #[test]
 fn a_bad_certificate_or_key_is_refused_naming_the_file() {
     let certs = Certs::new("errors");
@@ -298,6 +345,7 @@ fn mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what(bac
 
 every_backend!(
     tls_round_trips_and_plain_clients_are_closed,
+    tls_refusals_are_readable_and_half_done_handshakes_time_out,
     mutual_tls_checks_client_certificates_and_the_acl_names_who_may_call_what,
     the_blocking_client_speaks_tls_and_mutual_tls,
     the_client_pool_speaks_mutual_tls,

@@ -117,6 +117,9 @@ pub enum State {
     /// A line over the limit put the stream out of sync: send the replies owed (the last is
     /// the 413), then FIN; further input is discarded.
     Desynced,
+    /// Admitted over the core's limit only to be refused inside its TLS session: finish the
+    /// handshake, send the 503, then FIN; requests are discarded.
+    Refusing,
     /// FIN was sent after the last reply; input is discarded until the peer closes, so unread
     /// input cannot turn the close into a reset that destroys replies in flight.
     Lingering {
@@ -322,6 +325,16 @@ impl Connection {
         self.admit_by = Some(now + self.limits.hello_timeout);
     }
 
+    /// The core is full: this connection only gets `line` (the 503) once its TLS handshake
+    /// is done, then FIN; what it sends is discarded ([`State::Refusing`]).
+    pub fn refuse(&mut self, line: &[u8]) {
+        if matches!(self.state, State::Closed(_)) {
+            return;
+        }
+        self.out.sink().extend_from_slice(line);
+        self.state = State::Refusing;
+    }
+
     /// Whether the connection still has to finish its TLS handshake or its hello.
     fn admitting(&self) -> bool {
         self.admit_by.is_some() && (self.is_handshaking() || !self.session.greeted())
@@ -439,8 +452,8 @@ impl Connection {
     pub fn wants_read(&self) -> bool {
         match self.state {
             State::Serving | State::Draining => self.reading == Reading::Active,
-            // Discarding until the peer closes.
-            State::Desynced | State::Lingering { .. } => true,
+            // Discarding until the peer closes (a refused one: its handshake).
+            State::Desynced | State::Refusing | State::Lingering { .. } => true,
             State::PeerClosed | State::Closed(_) => false,
         }
     }
@@ -526,7 +539,9 @@ impl Connection {
                 }
             }
         }
-        true
+        // Plaintext written before the TLS handshake is done waits in the session: there may
+        // be nothing to send yet.
+        self.sent < self.sending.len()
     }
 
     /// The buffer lent by [`lend_send`](Self::lend_send) comes back with `n` more bytes sent.
@@ -585,6 +600,12 @@ impl Connection {
     ) {
         let span = self.span.as_deref().cloned();
         let _entered = span.as_ref().map(tracing::Span::enter);
+        if self.state == State::Refusing {
+            processor.stats().bytes_in(len);
+            self.last_activity = now;
+            self.handshake_only(&buf[..len]);
+            return;
+        }
         if !self.begin_receive(now) {
             processor.stats().bytes_in(len);
             return;
@@ -636,6 +657,22 @@ impl Connection {
         self.received(flow, now, processor.stats());
         if peer_closed && self.state == State::Serving {
             self.on_peer_closed(now);
+        }
+    }
+
+    /// A refused connection's bytes: its TLS handshake goes on, anything else is discarded.
+    fn handshake_only(&mut self, mut received: &[u8]) {
+        let Some(tls) = &mut self.tls else { return };
+        while !received.is_empty() {
+            if tls.session.read_tls(&mut received).is_err() {
+                break;
+            }
+            if tls.session.process_new_packets().is_err() {
+                self.state = State::Closed(CloseReason::Error);
+                return;
+            }
+            let mut discard = [0; 4096];
+            while matches!(std::io::Read::read(&mut tls.session.reader(), &mut discard), Ok(1..)) {}
         }
     }
 
@@ -738,6 +775,7 @@ impl Connection {
                 self.state = State::PeerClosed;
             }
             State::Lingering { .. } => self.state = State::Closed(CloseReason::Finished),
+            State::Refusing => self.state = State::Closed(CloseReason::PeerClosed),
             State::PeerClosed | State::Closed(_) => {}
         }
     }
@@ -774,6 +812,8 @@ impl Connection {
         let own = match self.state {
             State::Closed(_) => return None,
             State::Lingering { since } => Some(since + self.limits.line_timeout),
+            // Refused: it has as long as a hello to take its 503.
+            State::Refusing => self.admit_by.or(Some(self.last_activity + self.limits.line_timeout)),
             _ => match self.line_started {
                 Some(since) => Some(since + self.limits.line_timeout),
                 // A connection waiting for its own deferred replies is not idle.
@@ -803,7 +843,9 @@ impl Connection {
         }
         let reason = if self.drain_deadline.is_some_and(|at| at <= now) {
             CloseReason::ShutdownDeadline
-        } else if self.admitting() && self.admit_by.is_some_and(|at| at <= now) {
+        } else if self.state == State::Refusing
+            || (self.admitting() && self.admit_by.is_some_and(|at| at <= now))
+        {
             stats.hello_timeout();
             CloseReason::HelloTimeout
         } else if matches!(self.state, State::Lingering { .. }) || self.line_started.is_some() {
@@ -829,6 +871,7 @@ impl Connection {
                 Step::Close(CloseReason::PeerClosed)
             }
             State::Desynced if output_done => self.shutdown_write(now),
+            State::Refusing if output_done && !self.is_handshaking() => self.shutdown_write(now),
             State::Draining if output_done && unread() == 0 => self.shutdown_write(now),
             _ => Step::Wait,
         }

@@ -276,6 +276,7 @@ pub(crate) async fn serve_worker<S, A, L>(
     A: CoreAccess<S>,
     L: Listen,
 {
+    let tls = setup.access.tls.is_some();
     let WorkerSetup { core: index, listener, config, stats, stop, ready, balancer, .. } = setup;
     let listener = match make_listener(listener) {
         Ok(listener) => listener,
@@ -284,7 +285,10 @@ pub(crate) async fn serve_worker<S, A, L>(
             return;
         }
     };
-    let engine = Engine::new(index, config.limits.max_connections_per_core, config.shutdown_timeout);
+    let mut engine = Engine::new(index, config.limits.max_connections_per_core, config.shutdown_timeout);
+    if tls {
+        engine.refuse_in_band();
+    }
     let core: Core<S, A> = Core {
         access: make_access(index, stats, config.limits, engine),
         signals: Arc::new(Signals::default()),

@@ -88,7 +88,8 @@ impl Handle {
 pub enum Decision {
     /// Serve it under this handle.
     Serve(Handle),
-    /// Send it this one reply line (a 503), then close it: the core is at its limit.
+    /// Send it this one reply line (a 503), then close it: the core is at its limit. (Empty
+    /// on a TLS port whose places for in-band refusals are taken too: just close it.)
     Refuse(&'static [u8]),
     /// Hand it to this core, which holds fewer connections; if that core takes none, call
     /// [`Engine::admit`].
@@ -202,7 +203,20 @@ struct Slot<W> {
     notified: bool,
     /// Listed in `unsettled`.
     unsettled: bool,
+    /// Whether it is a connection over the limit, served only to be told so.
+    refusal: Refusal,
     waker: W,
+}
+
+/// Where a connection admitted only to be refused (on a TLS port) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Served.
+    None,
+    /// The refusal is to be given to the connection at its first drive.
+    Owed,
+    /// The connection has its refusal: it sends it after the handshake, then closes.
+    Given,
 }
 
 /// The log of accept failures: the first is logged at once, repeats at most every
@@ -268,6 +282,11 @@ pub struct Engine<W = ()> {
     unsettled: Vec<Handle>,
     /// The next timeout moved earlier since the driver last asked.
     timer_moved: bool,
+    /// Connections over the limit are refused inside their TLS session rather than with a
+    /// plain-text line that a TLS client cannot read.
+    refuse_in_band: bool,
+    /// Connections in `slots` admitted only to be refused in band.
+    refusing: usize,
 }
 
 impl<W> Engine<W> {
@@ -289,7 +308,17 @@ impl<W> Engine<W> {
             actions: VecDeque::new(),
             unsettled: Vec::new(),
             timer_moved: false,
+            refuse_in_band: false,
+            refusing: 0,
         }
+    }
+
+    /// On a TLS port: a connection over the limit is served just long enough to finish its
+    /// handshake and read the 503 inside the session, then closed (a plain-text refusal line
+    /// is garbage to a TLS client). Such connections take places of their own beyond the
+    /// limit, at most an eighth of it plus 16; past those, the refusal is a plain close.
+    pub fn refuse_in_band(&mut self) {
+        self.refuse_in_band = true;
     }
 
     /// The core this engine serves.
@@ -357,14 +386,22 @@ impl<W> Engine<W> {
     /// backlog at shutdown, a hand-over that failed): serve it, or refuse it at the limit.
     /// A refusal is counted before it is answered, so whoever sees the reply sees the count.
     pub fn admit(&mut self, _now: Instant, stats: &CoreStats, waker: impl FnOnce() -> W) -> Decision {
-        if self.slots.len() >= self.max_connections {
+        let mut refusal = Refusal::None;
+        if self.slots.len() - self.refusing >= self.max_connections {
             stats.connection_rejected();
             tracing::debug!(
                 core = self.core,
                 open = self.slots.len(),
                 "connection refused: core at its connection limit"
             );
-            return Decision::Refuse(TOO_MANY_CONNECTIONS);
+            if !self.refuse_in_band {
+                return Decision::Refuse(TOO_MANY_CONNECTIONS);
+            }
+            if self.refusing >= self.max_connections / 8 + 16 {
+                return Decision::Refuse(b"");
+            }
+            self.refusing += 1;
+            refusal = Refusal::Owed;
         }
         self.next_generation = self.next_generation.wrapping_add(1) & ((1 << Handle::GENERATION_BITS) - 1);
         let generation = self.next_generation;
@@ -373,6 +410,7 @@ impl<W> Engine<W> {
             scheduled: None,
             notified: false,
             unsettled: false,
+            refusal,
             waker: waker(),
         });
         Decision::Serve(Handle::from_parts(index, generation))
@@ -425,6 +463,10 @@ impl<W> Engine<W> {
                 urgent: false,
             };
         };
+        if slot.refusal == Refusal::Owed {
+            slot.refusal = Refusal::Given;
+            conn.refuse(TOO_MANY_CONNECTIONS);
+        }
         if let (Phase::Draining { deadline }, false) = (phase, slot.notified) {
             slot.notified = true;
             conn.on_shutdown(deadline);
@@ -590,7 +632,11 @@ impl<W> Engine<W> {
     pub fn release(&mut self, handle: Handle, conn: Connection, stats: &CoreStats) -> Option<W> {
         conn.finish(stats);
         self.slot(handle)?;
-        Some(self.slots.remove(handle.index()).waker)
+        let slot = self.slots.remove(handle.index());
+        if slot.refusal != Refusal::None {
+            self.refusing -= 1;
+        }
+        Some(slot.waker)
     }
 
     /// Shutting down, with no connection left and no accept pending: the driver may stop.

@@ -373,6 +373,35 @@ fn admission_at_the_limit_refuses_with_a_503_and_counts_it() {
 }
 
 #[test]
+fn on_a_tls_port_a_connection_over_the_limit_is_served_its_refusal_in_band_beside_the_limit() {
+    let mut sim = Sim::new(limits());
+    sim.engine.refuse_in_band();
+    for _ in 0..3 {
+        assert!(sim.connect(None).is_some());
+    }
+    // Over the limit: served (in a place beyond the limit), with only the 503 to send.
+    let over = sim.connect(None).expect("served to be refused in band");
+    assert!(sim.refused.is_empty());
+    assert_eq!(sim.stats.total().rejected_connections, 1);
+    let conn = sim.peers[over].conn.as_ref().expect("open");
+    assert_eq!(conn.state(), crate::State::Refusing);
+    assert_eq!(conn.unsent(), crate::reply::TOO_MANY_CONNECTIONS.len());
+    // At most an eighth of the limit plus 16 such places; then a plain close.
+    for _ in 1..(3 / 8 + 16) {
+        assert!(sim.connect(None).is_some());
+    }
+    assert_eq!(sim.connect(None), None);
+    assert_eq!(sim.refused, [Vec::<u8>::new()]);
+    // A refused connection's place is not one of the three: when it goes, the core is
+    // still full for served ones.
+    sim.peers[over].fin = true;
+    sim.read(over, 1);
+    assert!(sim.peers[over].closed.is_some());
+    let again = sim.connect(None).expect("a place for a refusal again");
+    assert_eq!(sim.peers[again].conn.as_ref().unwrap().state(), crate::State::Refusing);
+}
+
+#[test]
 fn a_connection_goes_to_the_core_a_balancer_picks_only_while_serving() {
     let mut sim = Sim::new(limits());
     assert_eq!(sim.connect(Some(1)), None);

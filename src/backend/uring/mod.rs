@@ -185,6 +185,11 @@ impl<S: Service> Worker<S> {
             .with_executors(setup.exec)
             .with_durable_ring();
         let processor = Processor::new(setup.core, dispatcher, setup.stats, limits).with_access(setup.access);
+        let mut engine =
+            Engine::new(setup.core, limits.max_connections_per_core, setup.config.shutdown_timeout);
+        if processor.tls().is_some() {
+            engine.refuse_in_band();
+        }
         let wakeups = Wakeups::new(setup.stop).map_err(|source| WorkerError::Io {
             what: "cannot create the eventfd for deferred replies",
             source,
@@ -193,7 +198,7 @@ impl<S: Service> Worker<S> {
             ring,
             recv: Receive { pool, limit: true },
             processor,
-            engine: Engine::new(setup.core, limits.max_connections_per_core, setup.config.shutdown_timeout),
+            engine,
             conns: Conns::default(),
             acceptor: Acceptor { listener: setup.listener, accept: Accept::Idle, balancer: setup.balancer },
             wakeups,
