@@ -3,7 +3,9 @@
 //! arrived while the previous one ran), on the core's own io_uring ring on `uring`.
 //!
 //! Each core appends to its own file under `--dir` (`log-N.log`, one record per line), so
-//! cores share no lock. Run it and try it:
+//! cores share no lock. One process owns a directory (a second one on it stops at start-up);
+//! a batch that fails (a full disk) is answered 500 and cut off the file, and the file takes
+//! no more appends until the service restarts. Run it and try it:
 //!
 //! ```sh
 //! cargo run --release --example log_service -- --addr 127.0.0.1:8891 --dir /tmp/ringcall-logs
@@ -22,7 +24,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
-use ringcall::durable::AppendFile;
+use ringcall::durable::{AppendFile, DirLock};
 use ringcall::{Backend, Ctx, Deferred, HandlerError, HandlerResult, Reply, Request, Server, Service};
 use serde::Deserialize;
 
@@ -57,8 +59,8 @@ impl Service for LogService {
 
     fn local(&self, _core: usize) -> AppendFile {
         let name = format!("log-{}.log", self.next_file.fetch_add(1, Ordering::Relaxed));
-        // The directory was checked writable at start-up.
-        let file = AppendFile::open(self.dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+        // The directory was checked writable, and locked, at start-up.
+        let file = AppendFile::open_lines(self.dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
         self.files.lock().unwrap_or_else(|e| e.into_inner()).push(file.clone());
         file
     }
@@ -165,6 +167,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&probe, b"")
         .map_err(|e| anyhow::anyhow!("--dir {} is not writable: {e}", args.dir.display()))?;
     let _ = std::fs::remove_file(probe);
+    // One process per directory: a second one would append at ends it does not know.
+    let _lock =
+        DirLock::acquire(&args.dir).map_err(|e| anyhow::anyhow!("--dir {}: {e}", args.dir.display()))?;
     let service =
         LogService { dir: args.dir.clone(), next_file: AtomicUsize::new(0), files: Mutex::new(Vec::new()) };
     let builder = Server::builder().addr(args.addr).backend(args.backend).threads(args.threads);

@@ -15,7 +15,15 @@
 //!
 //! A write or sync that fails answers every append of its batch with a 500 and fails the
 //! file: after a failed `fdatasync` Linux may have dropped the dirty pages, so nothing
-//! appended later could be acknowledged honestly. Restart the service to open it again.
+//! appended later could be acknowledged honestly. The file is cut back to its last durable
+//! end (the bytes of the failed batch that did land — a disk that filled mid-batch — are
+//! removed, so no record answered with an error is in the file, and none is left torn for
+//! the next one to be glued to). Restart the service to open it again.
+//!
+//! A file is locked (`flock`, exclusive) while it is open: a second process, or a second
+//! handle, on the same file is refused at open instead of appending at an end it does not
+//! know. [`AppendFile::open_lines`] also cuts a last line left unfinished by a crash in the
+//! middle of a write (never acknowledged).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -94,6 +102,8 @@ pub struct GroupCommit {
     in_flight: Batch,
     flight: Flight,
     failed: Option<String>,
+    /// After a failure: the file must be cut back to this length (its last durable end).
+    truncate: Option<u64>,
     stats: AppendStats,
 }
 
@@ -106,6 +116,7 @@ impl GroupCommit {
             in_flight: Batch::default(),
             flight: Flight::Idle,
             failed: None,
+            truncate: None,
             stats: AppendStats::default(),
         }
     }
@@ -212,6 +223,13 @@ impl GroupCommit {
         }
         self.next.bytes.clear();
         self.failed = Some(why);
+        self.truncate = Some(self.end);
+    }
+
+    /// After a failed batch, once: the length to cut the file back to (its last durable end),
+    /// so that no byte of the batch stays in it. The driver truncates and syncs.
+    pub fn take_truncate(&mut self) -> Option<u64> {
+        self.truncate.take()
     }
 
     /// The counters.
@@ -266,13 +284,41 @@ impl AppendFile {
     /// # Errors
     /// The file cannot be opened or created (its directory missing, no permission).
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_at(path.as_ref(), false)
+    }
+
+    /// [`open`](Self::open) for a file of `\n`-terminated records: a last line without its
+    /// `\n` (a write cut short by a crash; never acknowledged) is cut off, so the next
+    /// record starts on a line of its own.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open), or the file cannot be read or cut.
+    pub fn open_lines(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::open_at(path.as_ref(), true)
+    }
+
+    fn open_at(path: &Path, lines: bool) -> io::Result<Self> {
+        let path = path.to_path_buf();
         // O_APPEND: whatever offset a write names, the kernel puts it at the end, so even two
         // handles on one file (a misuse) could never overwrite acknowledged bytes.
         let file = OpenOptions::new().create(true).read(true).append(true).open(&path).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot open {} for appends: {e}", path.display()))
         })?;
-        let end = file.metadata()?.len();
+        lock_exclusive(&file, &path)?;
+        let mut end = file.metadata()?.len();
+        if lines {
+            let whole = end_of_last_line(&file, end)?;
+            if whole < end {
+                tracing::warn!(
+                    "{}: cutting {} bytes of an unfinished last record (a write interrupted by a crash)",
+                    path.display(),
+                    end - whole
+                );
+                file.set_len(whole)?;
+                file.sync_data()?;
+                end = whole;
+            }
+        }
         // The file's own entry in its directory must be durable too, once.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir).and_then(|d| d.sync_all())?;
@@ -314,6 +360,85 @@ impl AppendFile {
             }
         });
         self.shared.work.notify_one();
+    }
+}
+
+/// An exclusive lock on a directory of durable files (`flock` on its `.lock` file), held
+/// until dropped: a service that owns a directory takes it at start-up, so a second process
+/// started on the same directory stops with a clear error before it serves anything.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Locks `dir` (which must exist).
+    ///
+    /// # Errors
+    /// Another process holds the lock ([`io::ErrorKind::AddrInUse`], naming the directory),
+    /// or the lock file cannot be created.
+    pub fn acquire(dir: impl AsRef<Path>) -> io::Result<Self> {
+        let path = dir.as_ref().join(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))?;
+        lock_exclusive(&file, &path)?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// Takes the exclusive `flock` of `file`, or says which file another process holds.
+fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
+    // SAFETY: flock on a descriptor this function borrows.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is in use by another process (it holds the file's lock): two writers would each \
+                 acknowledge offsets the other overwrites",
+                path.display()
+            ),
+        ));
+    }
+    Err(io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())))
+}
+
+/// The length of `file` up to and with its last `\n` (0 if none), reading back from `len`.
+fn end_of_last_line(file: &File, len: u64) -> io::Result<u64> {
+    let mut chunk = vec![0; 64 * 1024];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let piece = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(piece, start)?;
+        if let Some(nl) = piece.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + nl as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// After a failed batch: cut the file back to its last durable end.
+pub(crate) fn truncate_after_failure(shared: &Shared, commit: &mut GroupCommit) {
+    if let Some(len) = commit.take_truncate() {
+        let cut = shared.file.set_len(len).and_then(|()| shared.file.sync_data());
+        match cut {
+            Ok(()) => {
+                tracing::warn!("{}: cut back to its last durable end, {len} bytes", shared.path.display())
+            }
+            Err(e) => tracing::error!(
+                "{}: cannot cut the failed batch off ({e}); bytes past {len} were not acknowledged",
+                shared.path.display()
+            ),
+        }
     }
 }
 
@@ -359,7 +484,9 @@ fn sync_thread(shared: &Arc<Shared>) {
             };
             commit = lock(&shared.commit);
             commit.on_write(write);
-            match commit.on_sync(sync) {
+            let next = commit.on_sync(sync);
+            truncate_after_failure(shared, &mut commit);
+            match next {
                 Some(next) => io = next,
                 None => break,
             }
@@ -454,6 +581,70 @@ mod tests {
         assert!(text.contains("append not durable: fdatasync failed"), "{text}");
         assert!(text.contains("append refused: the log file failed earlier"), "{text}");
         assert_eq!(commit.stats().failed, 3);
+    }
+
+    #[test]
+    fn a_failed_batch_asks_for_the_file_to_be_cut_back_to_its_durable_end() {
+        let stats = StatsRegistry::new(1);
+        let mut out = Output::default();
+        let mut commit = GroupCommit::new(100);
+        append(&mut commit, &mut out, &stats, b"kept\n");
+        commit.poll().unwrap();
+        commit.on_write(5);
+        commit.on_sync(0);
+        assert_eq!(commit.take_truncate(), None);
+        append(&mut commit, &mut out, &stats, b"first\n");
+        append(&mut commit, &mut out, &stats, b"second\n");
+        commit.poll().unwrap();
+        // The disk fills: part of the batch lands, the rest fails.
+        assert!(commit.on_write(4).is_none());
+        let rest = commit.on_sync(-libc::ECANCELED).expect("the rest");
+        assert_eq!(rest.offset, 109);
+        commit.on_write(-libc::ENOSPC);
+        assert!(commit.on_sync(-libc::ECANCELED).is_none());
+        assert_eq!(commit.take_truncate(), Some(105), "back to the end of the last durable batch");
+        assert_eq!(commit.take_truncate(), None, "once");
+        let text = answers(&mut out, &stats);
+        assert_eq!(text.matches("\"code\":500").count(), 2, "{text}");
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ringcall-durable-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_file_is_locked_while_open_and_a_directory_by_its_lock() {
+        let dir = scratch("lock");
+        let path = dir.join("core-0.log");
+        let first = AppendFile::open(&path).unwrap();
+        let e = AppendFile::open(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("core-0.log is in use by another process"), "{e}");
+        drop(first);
+        AppendFile::open(&path).expect("free again once closed");
+        let held = DirLock::acquire(&dir).unwrap();
+        let e = DirLock::acquire(&dir).unwrap_err();
+        assert!(e.to_string().contains(".lock is in use by another process"), "{e}");
+        drop(held);
+        DirLock::acquire(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn open_lines_cuts_an_unfinished_last_record() {
+        let dir = scratch("lines");
+        let path = dir.join("core-0.log");
+        std::fs::write(&path, b"one\ntwo\nthr").unwrap();
+        let file = AppendFile::open_lines(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\n");
+        assert_eq!(lock(&file.shared.commit).end, 8);
+        drop(file);
+        std::fs::write(&path, b"no newline at all").unwrap();
+        drop(AppendFile::open_lines(&path).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

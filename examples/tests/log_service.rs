@@ -100,4 +100,118 @@ fn acknowledged_records_survive_kill_9_and_a_restart_appends_after_them(backend:
     assert_eq!(read, expected);
 }
 
-every_backend!(acknowledged_records_survive_kill_9_and_a_restart_appends_after_them);
+/// A tmpfs of 256 KiB mounted on a fresh directory (a small disk that fills), unmounted when
+/// dropped; `None`, with a SKIPPED line, where this process may not mount one (not root).
+struct SmallDisk(TempDir);
+
+impl SmallDisk {
+    fn new(name: &str) -> Option<Self> {
+        let dir = TempDir::new(name);
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "ringcall-test"])
+            .arg(&dir.0)
+            .status();
+        if !mounted.is_ok_and(|s| s.success()) {
+            common::skip("RINGCALL_REQUIRE_TMPFS", "cannot mount a tmpfs here (the test needs root)");
+            return None;
+        }
+        Some(Self(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0.0).status();
+    }
+}
+
+/// The disk fills in the middle of a batch: acknowledged records are in the file, records
+/// answered 500 are not (the failed batch is cut off, not left torn), and after space is
+/// freed and the service restarted, the next record starts a line of its own. A second
+/// process on the same directory is refused at start-up, naming the directory.
+fn a_full_disk_leaves_no_torn_or_failed_record_and_one_process_owns_a_directory(backend: Backend) {
+    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
+        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
+        return;
+    }
+    let Some(disk) = SmallDisk::new(&format!("full-{backend}")) else { return };
+    let ballast = disk.0.0.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 64 << 10]).unwrap();
+    let logs = disk.0.0.join("logs");
+    let args = ["--addr", "127.0.0.1:0", "--threads", "1", "--backend", backend.name(), "--dir"];
+    let args: Vec<&str> = args.iter().copied().chain([logs.to_str().unwrap()]).collect();
+    let (service, addr) = Running::start("log_service", &args);
+
+    // A second process on the directory stops at start-up, with the reason.
+    let second = std::process::Command::new(support::example("log_service"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(said.contains("is in use by another process"), "{said}");
+
+    let mut client = Client::connect(addr);
+    let mut acked = Vec::new();
+    let mut failed = Vec::new();
+    let mut round = 0;
+    let mut rounds_failed = 0;
+    // Until two rounds have failed: the one the disk filled in, and one after it.
+    while rounds_failed < 2 {
+        assert!(round < 1000, "the disk never filled");
+        let batch: String = (0..50)
+            .map(|i| {
+                format!("{{\"cmdid\":2001,\"id\":{i},\"params\":{{\"record\":\"{}\"}}}}\n", record(round, i))
+            })
+            .collect();
+        client.send(batch.as_bytes());
+        for i in 0..50 {
+            let line = client.line();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let text = record(round, i).replace("\\\"", "\"");
+            match v["code"].as_u64() {
+                Some(0) => {
+                    assert!(failed.is_empty(), "acknowledged after a failure: {line}");
+                    acked.push((text, ack(&line, i).0));
+                }
+                Some(500) => failed.push(text),
+                _ => panic!("{line}"),
+            }
+        }
+        rounds_failed += usize::from(!failed.is_empty());
+        round += 1;
+    }
+    let file = std::fs::read(logs.join("log-0.log")).unwrap();
+    assert!(file.ends_with(b"\n"), "the file ends in a torn record");
+    let text = String::from_utf8(file.clone()).unwrap();
+    for (record, offset) in &acked {
+        assert_eq!(
+            text.get(*offset..offset + record.len()),
+            Some(record.as_str()),
+            "acknowledged {record:?}"
+        );
+    }
+    for record in &failed {
+        assert!(!text.contains(&format!("{record}\n")), "{record:?} was answered 500 but is in the file");
+    }
+    assert_eq!(text.lines().count(), acked.len());
+    service.kill_9();
+
+    // Space freed, service restarted: the next record is a line of its own.
+    std::fs::remove_file(&ballast).unwrap();
+    let (_service, addr) = Running::start("log_service", &args);
+    let mut client = Client::connect(addr);
+    let (offset, ..) =
+        ack(&client.call("{\"cmdid\":2001,\"id\":0,\"params\":{\"record\":\"after restart\"}}\n"), 0);
+    assert_eq!(offset, file.len());
+    let tail: serde_json::Value =
+        serde_json::from_str(&client.call("{\"cmdid\":2002,\"params\":{\"n\":1}}\n")).unwrap();
+    assert_eq!(tail["data"][0]["records"][0], "after restart", "{tail}");
+}
+
+every_backend!(
+    acknowledged_records_survive_kill_9_and_a_restart_appends_after_them,
+    a_full_disk_leaves_no_torn_or_failed_record_and_one_process_owns_a_directory,
+);

@@ -82,6 +82,8 @@ impl DurableRing {
         let (next, busy) = {
             let mut commit = crate::durable::lock(&shared.commit);
             let next = if op == Op::DurableWrite { commit.on_write(res) } else { commit.on_sync(res) };
+            // Rare (a full or failing disk): done here, blocking, rather than as more ring ops.
+            crate::durable::truncate_after_failure(shared, &mut commit);
             (next, commit.busy())
         };
         match next {
