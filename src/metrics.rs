@@ -1,12 +1,12 @@
 //! Prometheus metrics: the per-core counters and the per-command counters of a running
-//! server, encoded at scrape time (OpenMetrics text, with prometheus-client), and a small
-//! HTTP endpoint that serves them at `/metrics` on a thread of its own.
+//! server, encoded at scrape time (OpenMetrics text, with prometheus-client), and an HTTP
+//! endpoint (hyper) that serves them at `/metrics` on a thread of its own.
 //!
 //! Nothing here runs on the request path: the cores write their own counters as always
 //! (single-writer atomics, see [`crate::stats`]); a scrape reads and sums them.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,66 +212,110 @@ impl MetricsServer {
     }
 }
 
-/// Serves the metrics of `stats` over HTTP at `addr` (`GET /metrics`; anything else gets a
-/// 404), one request per connection, on a thread of its own; from now on handlers are timed
+/// Connections the endpoint serves at once; beyond, new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Time a client has to send a request's headers (slowloris, or an idle keep-alive
+/// connection waiting for its next request).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a connection stays open, however busy (a scraper reconnects).
+pub const CONNECTION_AGE: Duration = Duration::from_secs(300);
+
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Serves the metrics of `stats` over HTTP/1.1 at `addr` (`GET /metrics`; other paths get a
+/// 404, other methods a 405) on a thread of its own; from now on handlers are timed
 /// ([`StatsRegistry::time_handlers`]).
 ///
-/// A hand-written responder rather than an HTTP server crate: it answers one fixed route
-/// for a scraper, off the request path, and an HTTP stack would be most of the dependency
-/// tree of this crate.
+/// hyper on a current-thread tokio runtime: every connection is served concurrently, with
+/// keep-alive; a request head must arrive within [`HEADER_TIMEOUT`] and fit in [`MAX_HEAD`]
+/// bytes, and a connection lives at most [`CONNECTION_AGE`]; at most [`MAX_CONNECTIONS`] are
+/// open at once. So neither a client that trickles its headers nor thousands of idle
+/// connections delay a scrape.
 ///
 /// # Errors
-/// The address cannot be bound, or the thread cannot be started.
+/// The address cannot be bound, or the thread or its runtime cannot be started.
 pub fn serve(addr: SocketAddr, stats: Arc<StatsRegistry>) -> io::Result<MetricsServer> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = std::net::TcpListener::bind(addr)?;
     let local_addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     stats.time_handlers();
     std::thread::Builder::new().name("ringcall-metrics".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(stream) => {
-                    if let Err(e) = answer(stream, &stats) {
-                        tracing::debug!("metrics request failed: {e}");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("metrics endpoint: accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => accept(listener, stats).await,
+                Err(e) => tracing::error!("metrics endpoint: cannot register the listener: {e}"),
             }
-        }
+        });
     })?;
     Ok(MetricsServer { local_addr })
 }
 
-fn answer(stream: TcpStream, stats: &Arc<StatsRegistry>) -> io::Result<()> {
-    // A scraper that stalls must not hold the endpoint.
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.by_ref().take(8192).read_line(&mut request_line)?;
-    // Headers up to the blank line (bounded); none of them matters here.
-    let mut header = String::new();
-    for _ in 0..100 {
-        header.clear();
-        if reader.by_ref().take(8192).read_line(&mut header)? == 0 || header.trim().is_empty() {
-            break;
+async fn accept(listener: tokio::net::TcpListener, stats: Arc<StatsRegistry>) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: back off rather than spin.
+                tracing::warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.load(std::sync::atomic::Ordering::Relaxed) >= MAX_CONNECTIONS {
+            tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} connections open, closing a new one");
+            continue;
         }
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let open = Open(open.clone());
+        let stats = stats.clone();
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper::service::service_fn(move |request| {
+                let response = respond(&request, &stats);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _open = open;
+            match tokio::time::timeout(CONNECTION_AGE, connection).await {
+                Ok(Err(e)) => tracing::debug!("metrics connection ended: {e}"),
+                Ok(Ok(())) | Err(_) => {}
+            }
+        });
     }
-    let mut parts = request_line.split_whitespace();
-    let (status, content_type, body) = match (parts.next(), parts.next()) {
-        (Some("GET"), Some(path)) if path == "/metrics" || path.starts_with("/metrics?") => {
-            ("200 OK", CONTENT_TYPE, render(stats))
-        }
-        (Some("GET"), Some(_)) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET /metrics\n".to_owned()),
+}
+
+/// Counts an open connection until dropped.
+struct Open(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn respond(
+    request: &hyper::Request<hyper::body::Incoming>,
+    stats: &Arc<StatsRegistry>,
+) -> hyper::Response<Body> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (hyper::StatusCode::OK, CONTENT_TYPE, render(stats)),
+        (&hyper::Method::GET, _) => (hyper::StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_owned()),
+        _ => (hyper::StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET /metrics\n".to_owned()),
     };
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
+    let mut response = hyper::Response::new(Body::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response
 }

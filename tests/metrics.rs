@@ -13,7 +13,7 @@ use ringcall::Backend;
 /// `GET /metrics` over a plain socket, as a scraper does: the status line and the body.
 fn scrape(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: */*\r\n\r\n").unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: */*\r\nConnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
@@ -145,4 +145,69 @@ fn the_dashboard_queries_only_metrics_the_server_exports() {
         }
     }
     assert!(queried >= 10, "the dashboard queries {queried} series");
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length from a kept-alive connection: its status
+/// line and body.
+fn response(reader: &mut std::io::BufReader<TcpStream>) -> (String, String) {
+    use std::io::BufRead;
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        if header == "\r\n" {
+            break;
+        }
+        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    (status.trim_end().to_owned(), String::from_utf8(body).unwrap())
+}
+
+/// A thousand idle connections, a client trickling its request head a byte at a time, and
+/// one with an oversized head do not keep a scraper out: scrapes are answered meanwhile, on
+/// a kept-alive connection too (as Prometheus keeps one).
+#[test]
+fn scrapes_are_answered_beside_idle_and_slowloris_connections() {
+    common::raise_nofile();
+    let Some(server) = start(Backend::Epoll) else { return };
+    let metrics = ringcall::metrics::serve("127.0.0.1:0".parse().unwrap(), server.stats_registry()).unwrap();
+    let addr = metrics.local_addr();
+    let idle: Vec<TcpStream> = (0..1000).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut slowloris = TcpStream::connect(addr).unwrap();
+    slowloris.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..20 {
+            if slowloris.write_all(b"a").is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    // A head over the limit is refused, and only that connection is affected.
+    let mut huge = TcpStream::connect(addr).unwrap();
+    let _ = write!(huge, "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "b".repeat(64 * 1024));
+    let mut answer = String::new();
+    let _ = huge.read_to_string(&mut answer);
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer:.60}");
+
+    let kept = TcpStream::connect(addr).unwrap();
+    kept.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut reader = std::io::BufReader::new(kept.try_clone().unwrap());
+    for _ in 0..5 {
+        let (status, body) = scrape(addr, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains("ringcall_requests_total"), "{body:.200}");
+        write!(reader.get_mut(), "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let (status, body) = response(&mut reader);
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.ends_with("# EOF\n"), "{body:.200}");
+    }
+    trickle.join().unwrap();
+    drop(idle);
 }
