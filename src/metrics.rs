@@ -284,9 +284,9 @@ async fn accept(listener: tokio::net::TcpListener, stats: Arc<StatsRegistry>) {
         );
         tokio::spawn(async move {
             let _open = open;
-            match tokio::time::timeout(CONNECTION_AGE, connection).await {
-                Ok(Err(e)) => tracing::debug!("metrics connection ended: {e}"),
-                Ok(Ok(())) | Err(_) => {}
+            // Past its age the connection is dropped (closed).
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_AGE, connection).await {
+                tracing::debug!("metrics connection ended: {e}");
             }
         });
     }
