@@ -45,7 +45,7 @@ type PerCore = fn(&StatsSnapshot) -> u64;
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let cores: Vec<StatsSnapshot> = self.0.per_core().collect();
-        let counters: [(&str, &str, PerCore); 14] = [
+        let counters: [(&str, &str, PerCore); 15] = [
             ("connections_accepted", "Connections accepted.", |s| s.connections_total),
             ("connections_closed", "Connections closed.", |s| s.connections_closed),
             ("connections_refused", "Connections refused with a 503 because their core was full.", |s| {
@@ -78,6 +78,11 @@ impl Collector for Scrape {
                 |s| s.deadline_expired,
             ),
             ("late_replies", "Deferred answers dropped because a 504 was sent first.", |s| s.late_replies),
+            (
+                "deferred_shed",
+                "Requests answered 503 because the core had max_deferred_per_core deferred replies pending.",
+                |s| s.deferred_shed,
+            ),
         ];
         for (name, help, read) in counters {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -137,6 +137,9 @@ mod tests {
         assert!(!acl.allows(Some("billing.internal"), 2002));
         assert!(acl.allows(Some("admin.internal"), 31337));
         assert!(!acl.allows(Some("other.internal"), 2001));
+        // Identities are compared exactly: case matters.
+        assert!(!acl.allows(Some("Billing.internal"), 2001));
+        assert!(!acl.allows(Some("BILLING.INTERNAL"), 2001));
         assert!(Acl::parse("[allow]\n\"x\" = \"some\"\n").unwrap_err().contains("give a list"));
         assert!(Acl::parse("[deny]\n").is_err());
     }

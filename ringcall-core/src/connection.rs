@@ -1097,6 +1097,24 @@ mod tests {
     }
 
     #[test]
+    fn the_cr_of_a_crlf_line_counts_toward_max_line_and_a_repeated_key_takes_its_last_value() {
+        // max_line is 200: 199 bytes and `\r` fit, 200 and `\r` do not.
+        let line = |len: usize| {
+            let head = b"{\"cmdid\":0,\"x\":\"".len();
+            format!("{{\"cmdid\":0,\"x\":\"{}\"}}\r\n", "a".repeat(len - head - 2)).into_bytes()
+        };
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, &line(199), 0);
+        assert_eq!(f.send_all(&mut conn, 0), b"{\"code\":0,\"data\":\"pong\"}\n");
+        // The last `cmdid` is the one dispatched (an echo, not a ping).
+        f.recv(&mut conn, b"{\"cmdid\":0,\"params\":{\"k\":1,\"k\":2},\"cmdid\":10000}\n", 0);
+        assert_eq!(f.send_all(&mut conn, 0), b"{\"code\":0,\"data\":{\"k\":1,\"k\":2}}\n");
+        f.recv(&mut conn, &line(200), 0);
+        let wire = String::from_utf8(f.send_all(&mut conn, 0)).unwrap();
+        assert!(wire.starts_with("{\"code\":413,"), "{wire}");
+    }
+
+    #[test]
     fn a_peer_that_closes_behind_a_backlog_gets_every_reply_before_the_close() {
         let limits = Limits { max_pending_output: 2 * ECHO_REPLY.len(), ..limits() };
         let (mut f, mut conn) = Fixture::new(limits);

@@ -247,6 +247,17 @@ impl Output {
         self.deferred.as_ref().map_or(0, |d| d.pending)
     }
 
+    /// Whether more than `bytes` reply bytes are held, or `deferred` deferred replies are
+    /// pending: the limits past which a connection reads no more requests. Checked before
+    /// every request line, so a connection that never deferred pays one comparison.
+    #[inline(always)]
+    pub(crate) fn full(&self, bytes: usize, deferred: usize) -> bool {
+        match &self.deferred {
+            None => self.ready.len() > bytes,
+            Some(d) => self.len() > bytes || d.pending >= deferred,
+        }
+    }
+
     /// Reply bytes held: ready ones and those waiting behind a deferred reply.
     pub fn len(&self) -> usize {
         self.ready.len()

@@ -423,7 +423,7 @@ impl<D: Dispatch> Processor<D> {
     /// [`Session::backlog`]).
     #[inline(always)]
     fn output_full(&self, out: &Output) -> bool {
-        out.len() > self.limits.max_pending_output || out.pending() >= self.limits.max_deferred
+        out.full(self.limits.max_pending_output, self.limits.max_deferred)
     }
 
     /// Reads the requests of `session`'s backlog, once the output has room again: as a
