@@ -32,8 +32,12 @@ for target in "${targets[@]}"; do
     fi
     log=$(mktemp)
     # -rss_limit_mb: the targets' inputs are small; a leak shows as a failure.
+    seeds=()
+    if [ -d "seeds/$target" ]; then
+        seeds=("seeds/$target")
+    fi
     set +e
-    cargo +nightly fuzz run "$target" "corpus/$target" "seeds/$target" -- \
+    cargo +nightly fuzz run "$target" "corpus/$target" "${seeds[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 > "$log" 2>&1
     status=$?
     set -e

@@ -8,8 +8,12 @@ then let --peers more peers (default 1) each write up to 64 MiB of the same requ
 never read. Once the server has stopped reading (each peer's writes block for 3 s), read the
 RSS again and the server's own counters, and check that a fresh connection is still answered.
 
+With --small-requests the peers write 12-byte `{"cmdid":1}` lines instead (the stats command:
+a reply of a kilobyte or more each), up to 16 MiB: requests whose replies are much larger
+than they are.
+
     cargo build --release
-    scripts/never_reading_peer.py [--binary target/release/ringcall] [--peers N] [BACKEND ...]
+    scripts/never_reading_peer.py [--binary target/release/ringcall] [--peers N] [--small-requests] [BACKEND ...]
 """
 
 import argparse
@@ -61,7 +65,8 @@ def stats(addr):
     return json.loads(reply)["data"]["total"]
 
 
-def measure(binary, backend, peers):
+def measure(binary, backend, peers, small):
+    chunk, limit = (b'{"cmdid":1}\n' * 5000, 16 << 20) if small else (CHUNK, 64 << 20)
     server = subprocess.Popen(
         [binary, "serve", "--addr", "127.0.0.1:0", "--backend", backend, "--threads", "1", "--no-pin"],
         stdout=subprocess.PIPE,
@@ -82,8 +87,8 @@ def measure(binary, backend, peers):
             hogs.append(hog)
             written = 0
             try:
-                while written < 64 << 20:
-                    written += hog.send(CHUNK)
+                while written < limit:
+                    written += hog.send(chunk)
             except socket.timeout:
                 pass
             sent += written
@@ -94,6 +99,17 @@ def measure(binary, backend, peers):
         reply_len = warmed["bytes_out"] / (warmed["requests"] - 1)
         requests = total["requests"] - warmed["requests"] - 1
         held = requests * reply_len - (total["bytes_out"] - warmed["bytes_out"])
+        if small:
+            print(
+                f"{backend:12} {peers} peer(s) wrote {sent / 2**20:5.1f} MiB of {{\"cmdid\":1}} before their "
+                f"writes blocked; server answered {requests:,} of them; "
+                f"RSS {before} -> {after} KiB ({after - before:+} KiB); "
+                f"backpressure pauses {total['backpressure_pauses']}; other connections answered"
+            )
+            for hog in hogs:
+                hog.close()
+            warm.close()
+            return
         print(
             f"{backend:12} {peers} peer(s) wrote {sent / 2**20:5.1f} MiB before their writes blocked; "
             f"server read {(total['bytes_in'] - 32 * 2**20) / 2**20:5.2f} MiB of it; "
@@ -113,10 +129,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", default="target/release/ringcall")
     parser.add_argument("--peers", type=int, default=1, help="peers that never read")
+    parser.add_argument("--small-requests", action="store_true", help="12-byte requests with large replies")
     parser.add_argument("backends", nargs="*", default=["uring", "tokio-uring", "epoll", "epoll-mt"])
     args = parser.parse_args()
     for backend in args.backends:
-        measure(args.binary, backend, args.peers)
+        measure(args.binary, backend, args.peers, args.small_requests)
 
 
 if __name__ == "__main__":

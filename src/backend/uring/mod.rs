@@ -509,6 +509,16 @@ impl<S: Service> Worker<S> {
     /// handled, so the kernel's count of unread bytes is the whole truth.
     fn drive(&mut self, handle: Handle, settled: bool) -> io::Result<()> {
         let Some(c) = self.conns.get_mut(handle) else { return Ok(()) };
+        if !c.waker_set
+            && let Some(mailbox) = c.conn.mailbox()
+        {
+            c.waker_set = true;
+            mailbox.set_waker(self.wakeups.deferred.waker(handle));
+            // Answers may have come before the waker was set (a handler that dropped its
+            // handle, work that finished on another thread at once): taken before the engine
+            // is asked, so their replies are sent in this turn.
+            c.conn.on_deferred(self.now, self.processor.stats());
+        }
         let fd = c.fd.as_fd();
         let interest = self.engine.drive(handle, &mut c.conn, &mut self.processor, self.now, || {
             settled.then(|| sys::unread_bytes(fd))
@@ -546,15 +556,6 @@ impl<S: Service> Worker<S> {
             (true, Recv::Armed) if interest.line_read => self.cancel_recv(handle)?,
             (false, Recv::Armed | Recv::Direct) => self.cancel_recv(handle)?,
             _ => {}
-        }
-        let Some(c) = self.conns.get_mut(handle) else { return Ok(()) };
-        if !c.waker_set
-            && let Some(mailbox) = c.conn.mailbox()
-        {
-            c.waker_set = true;
-            mailbox.set_waker(self.wakeups.deferred.waker(handle));
-            // Answers may have come before the waker was set.
-            c.conn.on_deferred(self.now, self.processor.stats());
         }
         if interest.send {
             self.turn.sends.push(handle);
