@@ -8,7 +8,7 @@ use crate::dispatch::{Ctx, Routes, Service, Services};
 use crate::stats::StatsRegistry;
 use ringcall_core::{CoreContext, Output, Request, Responder};
 
-pub use ringcall_core::bench::{encode_ok, with_request};
+pub use ringcall_core::bench::{Shape, encode_ok, with_request};
 
 pub use ringcall_core::bench::reply;
 

@@ -155,6 +155,11 @@ struct BenchArgs {
     /// long) instead of the seed's 80-byte one.
     #[arg(long, conflicts_with_all = ["cmdid", "params", "requests"], value_parser = payload_size)]
     payload_bytes: Option<usize>,
+    /// Requests shaped as callers really send them: `log1k` (a 1 KiB log record as Python's
+    /// json.dumps writes it: nested, numbers, \uXXXX escapes), `blob16k`, `blob64k` (base64
+    /// images with a few fields), `seed` (the tornado-TCP echo); see docs/benchmarks.md.
+    #[arg(long, conflicts_with_all = ["cmdid", "params", "requests", "payload_bytes"], value_parser = shape_name)]
+    shape: Option<ringcall_cli::bench::compare::Shape>,
     /// Load threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -194,8 +199,10 @@ struct CompareArgs {
     /// Backends to compare.
     #[arg(long, value_delimiter = ',', default_value = "uring,tokio-uring,epoll,epoll-mt")]
     backends: Vec<Backend>,
-    /// Workloads, CONNECTIONSxINFLIGHT[@BYTES][+tls][/rN] (e.g. `16x16@64k`: echo requests
-    /// of 64 KiB; `16x16+tls`: over TLS; `16x1+tls/r1`: a new TLS connection per request).
+    /// Workloads, CONNECTIONSxINFLIGHT[@BYTES|@SHAPE][+tls][/rN] (e.g. `16x16@64k`: echo
+    /// requests of 64 KiB; `16x16@log1k`: 1 KiB log records as Python sends them, also
+    /// `@blob16k`, `@blob64k`, `@seed`; `16x16+tls`: over TLS; `16x1+tls/r1`: a new TLS
+    /// connection per request).
     #[arg(long, value_delimiter = ',', default_value = ringcall_cli::bench::compare::DEFAULT_WORKLOADS)]
     workloads: Vec<ringcall_cli::bench::compare::Workload>,
     /// Interleaved rounds; the table shows medians.
@@ -379,6 +386,15 @@ fn resolve_server(addr: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("cannot resolve {addr:?} (expected HOST:PORT, e.g. 127.0.0.1:8889)"))?
         .next()
         .with_context(|| format!("{addr:?} resolves to no address"))
+}
+
+/// A request shape for `--shape`.
+fn shape_name(text: &str) -> Result<ringcall_cli::bench::compare::Shape, String> {
+    use ringcall_cli::bench::compare::Shape;
+    Shape::from_name(text).ok_or_else(|| {
+        let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
+        format!("{text:?} is not a shape: {}", names.join(", "))
+    })
 }
 
 /// A request size for `--payload-bytes`.
@@ -645,6 +661,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         None if args.payload_bytes.is_some() => {
             vec![BenchConfig::echo_request_of(args.payload_bytes.unwrap_or_default())]
         }
+        None if args.shape.is_some() => args.shape.map(|shape| shape.request()).into_iter().collect(),
         None => match &args.params {
             Some(params) => {
                 let mut line = Vec::new();

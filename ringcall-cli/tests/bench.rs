@@ -146,6 +146,31 @@ fn bench_with_sized_requests_sends_exactly_those_bytes(backend: Backend) {
     assert!(report["bytes_received"].as_u64().unwrap() > 400 * 16_300, "{report}");
 }
 
+/// `--shape`: every realistic request shape is sent as it is and answered; the echo of each
+/// holds the same params, escapes, numbers and non-ASCII text read back exactly.
+fn bench_with_shaped_requests_gets_them_echoed(backend: Backend) {
+    use ringcall::bench_support::Shape;
+    let Some(server) = start(backend) else { return };
+    let addr = server.local_addr().to_string();
+    let mut client = Client::connect(server.local_addr());
+    for shape in Shape::ALL {
+        let line = shape.request();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"))
+            .args(["bench", "--addr", &addr, "-c", "2", "-P", "4", "-n", "200", "--warmup", "0"])
+            .args(["--shape", shape.name(), "--output", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["codes"]["0"], 200, "{shape:?}: {report}");
+        assert_eq!(report["bytes_sent"].as_u64(), Some(200 * line.len() as u64), "{shape:?}");
+        let request: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let reply: serde_json::Value =
+            serde_json::from_str(&client.call(std::str::from_utf8(&line).unwrap())).unwrap();
+        assert_eq!(reply["data"], request["params"], "{shape:?}");
+    }
+}
+
 /// TLS through the CLI (`--tls-ca`), and `--reconnect-after`: every connection carries exactly
 /// that many requests before it is replaced, each replacement a full handshake.
 fn bench_speaks_tls_and_reconnects(backend: Backend) {
@@ -211,6 +236,7 @@ every_backend!(
     bench_presents_the_token,
     bench_across_a_server_shutdown_counts_what_went_unanswered,
     bench_with_sized_requests_sends_exactly_those_bytes,
+    bench_with_shaped_requests_gets_them_echoed,
     bench_totals_match_the_server_stats,
     open_loop_bench_reports_corrected_latency,
     bench_over_several_servers_reports_each,

@@ -24,24 +24,56 @@ use std::time::Duration;
 
 use super::{BenchConfig, BenchError, StopAfter};
 use ringcall::Backend;
+pub use ringcall::bench_support::Shape;
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
-/// A load shape: connections x requests in flight per connection, the size of each echo
-/// request (`None`: the seed's 80-byte one), whether it speaks TLS, and whether each
-/// connection is replaced after a number of requests. Written
-/// `CONNSxINFLIGHT[@BYTES][+tls][/rN]`, e.g. `16x16@1k+tls` or `16x1+tls/r1` (a new TLS
-/// connection per request: handshakes per second).
+/// What each request of a workload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// An echo request of the seed's shape padded to this many bytes (one repeated letter).
+    Bytes(usize),
+    /// A request shaped as callers send them (`log1k`, `blob16k`, `blob64k`, `seed`; see
+    /// [`Shape`]).
+    Shape(Shape),
+}
+
+impl Payload {
+    /// The request line.
+    pub fn request(self) -> Vec<u8> {
+        match self {
+            Payload::Bytes(bytes) => BenchConfig::echo_request_of(bytes),
+            Payload::Shape(shape) => shape.request(),
+        }
+    }
+}
+
+impl std::fmt::Display for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Payload::Bytes(bytes) if bytes % (1 << 20) == 0 => write!(f, "{}m", bytes >> 20),
+            Payload::Bytes(bytes) if bytes % (1 << 10) == 0 => write!(f, "{}k", bytes >> 10),
+            Payload::Bytes(bytes) => write!(f, "{bytes}"),
+            Payload::Shape(shape) => f.write_str(shape.name()),
+        }
+    }
+}
+
+/// A load shape: connections x requests in flight per connection, each request (`None`:
+/// the seed's echo request, compact), whether it speaks TLS, and whether each connection is
+/// replaced after a number of requests. Written `CONNSxINFLIGHT[@BYTES|@SHAPE][+tls][/rN]`,
+/// e.g. `16x16@1k+tls`, `16x16@log1k` or `16x1+tls/r1` (a new TLS connection per request:
+/// handshakes per second).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Workload {
     /// Connections.
     pub connections: usize,
     /// In flight per connection.
     pub pipeline: usize,
-    /// Bytes per request line (its reply is about as long).
-    pub payload: Option<usize>,
+    /// Each request (its reply is about as long).
+    pub payload: Option<Payload>,
     /// Over TLS (to a second server of each backend, serving a throwaway certificate).
     pub tls: bool,
     /// Requests per connection before it is replaced by a new one.
@@ -51,11 +83,8 @@ pub struct Workload {
 impl std::fmt::Display for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.connections, self.pipeline)?;
-        match self.payload {
-            Some(bytes) if bytes % (1 << 20) == 0 => write!(f, "@{}m", bytes >> 20)?,
-            Some(bytes) if bytes % (1 << 10) == 0 => write!(f, "@{}k", bytes >> 10)?,
-            Some(bytes) => write!(f, "@{bytes}")?,
-            None => {}
+        if let Some(payload) = self.payload {
+            write!(f, "@{payload}")?;
         }
         if self.tls {
             f.write_str("+tls")?;
@@ -96,16 +125,23 @@ impl FromStr for Workload {
             None => (rest, false),
         };
         let (shape, payload) = match rest.split_once('@') {
+            Some((shape, named)) if Shape::from_name(named).is_some() => {
+                (shape, Shape::from_name(named).map(Payload::Shape))
+            }
             Some((shape, size)) => {
-                let bytes = parse_bytes(size)
-                    .ok_or_else(|| format!("workload {s:?}: {size:?} is not a size such as 80, 16k or 1m"))?;
+                let bytes = parse_bytes(size).ok_or_else(|| {
+                    format!(
+                        "workload {s:?}: {size:?} is not a size such as 80, 16k or 1m, nor a shape ({})",
+                        shape_names()
+                    )
+                })?;
                 if bytes < BenchConfig::MIN_ECHO_BYTES {
                     return Err(format!(
                         "workload {s:?}: an echo request takes at least {} bytes",
                         BenchConfig::MIN_ECHO_BYTES
                     ));
                 }
-                (shape, Some(bytes))
+                (shape, Some(Payload::Bytes(bytes)))
             }
             None => (rest, None),
         };
@@ -120,6 +156,11 @@ impl FromStr for Workload {
             _ => Err(format!("workload {s:?} needs two positive numbers, e.g. 16x16 or 16x16@64k")),
         }
     }
+}
+
+/// The shapes' names, for messages.
+fn shape_names() -> String {
+    Shape::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// The default workloads: 1 conn x 1 in flight, 64 x 1, 16 x 16, 1000 x 1.
@@ -559,7 +600,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                     warmup: config.warmup,
                     rate: None,
                     requests: vec![match workload.payload {
-                        Some(bytes) => BenchConfig::echo_request_of(bytes),
+                        Some(payload) => payload.request(),
                         None => BenchConfig::echo_request(),
                     }],
                     threads: config.client_cpus.len().max(1),
@@ -744,9 +785,15 @@ impl Comparison {
                     let mut chart = ChartBuilder::on(panel)
                         .caption(
                             match workload.payload {
-                                Some(bytes) => format!(
+                                Some(Payload::Bytes(bytes)) => format!(
                                     "{} conns x {} in flight, {bytes} B requests",
                                     workload.connections, workload.pipeline
+                                ),
+                                Some(Payload::Shape(shape)) => format!(
+                                    "{} conns x {} in flight, {} requests",
+                                    workload.connections,
+                                    workload.pipeline,
+                                    shape.name()
                                 ),
                                 None => format!(
                                     "{} conns x {} in flight",
@@ -820,10 +867,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!("16x16".parse(), Ok(w(16, 16, None)));
-        assert_eq!("16x16@64k".parse(), Ok(w(16, 16, Some(65536))));
-        assert_eq!("1x1@1m".parse(), Ok(w(1, 1, Some(1 << 20))));
-        assert_eq!("4x2@1000".parse(), Ok(w(4, 2, Some(1000))));
-        let tls = Workload { tls: true, ..w(16, 16, Some(1024)) };
+        let bytes = |n| Some(Payload::Bytes(n));
+        assert_eq!("16x16@64k".parse(), Ok(w(16, 16, bytes(65536))));
+        assert_eq!("1x1@1m".parse(), Ok(w(1, 1, bytes(1 << 20))));
+        assert_eq!("4x2@1000".parse(), Ok(w(4, 2, bytes(1000))));
+        assert_eq!("16x16@log1k".parse(), Ok(w(16, 16, Some(Payload::Shape(Shape::Log1k)))));
+        assert_eq!("64x1@blob64k".parse(), Ok(w(64, 1, Some(Payload::Shape(Shape::Blob64k)))));
+        assert!("16x16@log2k".parse::<Workload>().unwrap_err().contains("log1k, blob16k"));
+        let tls = Workload { tls: true, ..w(16, 16, bytes(1024)) };
         assert_eq!("16x16@1k+tls".parse(), Ok(tls));
         let handshakes = Workload { tls: true, reconnect_after: Some(1), ..w(16, 1, None) };
         assert_eq!("16x1+tls/r1".parse(), Ok(handshakes));
@@ -832,7 +883,7 @@ mod tests {
         }
         assert!("16x1/r0".parse::<Workload>().is_err());
         assert!("16x1/rx".parse::<Workload>().is_err());
-        for text in ["16x16", "16x16@64k", "1x1@1m", "4x2@1000"] {
+        for text in ["16x16", "16x16@64k", "1x1@1m", "4x2@1000", "16x16@log1k", "16x16@blob16k+tls"] {
             assert_eq!(text.parse::<Workload>().unwrap().to_string(), text);
         }
         assert!("16".parse::<Workload>().is_err());
