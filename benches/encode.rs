@@ -1,15 +1,21 @@
 //! Reply encoding: the echo reply for the seed's request (`{"code":0,"data":{…}}\n`), with and
 //! without an `id` to echo, and for requests of 1 KiB and 64 KiB (the string is checked for
-//! characters to escape, then copied), written into a reused output buffer.
+//! characters to escape, then copied), written into a reused output buffer; and the echo of
+//! each realistic request shape (`encode/shape_*`: a log record, base64 images; see
+//! `ringcall::bench_support::Shape`).
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ringcall::bench_support::{encode_ok, with_request};
+use ringcall::bench_support::{Shape, encode_ok, with_request};
 use ringcall_core::PADDING;
 
 fn bench(c: &mut Criterion, name: &str, request: &str) {
-    let mut line = request.as_bytes().to_vec();
+    bench_bytes(c, name, request.as_bytes());
+}
+
+fn bench_bytes(c: &mut Criterion, name: &str, request: &[u8]) {
+    let mut line = request.to_vec();
     let len = line.len();
     line.resize(len + PADDING, 0);
     let mut out = Vec::with_capacity(256);
@@ -38,6 +44,11 @@ fn encode(c: &mut Criterion) {
     for (name, bytes) in [("encode/echo_1k", 1 << 10), ("encode/echo_64k", 64 << 10)] {
         let content = "x".repeat(bytes - 60);
         bench(c, name, &format!("{{\"cmdid\":10000,\"id\":7,\"params\":{{\"content\":\"{content}\"}}}}"));
+    }
+    for shape in Shape::ALL {
+        let mut request = shape.request();
+        request.pop();
+        bench_bytes(c, &format!("encode/shape_{}", shape.name()), &request);
     }
 }
 

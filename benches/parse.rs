@@ -67,9 +67,53 @@ fn parse(c: &mut Criterion) {
     group.finish();
 }
 
+/// The realistic shapes: the core's in-place tape against serde_json's value tree and its
+/// envelope with `params` left raw (validated, not built: `RawValue`).
+fn parse_shapes(c: &mut Criterion) {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Envelope<'a> {
+        cmdid: u32,
+        #[serde(borrow)]
+        params: &'a serde_json::value::RawValue,
+    }
+    let mut group = c.benchmark_group("parse_shapes");
+    for shape in ringcall::bench_support::Shape::ALL {
+        let mut request = shape.request();
+        request.pop();
+        let len = request.len();
+        group.throughput(Throughput::Bytes(len as u64));
+        let mut padded = request.clone();
+        padded.resize(len + PADDING, 0);
+        let mut buffers = Buffers::new(len);
+        let mut tape = Tape::null();
+        let mut input = padded.clone();
+        group.bench_function(BenchmarkId::new("in_place_tape", shape.name()), |b| {
+            b.iter(|| {
+                input.copy_from_slice(black_box(&padded));
+                let mut t = std::mem::replace(&mut tape, Tape::null()).reset();
+                simd_json::fill_tape_padded(&mut input, len, &mut buffers, &mut t).unwrap();
+                black_box(t.0.len());
+                tape = t.reset();
+            })
+        });
+        group.bench_function(BenchmarkId::new("serde_json_value", shape.name()), |b| {
+            b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(&request)).unwrap()))
+        });
+        group.bench_function(BenchmarkId::new("serde_json_raw_params", shape.name()), |b| {
+            b.iter(|| {
+                black_box(
+                    serde_json::from_slice::<Envelope<'_>>(black_box(&request)).unwrap().params.get().len(),
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
-    targets = parse
+    targets = parse, parse_shapes
 }
 criterion_main!(benches);

@@ -8,6 +8,9 @@
 //! (`pieces_pooled`, as every backend did before lending) or, once the carry buffer has room,
 //! read straight into it (`pieces_lent`, [`ringcall_core::LineBuf`]). Throughput is bytes.
 //!
+//! `request_shapes` sends each realistic request shape (a log record as Python writes it,
+//! base64 images; `ringcall::bench_support::Shape`) through the whole path.
+//!
 //! Each iteration first copies the request bytes into one reused receive buffer, inside the
 //! timed routine: that stands for the kernel's copy into the server's receive buffer, and it
 //! leaves the bytes in cache as a real receive does. (A batch of fresh clones made outside
@@ -121,9 +124,40 @@ fn request_sizes(c: &mut Criterion) {
     group.finish();
 }
 
+/// Each realistic request shape (`ringcall::bench_support::Shape`) through the whole path,
+/// 16 pipelined in one receive buffer (64 KiB blobs: 4), per request.
+fn request_shapes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("request_shapes");
+    for shape in ringcall::bench_support::Shape::ALL {
+        let line = shape.request();
+        let pipelined = if line.len() > 32 << 10 { 4 } else { 16 };
+        let received = line.repeat(pipelined);
+        let len = received.len();
+        let mut buf = vec![0; len + PADDING];
+        let mut processor = Processor::new(
+            0,
+            Dispatcher::new(0, 1, Arc::new(Shipped)),
+            StatsRegistry::new(1),
+            Limits { max_pending_output: 4 << 20, ..Limits::default() },
+        );
+        let mut session = Session::new();
+        let mut out = Output::at(std::time::Instant::now());
+        group.throughput(Throughput::Elements(pipelined as u64));
+        group.bench_function(shape.name(), |b| {
+            b.iter(|| {
+                buf[..len].copy_from_slice(black_box(&received));
+                out.clear_ready();
+                processor.on_recv(&mut session, &mut buf, len, &mut out);
+                black_box(out.ready_bytes().len())
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
-    targets = request_path, request_sizes
+    targets = request_path, request_sizes, request_shapes
 }
 criterion_main!(benches);

@@ -50,7 +50,10 @@ impl<'a> Input<'a> {
 fn run(input: &Input<'_>, pieces: bool) -> Vec<u8> {
     let limits = small_limits(usize::from(input.output_limit % 4096) + 1);
     let mut processor = processor(limits);
-    let now = Instant::now();
+    // The dispatcher times handlers with the real clock and answers 504 when one ran past
+    // its request's `timeout_ms` from its arrival: with arrivals a day ahead of the real
+    // clock no handler is ever late, so how long a run takes cannot change its replies.
+    let now = Instant::now() + std::time::Duration::from_secs(86_400);
     let mut conn = processor.open_connection(now);
     let mut peer = Peer::default();
     let mut cuts: Vec<usize> = if pieces {
