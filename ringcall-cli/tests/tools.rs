@@ -93,6 +93,42 @@ fn compare_runs_every_backend_and_writes_json_and_svg() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `scripts/scaling_sweep.py` runs `compare` at each worker count and prints requests/s, CPU
+/// per request and the linearity against one worker. This host has too few CPUs for more
+/// than one worker beside its load: the sweep's correctness is what is tested, with the one
+/// step that fits (and a realistic shape), not its numbers.
+#[test]
+fn the_scaling_sweep_runs_compare_per_worker_count_and_prints_linearity() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        common::skip("RINGCALL_REQUIRE_PYTHON", "python3 is not installed");
+        return;
+    }
+    let cpus = ringcall_sys::allowed_cpus();
+    let (server_cpu, client_cpu) = (cpus[0].to_string(), cpus[cpus.len() - 1].to_string());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/scaling_sweep.py");
+    let out = Command::new("python3")
+        .args([script, "--binary", RINGCALL, "--rounds", "1", "--duration", "0.3"])
+        .args(["--backends", "uring,epoll", "--workloads", "2x2,2x2@log1k"])
+        .args(["--server-cpus", &server_cpu, "--client-cpus", &client_cpu])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "{table}");
+    for row in rows {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(fields[2], "1", "{row}");
+        assert_eq!(fields.last(), Some(&"1.00"), "one worker is its own reference: {row}");
+    }
+    let overlapping = Command::new("python3")
+        .args([script, "--binary", RINGCALL, "--server-cpus", "0", "--client-cpus", "0"])
+        .output()
+        .unwrap();
+    assert!(!overlapping.status.success());
+    assert!(String::from_utf8_lossy(&overlapping.stderr).contains("overlap"));
+}
+
 /// `serve` tells where it listens: the address alone on stdout and, with `--addr-file`, in
 /// that file; the address answers.
 #[test]
