@@ -1,6 +1,7 @@
 //! Operation sequences against the per-core engine and its connection machines, as a driver
-//! would deliver them: peers connect, send bytes (also while asked not to: a read in flight),
-//! read some of their replies, close, fail; time passes; handlers answer deferred replies
+//! would deliver them: peers connect, send bytes (also while asked not to: a read in flight;
+//! also straight into a long line's lent buffer), read some of their replies (also from a lent
+//! send buffer), close, fail; time passes; handlers answer deferred replies
 //! late, with errors, or drop them; the server shuts down. Checked against a model: nothing
 //! panics; a peer receives only whole reply lines, each a JSON object with a code, never more
 //! replies than complete lines it sent, and never anything after its connection closed; a
@@ -72,6 +73,25 @@ enum Op<'a> {
         count: u8,
     },
     Read {
+        peer: u8,
+        bytes: u16,
+    },
+    /// The rest of a long line read straight into its lent buffer (as `uring` and
+    /// `tokio-uring` do), bringing `bytes` (cut to the room lent).
+    LineRead {
+        peer: u8,
+        bytes: &'a [u8],
+        /// Then the end of the echo request `LongLine` began.
+        end: bool,
+    },
+    /// The start of an echo request of `kib` KiB, left unfinished: long enough for its rest
+    /// to be read into a lent buffer.
+    LongLine {
+        peer: u8,
+        kib: u8,
+    },
+    /// The send buffer lent to the kernel (ownership-passing I/O), `bytes` of it sent.
+    LentRead {
         peer: u8,
         bytes: u16,
     },
@@ -179,7 +199,7 @@ impl Sim {
         receive(conn, &mut self.processor, bytes, self.now);
         let reply_max = 600;
         assert!(
-            conn.unsent() <= self.limits.max_pending_output + reply_max + bytes.len() * 2,
+            conn.unsent() <= self.limits.max_pending_output + self.limits.max_line + reply_max,
             "{} bytes held",
             conn.unsent()
         );
@@ -190,6 +210,35 @@ impl Sim {
         let c = &mut self.conns[i];
         let conn = c.conn.as_mut().expect("open");
         common::send(conn, &mut c.peer, n, self.now, self.processor.stats());
+        self.drive(i);
+    }
+
+    fn line_read(&mut self, i: usize, bytes: &[u8]) {
+        let c = &mut self.conns[i];
+        let conn = c.conn.as_mut().expect("open");
+        if c.sent_fin || !conn.wants_read() {
+            return;
+        }
+        let Some(mut line) = conn.lend_line() else { return };
+        let n = bytes.len().min(line.room());
+        // SAFETY: `n` is within the room lent, and that many bytes are written at its pointer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), line.read_ptr(), n);
+            line.filled(n);
+        }
+        c.lines += bytes[..n].iter().filter(|&&b| b == b'\n').count();
+        conn.on_line_recv(&mut self.processor, line, self.now);
+        self.drive(i);
+    }
+
+    fn lent_read(&mut self, i: usize, n: usize) {
+        let c = &mut self.conns[i];
+        let conn = c.conn.as_mut().expect("open");
+        if let Some((buf, offset)) = conn.lend_send() {
+            let n = n.min(buf.len() - offset);
+            c.peer.wire.extend_from_slice(&buf[offset..offset + n]);
+            conn.on_sent_lent(buf, n, self.now, self.processor.stats());
+        }
         self.drive(i);
     }
 
@@ -214,7 +263,8 @@ impl Sim {
 }
 
 fuzz_target!(|ops: Vec<Op<'_>>| {
-    let limits = small_limits(2048);
+    // Lines up to 256 KiB, so a long one's rest is read into a lent buffer.
+    let limits = Limits { max_line: 256 << 10, ..small_limits(2048) };
     let now = Instant::now();
     let mut sim = Sim {
         engine: Engine::new(0, 3, Duration::from_secs(10)),
@@ -256,6 +306,27 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
             Op::Read { peer, bytes } => {
                 if let Some(i) = sim.pick(peer) {
                     sim.read(i, usize::from(bytes));
+                }
+            }
+            Op::LineRead { peer, bytes, end } => {
+                if let Some(i) = sim.pick(peer) {
+                    let mut read = bytes.to_vec();
+                    if end {
+                        read.extend_from_slice(b"\"}}\n");
+                    }
+                    sim.line_read(i, &read);
+                }
+            }
+            Op::LongLine { peer, kib } => {
+                if let Some(i) = sim.pick(peer) {
+                    let mut line = b"{\"cmdid\":10000,\"params\":{\"s\":\"".to_vec();
+                    line.resize(line.len() + usize::from(kib) * 1024, b'a');
+                    sim.send(i, &line, false);
+                }
+            }
+            Op::LentRead { peer, bytes } => {
+                if let Some(i) = sim.pick(peer) {
+                    sim.lent_read(i, usize::from(bytes));
                 }
             }
             Op::PeerClose { peer } => {
