@@ -783,7 +783,8 @@ fn log_stats(stats: &ringcall::stats::StatsRegistry, interval: Duration, level: 
         let errors = now.replies.iter().skip(1).sum::<u64>();
         let line = format!(
             "stats: {} connections open ({} total), {:.0} requests/s, {} requests, {} error replies, \
-             {:.0} KiB/s in, {:.0} KiB/s out, {} rejected, {} backpressure pauses, {} idle + {} line timeouts",
+             {:.0} KiB/s in, {:.0} KiB/s out, {} rejected, {} backpressure pauses, {} idle + {} line + {} hello \
+             timeouts, {} shed",
             now.connections_open,
             now.connections_total,
             per_sec(now.requests, last.requests),
@@ -795,6 +796,8 @@ fn log_stats(stats: &ringcall::stats::StatsRegistry, interval: Duration, level: 
             now.backpressure_pauses,
             now.idle_timeouts,
             now.line_timeouts,
+            now.hello_timeouts,
+            now.deferred_shed,
         );
         if level == tracing::Level::INFO {
             tracing::info!("{line}");

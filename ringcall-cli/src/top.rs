@@ -18,6 +18,13 @@ pub struct Counters {
     pub backpressure_pauses: u64,
     pub idle_timeouts: u64,
     pub line_timeouts: u64,
+    /// Absent from servers older than the counter.
+    #[serde(default)]
+    pub hello_timeouts: u64,
+    /// Requests answered 503 because the core had too many deferred replies pending
+    /// (absent from servers older than the counter).
+    #[serde(default)]
+    pub deferred_shed: u64,
     /// Replies by code (`"0"`, `"400"`, …, `"other"`).
     pub replies: std::collections::BTreeMap<String, u64>,
 }
@@ -85,10 +92,13 @@ pub fn render(addr: &str, before: &Reading, now: &Reading) -> String {
     );
     let _ = writeln!(
         s,
-        "  per second   {:.0} backpressure pauses, {:.0} idle timeouts, {:.0} line timeouts",
+        "  per second   {:.0} backpressure pauses, {:.0} idle timeouts, {:.0} line timeouts, \
+         {:.0} hello timeouts, {:.0} shed (503, deferred replies at the core's limit)",
         rate(n.backpressure_pauses, b.backpressure_pauses),
         rate(n.idle_timeouts, b.idle_timeouts),
-        rate(n.line_timeouts, b.line_timeouts)
+        rate(n.line_timeouts, b.line_timeouts),
+        rate(n.hello_timeouts, b.hello_timeouts),
+        rate(n.deferred_shed, b.deferred_shed)
     );
     let _ = writeln!(s, "  core   requests/s   open");
     for (core, n) in now.stats.cores.iter().enumerate() {
@@ -110,6 +120,8 @@ mod tests {
             connections_total: open,
             requests,
             bytes_in,
+            hello_timeouts: errors / 10,
+            deferred_shed: errors,
             replies: [("0".to_owned(), requests - errors), ("404".to_owned(), errors)].into(),
             ..Counters::default()
         };
@@ -127,5 +139,6 @@ mod tests {
         assert!(screen.contains("  bytes        1.2 MB/s in, 0 B/s out\n"), "{screen}");
         assert!(screen.contains("  connections  5 open, 1/s accepted, 0/s refused (503)\n"), "{screen}");
         assert!(screen.contains("     0        10000      5\n"), "{screen}");
+        assert!(screen.contains(", 1 hello timeouts, 10 shed (503, "), "{screen}");
     }
 }
