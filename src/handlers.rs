@@ -78,8 +78,8 @@ fn write_snapshot(object: &mut ObjectWriter<'_>, s: &StatsSnapshot) {
     replies.u64("other", s.replies[COUNTED_CODES.len()]);
 }
 
-/// `10000`: replies with the request's `params`, unchanged.
+/// `10000`: replies with the request's `params`, byte for byte as the caller sent them.
 pub fn echo(request: &Request<'_, '_>, reply: Reply<'_>) -> HandlerResult {
-    reply.value(request.params_value());
+    reply.raw(request.params_json().as_bytes());
     Ok(())
 }

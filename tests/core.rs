@@ -89,8 +89,11 @@ fn replies_are_the_expected_bytes() {
     let (out, _) = run(SAMPLES[2].as_bytes(), &[]);
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "{\"code\":0,\"id\":\"x\",\"data\":{\"esc\":\"a\\\"b\\\\c\\né\",\"n\":[1,2.5,-3,true,null]}}\n"
+        "{\"code\":0,\"id\":\"x\",\"data\":{\"esc\":\"a\\\"b\\\\c\\n\\u00e9\",\"n\":[1,2.5,-3,true,null]}}\n"
     );
+    // The echo writes params as sent: spacing, escapes and number spellings kept.
+    let (out, _) = run(b"{\"cmdid\":10000,\"params\": { \"x\" : [1.50, 1e3, \"\\u00e9\"] }}\n", &[]);
+    assert_eq!(out, b"{\"code\":0,\"data\":{ \"x\" : [1.50, 1e3, \"\\u00e9\"] }}\n");
     let (out, _) = run(b"{\"cmdid\":2000,\"id\":3}\n", &[]);
     assert_eq!(out, b"{\"code\":400,\"id\":3,\"error\":\"no\"}\n");
 }

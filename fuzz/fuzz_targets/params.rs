@@ -2,7 +2,8 @@
 //! into a struct of every field kind; its params re-encoded from the tape must be JSON that
 //! serde_json reads back to the same value (numbers aside, compared as written by the
 //! encoder: re-encoding is a fixed point), and a typed struct serialized into a reply must
-//! read back too.
+//! read back too. The params as sent (`params_json`) must be one line of JSON meaning what
+//! the tape means: as a request again, it re-encodes to the same bytes.
 
 #![no_main]
 
@@ -20,7 +21,10 @@ fuzz_target!(|line: &[u8]| {
     let mut buf = line.to_vec();
     buf.resize(line.len() + PADDING, 0);
     let mut first = Vec::new();
+    let (mut sent, mut data) = (String::new(), Vec::new());
     let parsed = ringcall_core::bench::try_with_request(&mut buf, line.len(), |request| {
+        sent = request.params_json().to_owned();
+        ringcall_core::bench::reply(&mut data).value(request.params_value());
         // Typed params: an error is a 400 with a message, never a panic.
         if let Ok(order) = request.params::<Order<'_>>() {
             let mut out = Vec::new();
@@ -47,4 +51,16 @@ fuzz_target!(|line: &[u8]| {
     .expect("the encoder's output is a valid request");
     let second: serde_json::Value = serde_json::from_slice(&second).expect("JSON");
     assert_eq!(second["data"], reply["data"], "re-encoding changed the value");
+
+    // Framed lines hold no newline, so neither does what is cut from them.
+    assert!(line.contains(&b'\n') || !sent.contains('\n'), "params as sent hold a newline: {sent:?}");
+    let mut buf = format!("{{\"cmdid\":10000,\"params\":{sent}}}").into_bytes();
+    let len = buf.len();
+    buf.resize(len + PADDING, 0);
+    let mut third = Vec::new();
+    ringcall_core::bench::try_with_request(&mut buf, len, |request| {
+        ringcall_core::bench::reply(&mut third).value(request.params_value());
+    })
+    .unwrap_or_else(|| panic!("params as sent are not a valid params object: {sent:?}"));
+    assert_eq!(third, data, "params as sent mean something else than the tape: {sent:?}");
 });

@@ -4,7 +4,7 @@
 use simd_json::{Buffers, Tape};
 
 use crate::reply::{begin_ok, end_ok};
-use crate::request::{CoreContext, decode};
+use crate::request::{CoreContext, decode, parse_line};
 use crate::stats::StatsRegistry;
 use crate::{Reply, Request};
 
@@ -16,11 +16,13 @@ use crate::{Reply, Request};
 pub fn with_request<T>(line: &mut [u8], len: usize, f: impl FnOnce(&Request<'_, '_>) -> T) -> T {
     let mut buffers = Buffers::new(len);
     let mut tape = Tape::null();
-    simd_json::fill_tape_padded(line, len, &mut buffers, &mut tape).expect("valid JSON");
+    let mut pristine = Vec::new();
+    let (parsed, sent) = parse_line(line, len, &mut buffers, &mut tape, &mut pristine);
+    parsed.expect("valid JSON");
     let empty = Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]);
     let context = CoreContext::new(0, StatsRegistry::new(1));
     let request =
-        decode(&tape, &empty, &context, None).map_err(|r| r.error.to_string()).expect("valid request");
+        decode(&tape, sent, &empty, &context, None).map_err(|r| r.error.to_string()).expect("valid request");
     f(&request)
 }
 
@@ -28,10 +30,12 @@ pub fn with_request<T>(line: &mut [u8], len: usize, f: impl FnOnce(&Request<'_, 
 pub fn try_with_request<T>(line: &mut [u8], len: usize, f: impl FnOnce(&Request<'_, '_>) -> T) -> Option<T> {
     let mut buffers = Buffers::new(len);
     let mut tape = Tape::null();
-    simd_json::fill_tape_padded(line, len, &mut buffers, &mut tape).ok()?;
+    let mut pristine = Vec::new();
+    let (parsed, sent) = parse_line(line, len, &mut buffers, &mut tape, &mut pristine);
+    parsed.ok()?;
     let empty = Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]);
     let context = CoreContext::new(0, StatsRegistry::new(1));
-    let request = decode(&tape, &empty, &context, None).ok()?;
+    let request = decode(&tape, sent, &empty, &context, None).ok()?;
     Some(f(&request))
 }
 

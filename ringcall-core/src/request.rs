@@ -1,6 +1,14 @@
 //! The parsed request: the envelope fields of protocol v1 read off simd-json's tape, with
-//! `params` left on the tape for the handler (strings borrow the receive buffer: zero copy).
+//! `params` left on the tape for the handler (strings borrow the receive buffer: zero copy),
+//! and the line as it was sent, so a handler that only stores or forwards `params` can have
+//! its JSON text verbatim ([`Request::params_json`]) instead of re-encoding the tape.
+//!
+//! Calling contract: [`parse_line`] parses a line in place and keeps what [`decode`] needs to
+//! find `params` in the sent bytes — simd-json unescapes strings where they lie, so a line
+//! with a backslash is copied first; the tape's strings point into the line where they were
+//! (simd-json 0.19's in-place strings), which is how `params` is found without a second scan.
 
+use std::cell::OnceCell;
 use std::fmt;
 
 use simd_json::ValueType;
@@ -44,6 +52,40 @@ pub struct Request<'t, 'i> {
     id: Option<Value<'t, 'i>>,
     context: &'t CoreContext,
     identity: Option<&'t str>,
+    sent: Sent<'t>,
+    raw: RawParams,
+    /// `params` re-encoded, only where the sent bytes could not be used (see [`RawParams`]).
+    encoded: OnceCell<Box<str>>,
+}
+
+/// The request line as the caller sent it: `text` has the same offsets as the parsed line,
+/// whose first byte is at address `base`.
+#[derive(Clone, Copy)]
+pub(crate) struct Sent<'t> {
+    text: &'t [u8],
+    base: usize,
+}
+
+impl<'t> Sent<'t> {
+    /// Offset in the line of the string the tape holds at address `at`, if it points into
+    /// the line (just past a quote).
+    fn offset_of(&self, at: usize) -> Option<usize> {
+        let at = at.checked_sub(self.base)?;
+        (at > 0 && self.text.get(at - 1) == Some(&b'"')).then_some(at)
+    }
+}
+
+/// Where the `params` member in effect lies in the sent line: the addresses of its key's
+/// tape string and of the next key's (0: none follows), checked when used — where they do
+/// not point into the line, `params` is re-encoded off the tape instead.
+#[derive(Clone, Copy)]
+enum RawParams {
+    /// No `params`, or `null`: `{}`.
+    Absent,
+    At {
+        key: usize,
+        next: usize,
+    },
 }
 
 impl<'t, 'i> Request<'t, 'i> {
@@ -81,6 +123,31 @@ impl<'t, 'i> Request<'t, 'i> {
     /// The `params` object as parsed (an empty object when the request had none).
     pub fn params_value(&self) -> Value<'t, 'i> {
         self.params
+    }
+
+    /// The JSON text of `params` exactly as the caller sent it — whitespace, escapes and
+    /// number spellings included — validated by the parser but not re-encoded: what a
+    /// handler that stores or forwards the params writes (`reply.raw(request.params_json()
+    /// .as_bytes())`), at the cost of a few bytes' look-up. `{}` when the request had no
+    /// `params` (or `null`). It never holds a newline, so it fits in a reply line.
+    pub fn params_json(&self) -> &str {
+        let RawParams::At { key, next } = self.raw else {
+            return "{}";
+        };
+        if let Some(span) = self.sent.offset_of(key).and_then(|key| {
+            let next = if next == 0 { Some(None) } else { self.sent.offset_of(next).map(Some) };
+            params_span(self.sent.text, key, next?)
+        }) {
+            // SAFETY: a request exists only for a line the parser accepted, which it checked
+            // is UTF-8 as sent (before unescaping; `text` is those bytes), and the span begins
+            // with `{` and ends with `}`: ASCII, so it is whole characters.
+            return unsafe { std::str::from_utf8_unchecked(&self.sent.text[span]) };
+        }
+        self.encoded.get_or_init(|| {
+            let mut out = Vec::new();
+            super::reply::write_value(&mut out, self.params);
+            String::from_utf8(out).unwrap_or_default().into_boxed_str()
+        })
     }
 
     /// `params[key]`, if present.
@@ -162,6 +229,7 @@ pub(crate) struct Rejected<'t, 'i> {
 /// `empty_params` is a tape holding `{}`, used when the request has no `params`.
 pub(crate) fn decode<'t, 'i>(
     tape: &'t Tape<'i>,
+    sent: Sent<'t>,
     empty_params: &'t Tape<'static>,
     context: &'t CoreContext,
     identity: Option<&'t str>,
@@ -172,8 +240,17 @@ pub(crate) fn decode<'t, 'i>(
         return reject(EnvelopeError::NotAnObject, None);
     };
     let (mut cmdid, mut timestamp, mut timeout, mut params, mut id) = (None, None, None, None, None);
+    let mut raw = RawParams::Absent;
+    // Set after the `params` member in effect, until the next key is seen.
+    let mut awaiting_next = false;
     let mut first_error = None;
     for (key, value) in object.iter() {
+        if awaiting_next {
+            awaiting_next = false;
+            if let RawParams::At { next, .. } = &mut raw {
+                *next = key.as_ptr() as usize;
+            }
+        }
         let outcome = match key {
             "cmdid" => read_cmdid(value).map(|c| cmdid = Some(c)),
             "timestamp" => value.as_i64().map(|t| timestamp = Some(t)).ok_or(EnvelopeError::BadTimestamp),
@@ -184,6 +261,8 @@ pub(crate) fn decode<'t, 'i>(
             "params" => match value.as_object() {
                 Some(_) => {
                     params = Some(value);
+                    raw = RawParams::At { key: key.as_ptr() as usize, next: 0 };
+                    awaiting_next = true;
                     Ok(())
                 }
                 None if value.is_null() => Ok(()),
@@ -216,9 +295,256 @@ pub(crate) fn decode<'t, 'i>(
         id,
         context,
         identity,
+        sent,
+        raw,
+        encoded: OnceCell::new(),
     })
+}
+
+/// Parses `buf[..len]` (padding after it) in place into `tape`, and returns the line as it
+/// was sent for [`decode`]: `buf` itself when the line has no backslash (the parser rewrites
+/// only escaped strings), else a copy made in `pristine` before parsing.
+pub(crate) fn parse_line<'b>(
+    buf: &'b mut [u8],
+    len: usize,
+    buffers: &mut simd_json::Buffers,
+    tape: &mut Tape<'b>,
+    pristine: &'b mut Vec<u8>,
+) -> (simd_json::Result<()>, Sent<'b>) {
+    let escaped = has_backslash(buf, len);
+    if escaped {
+        pristine.clear();
+        pristine.extend_from_slice(&buf[..len]);
+    }
+    let base = buf.as_mut_ptr();
+    let whole = buf.len();
+    // SAFETY: `whole` bytes from `base` are `buf`, borrowed mutably for 'b; the parser gets
+    // them through this one reborrow and its strings (the tape's, shared) stay borrowed from it.
+    let parsed = simd_json::fill_tape_padded(
+        unsafe { std::slice::from_raw_parts_mut(base, whole) },
+        len,
+        buffers,
+        tape,
+    );
+    let text: &'b [u8] = if escaped {
+        pristine
+    } else {
+        // SAFETY: the parser has returned and writes nothing more; from here on the line is
+        // only read, through this view and the tape's strings alike (shared borrows of the
+        // same bytes, all for 'b, while `buf`'s borrow is held).
+        unsafe { std::slice::from_raw_parts(base, len) }
+    };
+    (parsed, Sent { text, base: base as usize })
+}
+
+/// The span of the `params` value in the sent line `text`, from the offsets of its key's
+/// first byte and of the next key's (none when it is the last member). Only whitespace,
+/// the key's closing quote, `:` and `,` lie between those and the value: a look at a few
+/// bytes, not a scan of the value. `None` if the bytes are not as expected.
+fn params_span(text: &[u8], key: usize, next: Option<usize>) -> Option<std::ops::Range<usize>> {
+    let spelled_plainly = text.get(key..key + 7).is_some_and(|k| k == b"params\"");
+    let after_key = if spelled_plainly {
+        key + 7
+    } else {
+        // The key was spelled with escapes (`"par\u0061ms"`).
+        closing_quote(text, key)? + 1
+    };
+    let colon = skip_ws(text, after_key);
+    (text.get(colon) == Some(&b':')).then_some(())?;
+    let start = skip_ws(text, colon + 1);
+    (text.get(start) == Some(&b'{')).then_some(())?;
+    let end = match next {
+        Some(next) => {
+            let quote = next.checked_sub(1)?;
+            let comma = skip_ws_back(text, quote).checked_sub(1)?;
+            (text.get(comma) == Some(&b',')).then_some(())?;
+            skip_ws_back(text, comma)
+        }
+        None => {
+            let brace = skip_ws_back(text, text.len()).checked_sub(1)?;
+            (text.get(brace) == Some(&b'}')).then_some(())?;
+            skip_ws_back(text, brace)
+        }
+    };
+    (end > start && text.get(end - 1) == Some(&b'}')).then_some(start..end)
+}
+
+/// Whether `buf[..len]` holds a backslash; `buf` has [`simd_json::INPUT_PADDING`] bytes
+/// past `len`. A short line is tested sixteen bytes at a time in place (SSE2, baseline on
+/// x86-64), cheaper than memchr's set-up; a long one with memchr.
+#[inline(always)]
+fn has_backslash(buf: &[u8], len: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if len < 512 && buf.len() >= len + 16 {
+        use std::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
+        let mut at = 0;
+        while at < len {
+            // SAFETY: SSE2 is baseline on x86-64; `at < len` and `buf` has 16 bytes past
+            // `len`, so the unaligned 16-byte load is inside `buf`.
+            let hits = unsafe {
+                let block = _mm_loadu_si128(buf.as_ptr().add(at).cast::<__m128i>());
+                _mm_movemask_epi8(_mm_cmpeq_epi8(block, _mm_set1_epi8(b'\\' as i8))) as u32
+            };
+            // Bytes past `len` (the padding) do not count.
+            let valid = if len - at >= 16 { u32::MAX } else { (1 << (len - at)) - 1 };
+            if hits & valid != 0 {
+                return true;
+            }
+            at += 16;
+        }
+        return false;
+    }
+    memchr::memchr(b'\\', &buf[..len]).is_some()
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// The first offset from `at` that is not whitespace.
+fn skip_ws(text: &[u8], mut at: usize) -> usize {
+    while text.get(at).is_some_and(|&b| is_ws(b)) {
+        at += 1;
+    }
+    at
+}
+
+/// The offset just past the last byte before `at` that is not whitespace.
+fn skip_ws_back(text: &[u8], mut at: usize) -> usize {
+    while at > 0 && text.get(at - 1).is_some_and(|&b| is_ws(b)) {
+        at -= 1;
+    }
+    at
+}
+
+/// The offset of the quote closing the string whose contents start at `from`.
+fn closing_quote(text: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', text.get(from..)?)?;
+        if text[at] == b'"' {
+            return Some(at);
+        }
+        from = at + 2;
+    }
 }
 
 fn read_cmdid(value: Value<'_, '_>) -> Result<u32, EnvelopeError> {
     value.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or(EnvelopeError::BadCmdid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::StatsRegistry;
+    use proptest::prelude::*;
+
+    /// `params_json` of `line`, parsed the way the processor parses it.
+    fn params_json_of(line: &str) -> String {
+        let mut buf = line.as_bytes().to_vec();
+        let len = buf.len();
+        buf.resize(len + simd_json::INPUT_PADDING, 0);
+        crate::bench::with_request(&mut buf, len, |r| r.params_json().to_owned())
+    }
+
+    #[test]
+    fn params_json_is_the_sent_text() {
+        let cases = [
+            (r#"{"cmdid":1,"params":{"a":1}}"#, r#"{"a":1}"#),
+            (r#"{"params":{"a":1},"cmdid":1}"#, r#"{"a":1}"#),
+            (r#"{"cmdid":1,"params":{"a":1},"id":"x"}"#, r#"{"a":1}"#),
+            (
+                "{\"cmdid\": 1, \"params\" :\t{ \"a\" : [1, 2.50, \"Z\\u00fcrich \\\"q\\\"\"] } ,\r \"id\": 3}  ",
+                "{ \"a\" : [1, 2.50, \"Z\\u00fcrich \\\"q\\\"\"] }",
+            ),
+            (r#"{"cmdid":1,"params":{"a":"}\",{"},"id":1}"#, r#"{"a":"}\",{"}"#),
+            (r#"{"cmdid":1,"par\u0061ms":{"x":"\\"}}"#, r#"{"x":"\\"}"#),
+            (r#"{"cmdid":1,"params":{}}"#, "{}"),
+            (r#"{"cmdid":1}"#, "{}"),
+            (r#"{"cmdid":1,"params":null}"#, "{}"),
+            // The member in effect is the last object one, as for `params_value`.
+            (r#"{"params":{"a":1},"cmdid":1,"params":{"b":2}}"#, r#"{"b":2}"#),
+            (r#"{"params":{"a":1},"params":null,"cmdid":1}"#, r#"{"a":1}"#),
+            (r#"{"cmdid":1,"params":{"a":{"b":[{}]}},"params":null}"#, r#"{"a":{"b":[{}]}}"#),
+        ];
+        for (line, want) in cases {
+            assert_eq!(params_json_of(line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn params_json_is_re_encoded_where_the_tape_does_not_point_into_the_line() {
+        let line = br#"{"cmdid":1,"params": {"a": [1, 2.5, "x"]}}"#;
+        let mut buf = line.to_vec();
+        let len = buf.len();
+        buf.resize(len + simd_json::INPUT_PADDING, 0);
+        let mut tape = Tape::null();
+        simd_json::fill_tape_padded(&mut buf, len, &mut simd_json::Buffers::new(len), &mut tape).unwrap();
+        let empty = Tape(vec![simd_json::Node::Object { len: 0, count: 0 }]);
+        let context = CoreContext::new(0, StatsRegistry::new(1));
+        let elsewhere = Sent { text: line, base: 0 };
+        let request = decode(&tape, elsewhere, &empty, &context, None).ok().unwrap();
+        assert_eq!(request.params_json(), r#"{"a":[1,2.5,"x"]}"#);
+    }
+
+    #[test]
+    fn a_backslash_is_found_anywhere_in_the_line_and_not_in_the_padding() {
+        for len in [0, 1, 15, 16, 17, 40, 511, 512, 2000] {
+            let mut buf = vec![b'a'; len + simd_json::INPUT_PADDING];
+            buf[len..].fill(b'\\');
+            assert!(!has_backslash(&buf, len), "len {len}: the padding counted");
+            for at in (0..len).filter(|at| at % 7 == 0 || *at + 1 == len || at % 16 == 15) {
+                buf[at] = b'\\';
+                assert!(has_backslash(&buf, len), "len {len}: missed at {at}");
+                buf[at] = b'a';
+            }
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (-1e9f64..1e9).prop_map(serde_json::Value::from),
+            "[a-z\"\\\\\t\u{e9}\u{6771}}{,:]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z\"}]{0,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Wherever `params` sits among the other members, and however it is spaced or
+        /// escaped, its sent text comes back.
+        #[test]
+        fn params_json_round_trips(
+            params in prop::collection::btree_map("[a-z\"]{0,6}", json_value(), 0..6),
+            position in 0usize..3,
+            ascii in any::<bool>(),
+            space in prop::sample::select(vec!["", " ", "\t", " \r "]),
+        ) {
+            let params = serde_json::Value::Object(params.into_iter().collect());
+            let mut text = serde_json::to_string(&params).unwrap();
+            if ascii {
+                // As Python's json.dumps sends it: every non-ASCII character a \u escape.
+                text = text.chars().map(|c| if c.is_ascii() { c.to_string() } else {
+                    let mut units = [0u16; 2];
+                    c.encode_utf16(&mut units).iter().map(|u| format!("\\u{u:04x}")).collect()
+                }).collect();
+            }
+            let member = format!("\"params\"{space}:{space}{text}");
+            let mut members = vec!["\"cmdid\":7".to_owned(), format!("\"id\":{space}\"a\\\"b\"")];
+            members.insert(position.min(members.len()), member);
+            let line = format!("{{{space}{}{space}}}", members.join(&format!("{space},{space}")));
+            let got = params_json_of(&line);
+            prop_assert_eq!(&got, &text);
+            // And it is the member another parser finds in the line.
+            let whole: serde_json::Value = serde_json::from_str(&line).unwrap();
+            prop_assert_eq!(serde_json::from_str::<serde_json::Value>(&got).unwrap(), whole["params"].clone());
+        }
+    }
 }

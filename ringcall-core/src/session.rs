@@ -19,7 +19,7 @@ use super::error::HandlerResult;
 use super::frame::{content_len, find_newline, is_blank};
 use super::output::Output;
 use super::reply::{Reply, begin_ok, end_ok, write_error};
-use super::request::{CoreContext, Rejected, Request, decode};
+use super::request::{CoreContext, Rejected, Request, Sent, decode, parse_line};
 use crate::stats::{CoreStats, StatsRegistry};
 
 /// Readable bytes every receive buffer must have past its data (simd-json's SIMD reads).
@@ -325,6 +325,8 @@ pub struct Processor<D> {
     context: CoreContext,
     limits: Arc<Limits>,
     scratch: Vec<u8>,
+    /// The line as sent, when parsing it rewrites escaped strings (see [`parse_line`]).
+    pristine: Vec<u8>,
     dispatch: D,
     access: super::access::Access,
 }
@@ -339,6 +341,7 @@ impl<D: Dispatch> Processor<D> {
             context: CoreContext::new(core, stats),
             limits: Arc::new(limits),
             scratch: Vec::new(),
+            pristine: Vec::new(),
             dispatch,
             access: super::access::Access::default(),
         }
@@ -688,10 +691,11 @@ impl<D: Dispatch> Processor<D> {
         }
         self.stats().request();
         let mut tape = std::mem::replace(&mut self.tape, Tape(Vec::new())).reset();
-        let parsed = simd_json::fill_tape_padded(buf, len, &mut self.buffers, &mut tape);
+        let mut pristine = std::mem::take(&mut self.pristine);
+        let (parsed, sent) = parse_line(buf, len, &mut self.buffers, &mut tape, &mut pristine);
         let mut flow = Flow::Continue;
         let code = if !*greeted {
-            if self.greet(parsed.is_ok().then_some(&tape), out) {
+            if self.greet(parsed.is_ok().then_some((&tape, sent)), out) {
                 *greeted = true;
                 Some(0)
             } else {
@@ -702,7 +706,7 @@ impl<D: Dispatch> Processor<D> {
             }
         } else {
             match parsed {
-                Ok(()) => self.dispatch(&tape, out, peer, identity),
+                Ok(()) => self.dispatch(&tape, sent, out, peer, identity),
                 Err(e) => {
                     write_error(
                         out.sink(),
@@ -715,6 +719,7 @@ impl<D: Dispatch> Processor<D> {
             }
         };
         self.tape = tape.reset();
+        self.pristine = pristine;
         if let Some(code) = code {
             self.stats().reply(code);
         }
@@ -723,12 +728,13 @@ impl<D: Dispatch> Processor<D> {
 
     /// Answers the first line (`tape`, if it parsed) of a connection that must present the
     /// token: `"hello"` and true when it is the hello with the right token, else a 401.
-    fn greet(&self, tape: Option<&Tape<'_>>, out: &mut Output) -> bool {
+    fn greet(&self, tape: Option<(&Tape<'_>, Sent<'_>)>, out: &mut Output) -> bool {
         #[derive(serde::Deserialize)]
         struct Hello<'a> {
             token: &'a str,
         }
-        let request = tape.and_then(|tape| decode(tape, &self.empty_params, &self.context, None).ok());
+        let request =
+            tape.and_then(|(tape, sent)| decode(tape, sent, &self.empty_params, &self.context, None).ok());
         let id = request.as_ref().and_then(Request::id);
         let hello = request.as_ref().filter(|r| r.cmdid() == super::access::HELLO);
         let sink = out.sink();
@@ -765,11 +771,12 @@ impl<D: Dispatch> Processor<D> {
     fn dispatch(
         &self,
         tape: &Tape<'_>,
+        sent: Sent<'_>,
         out: &mut Output,
         peer: Option<std::net::SocketAddr>,
         identity: Option<&str>,
     ) -> Option<u16> {
-        let request = match decode(tape, &self.empty_params, &self.context, identity) {
+        let request = match decode(tape, sent, &self.empty_params, &self.context, identity) {
             Ok(request) => request,
             Err(Rejected { error, id }) => {
                 write_error(out.sink(), 400, id, format_args!("{error}"));
