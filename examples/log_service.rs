@@ -15,6 +15,9 @@
 //! - 2001 append `{"record": "<text>"}` → `{"offset": …, "len": …, "batch": …}` once durable
 //!   (where the record lies in its worker's file; `batch`: appends made durable by the same
 //!   sync). A record must be one line (no `\n`).
+//! - 2004 append a structured record: the `params` object itself is the record, stored as the
+//!   caller sent it (spacing, escapes and numbers as they came: the line is not re-encoded) →
+//!   the same answer as 2001. Any JSON object, e.g. `{"level": "warn", "msg": "disk 91%"}`.
 //! - 2002 tail `{"n": 10}` → the last `n` records of each file, read on the blocking pool.
 //! - 2003 stats → `{"appends": …, "syncs": …, "bytes": …, "failed": …, "appends_per_sync": …}`
 //!   over every file since start.
@@ -81,6 +84,17 @@ fn append(ctx: &Ctx<'_, LogService>, request: &Request<'_, '_>, deferred: Deferr
     line.extend_from_slice(record.as_bytes());
     line.push(b'\n');
     // Answered `{"offset":…,"len":…,"batch":…}` once the record is on disk.
+    ctx.append(ctx.local(), &line, deferred);
+    Ok(())
+}
+
+/// 2004: appends the params object, as sent, as the record; answers once it is durable.
+fn append_json(ctx: &Ctx<'_, LogService>, request: &Request<'_, '_>, deferred: Deferred) -> HandlerResult {
+    // A request line holds no newline, so neither does its params.
+    let record = request.params_json().as_bytes();
+    let mut line = Vec::with_capacity(record.len() + 1);
+    line.extend_from_slice(record);
+    line.push(b'\n');
     ctx.append(ctx.local(), &line, deferred);
     Ok(())
 }
@@ -153,6 +167,7 @@ ringcall::routes! {
     LogRoutes for LogService {
         2001 => append,
         2002 => tail,
+        2004 => append_json,
         2003 => stats,
     }
 }

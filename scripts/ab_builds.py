@@ -11,7 +11,7 @@ candidate's `ringcall bench`, pinned to --client-cpu. The order of the runs rota
 round, so drift on a noisy host hits both builds alike.
 
     scripts/ab_builds.py --baseline /path/to/old/ringcall --candidate target/release/ringcall \\
-        --backends uring,epoll --workloads 64x1,16x16,1000x1,16x16@64k --rounds 5
+        --backends uring,epoll --workloads 64x1,16x16,1000x1,16x16@64k,16x16@log1k --rounds 5
 """
 
 import argparse
@@ -79,10 +79,16 @@ def start_server(binary, backend, cpu):
 def run(args, binary, backend, workload):
     server, addr = start_server(binary, backend, args.server_cpu)
     try:
-        # CxP, or CxP@SIZE for echo requests of SIZE bytes (as `ringcall compare` takes).
-        shape, _, size = workload.partition("@")
-        connections, pipeline = shape.split("x")
-        payload = ["--payload-bytes", size] if size else []
+        # CxP, CxP@SIZE for echo requests of SIZE bytes, or CxP@SHAPE for a built-in
+        # realistic request (log1k, blob16k, ...), as `ringcall compare` takes them.
+        load, _, size = workload.partition("@")
+        connections, pipeline = load.split("x")
+        if not size:
+            payload = []
+        elif size[0].isdigit():
+            payload = ["--payload-bytes", size]
+        else:
+            payload = ["--shape", size]
         cpu0, served0 = server_cpu_ns(server.pid), server_requests(addr)
         out = subprocess.run(
             [args.candidate, "bench", "--addr", addr, "-c", connections, "-P", pipeline,

@@ -1,6 +1,7 @@
 //! The log service example, live on every backend: appends are acknowledged with where they
 //! lie, a record acknowledged before `kill -9` is in the files afterwards, a restarted service
-//! appends after what is there, and `tail` reads the records back.
+//! appends after what is there, `tail` reads the records back, and a structured record (the
+//! params object) is stored byte for byte as it was sent.
 
 #[macro_use]
 #[path = "../../tests/common/mod.rs"]
@@ -211,7 +212,40 @@ fn a_full_disk_leaves_no_torn_or_failed_record_and_one_process_owns_a_directory(
     assert_eq!(tail["data"][0]["records"][0], "after restart", "{tail}");
 }
 
+/// 2004 stores the params object byte for byte as it was sent, and tail reads it back so.
+fn structured_records_are_stored_as_sent(backend: Backend) {
+    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
+        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
+        return;
+    }
+    let dir = TempDir::new(&format!("log-json-{backend}"));
+    let args = ["--addr", "127.0.0.1:0", "--threads", "1", "--backend", backend.name(), "--dir"];
+    let args: Vec<&str> = args.iter().copied().chain([dir.0.to_str().unwrap()]).collect();
+    let (_service, addr) = Running::start("log_service", &args);
+    let mut client = Client::connect(addr);
+    // As Python's json.dumps sends it: spaced, non-ASCII as \u escapes; and a number spelled
+    // as no encoder would write it again.
+    let records = [
+        r#"{"level": "warn", "msg": "Z\u00fcrich \"q\"\tend", "n": [1.50, 2e3, -0], "ok": true}"#,
+        r#"{ }"#,
+        r#"{"nested":{"a":{"b":[null,{"c":"\ud83d\ude00"}]}}}"#,
+    ];
+    let mut file_end = 0;
+    for (i, record) in records.iter().enumerate() {
+        let (offset, len, _) =
+            ack(&client.call(&format!("{{\"cmdid\":2004,\"id\":{i},\"params\": {record} }}\n")), i);
+        assert_eq!((offset, len), (file_end, record.len() + 1), "{record}");
+        file_end += len;
+    }
+    let expected: String = records.iter().map(|r| format!("{r}\n")).collect();
+    assert_eq!(String::from_utf8(files(&dir.0).concat()).unwrap(), expected);
+    let tail: serde_json::Value =
+        serde_json::from_str(&client.call("{\"cmdid\":2002,\"params\":{\"n\":3}}\n")).unwrap();
+    assert_eq!(tail["data"][0]["records"], serde_json::json!(records), "{tail}");
+}
+
 every_backend!(
+    structured_records_are_stored_as_sent,
     acknowledged_records_survive_kill_9_and_a_restart_appends_after_them,
     a_full_disk_leaves_no_torn_or_failed_record_and_one_process_owns_a_directory,
 );
