@@ -100,6 +100,15 @@ impl Call {
         Self { cmdid: ringcall_core::HELLO, params: Some(OwnedValue::from(params)) }
     }
 
+    /// The capabilities request asking for notice lines on this connection
+    /// ([`CAPABILITIES`](ringcall_core::CAPABILITIES)): the server then tells the client
+    /// before it closes the connection (docs/protocol.md).
+    pub fn notices() -> Self {
+        let mut params = simd_json::owned::Object::new();
+        params.insert("notices".into(), OwnedValue::from(true));
+        Self { cmdid: ringcall_core::CAPABILITIES, params: Some(OwnedValue::from(params)) }
+    }
+
     /// A call whose params are given as JSON text (must be an object).
     ///
     /// # Errors

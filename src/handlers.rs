@@ -63,6 +63,7 @@ fn write_snapshot(object: &mut ObjectWriter<'_>, s: &StatsSnapshot) {
         .u64("backpressure_pauses", s.backpressure_pauses)
         .u64("idle_timeouts", s.idle_timeouts)
         .u64("hello_timeouts", s.hello_timeouts)
+        .u64("connections_retired", s.connections_retired)
         .u64("deferred_shed", s.deferred_shed)
         .u64("line_timeouts", s.line_timeouts)
         .u64("deferred", s.deferred)

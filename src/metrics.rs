@@ -45,7 +45,7 @@ type PerCore = fn(&StatsSnapshot) -> u64;
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let cores: Vec<StatsSnapshot> = self.0.per_core().collect();
-        let counters: [(&str, &str, PerCore); 15] = [
+        let counters: [(&str, &str, PerCore); 16] = [
             ("connections_accepted", "Connections accepted.", |s| s.connections_total),
             ("connections_closed", "Connections closed.", |s| s.connections_closed),
             ("connections_refused", "Connections refused with a 503 because their core was full.", |s| {
@@ -66,6 +66,9 @@ impl Collector for Scrape {
                 "Connections closed for not finishing their TLS handshake or token hello in time.",
                 |s| s.hello_timeouts,
             ),
+            ("connections_retired", "Connections drained and closed for reaching their maximum age.", |s| {
+                s.connections_retired
+            }),
             ("deferred_replies", "Replies deferred by their handlers.", |s| s.deferred),
             (
                 "deferred_abandoned",

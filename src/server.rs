@@ -205,6 +205,22 @@ impl ServerBuilder {
         self
     }
 
+    /// Drain and close connections this old, like at a shutdown (notice, grace, FIN), so
+    /// they rebalance onto new or restarted servers. See
+    /// [`Limits::max_connection_age`](crate::Limits::max_connection_age).
+    pub fn max_connection_age(mut self, age: Duration) -> Self {
+        self.config.limits.max_connection_age = Some(age);
+        self
+    }
+
+    /// At shutdown, keep serving each connection this long after telling it the server is
+    /// closing it, before FIN (default 0: FIN once what arrived is answered). See
+    /// [`Limits::drain_grace`](crate::Limits::drain_grace).
+    pub fn drain_grace(mut self, grace: Duration) -> Self {
+        self.config.limits.drain_grace = grace;
+        self
+    }
+
     /// Close connections that do not finish a started line within this long.
     pub fn line_timeout(mut self, timeout: Duration) -> Self {
         self.config.limits.line_timeout = timeout;

@@ -2,7 +2,8 @@
 //! would deliver them: peers connect, send bytes (also while asked not to: a read in flight;
 //! also straight into a long line's lent buffer), read some of their replies (also from a lent
 //! send buffer), close, fail; time passes; handlers answer deferred replies
-//! late, with errors, or drop them; the server shuts down. Checked against a model: nothing
+//! late, with errors, or drop them; peers ask for notices; connections reach their age; the
+//! server shuts down (with a drain grace). Checked against a model: nothing
 //! panics; a peer receives only whole reply lines, each a JSON object with a code, never more
 //! replies than complete lines it sent, and never anything after its connection closed; a
 //! connection holds at most its output limit plus one reply and at most `max_deferred`
@@ -111,12 +112,13 @@ enum Op<'a> {
     Shutdown,
 }
 
-const CANNED: [&[u8]; 5] = [
+const CANNED: [&[u8]; 6] = [
     b"{\"cmdid\":3000,\"id\":1}\n",
     b"{\"cmdid\":3000,\"timeout_ms\":50}\n",
     b"{\"cmdid\":3001}\n",
     b"{\"cmdid\":10000,\"params\":{\"s\":\"caf\\u00e9\",\"n\":[1,2.5,true,null]}}\n",
     b"{\"cmdid\":0}\r\n",
+    b"{\"cmdid\":3,\"params\":{\"notices\":true}}\n",
 ];
 
 struct Conn {

@@ -286,6 +286,17 @@ struct ServeArgs {
         value_parser = positive_seconds
     )]
     hello_timeout: f64,
+    /// Seconds a connection keeps being served after the server told it that it is closing
+    /// it (at shutdown): replies say `"closing":true`, clients that asked for notices get a
+    /// notice line, and FIN follows once the grace is over (or the client closed first).
+    /// Give clients that act on the notice time to move their calls: 1 for rolling deploys.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true, value_parser = seconds)]
+    drain_grace: f64,
+    /// Seconds after which a connection is drained and closed like at a shutdown (less up to
+    /// a tenth, at random), so persistent connections are recycled and rebalance onto new or
+    /// restarted servers. Give clients notices and a --drain-grace too.
+    #[arg(long, allow_hyphen_values = true, value_parser = positive_seconds)]
+    max_connection_age: Option<f64>,
     /// Print a one-line stats summary every this many seconds (it is logged at debug level
     /// every 10 s otherwise).
     #[arg(long, allow_hyphen_values = true, value_parser = positive_seconds)]
@@ -467,6 +478,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             deferred_timeout: Some(ringcall::DEFAULT_DEFERRED_TIMEOUT),
             hello_timeout: Duration::from_secs_f64(args.hello_timeout.max(0.001)),
             max_deferred_per_core: ringcall::DEFAULT_MAX_DEFERRED_PER_CORE,
+            drain_grace: Duration::from_secs_f64(args.drain_grace.max(0.0)),
+            max_connection_age: args.max_connection_age.map(Duration::from_secs_f64),
         },
         // `auto` resolved here, so that an error names the backend that failed.
         backend: args.backend.resolve(),

@@ -8,10 +8,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::spawn_server;
+use common::{Load, eventually, spawn_server};
 use ringcall::Backend;
 use ringcall::client::Call;
 use ringcall::pool::{CallOptions, Pool, PoolConfig, PoolError};
@@ -25,15 +24,6 @@ fn config() -> PoolConfig {
     }
 }
 
-/// Waits until `done` holds (a failsafe, not a timing assertion).
-fn eventually(what: &str, done: impl Fn() -> bool) {
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(Instant::now() < give_up, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn every_call_gets_its_own_reply_across_a_kill_and_a_restart() {
     let mut servers: Vec<_> =
@@ -42,36 +32,8 @@ fn every_call_gets_its_own_reply_across_a_kill_and_a_restart() {
     let pool = Arc::new(
         Pool::with_endpoints(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), config()).unwrap(),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let workers: Vec<_> = (0..4)
-        .map(|t| {
-            let (pool, stop, calls) = (pool.clone(), stop.clone(), calls.clone());
-            std::thread::spawn(move || {
-                let mut errors = Vec::new();
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let token = format!("{t}-{i}");
-                    let call = Call::with_params(10000, &serde_json::json!({ "token": token })).unwrap();
-                    match pool.call(&call, CallOptions::idempotent()) {
-                        Ok(reply) => {
-                            assert_eq!(reply.code, 0, "{reply:?}");
-                            let got = ringcall::simd_json::prelude::ValueObjectAccessAsScalar::get_str(
-                                &reply.data,
-                                "token",
-                            );
-                            assert_eq!(got, Some(token.as_str()), "a reply to another call");
-                        }
-                        Err(e) => errors.push(e.to_string()),
-                    }
-                    calls.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-                errors
-            })
-        })
-        .collect();
-    eventually("calls flowing", || calls.load(Ordering::Relaxed) >= 2_000);
+    let load = Load::start(&pool, 4, CallOptions::idempotent());
+    eventually("calls flowing", || load.calls() >= 2_000);
     eventually("every server answering", || pool.status().iter().all(|s| s.answered > 0));
 
     // SIGKILL one server under load.
@@ -80,8 +42,8 @@ fn every_call_gets_its_own_reply_across_a_kill_and_a_restart() {
     victim.wait().unwrap();
     let status = || pool.status().into_iter().find(|s| s.addr == victim_addr.to_string()).unwrap();
     eventually("the dead server taken out", || !status().up);
-    let at_death = calls.load(Ordering::Relaxed);
-    eventually("calls flowing without it", || calls.load(Ordering::Relaxed) >= at_death + 2_000);
+    let at_death = load.calls();
+    eventually("calls flowing without it", || load.calls() >= at_death + 2_000);
 
     // It comes back on its port: the pool probes it back in and sends it calls again.
     let answered_before = status().answered;
@@ -91,8 +53,7 @@ fn every_call_gets_its_own_reply_across_a_kill_and_a_restart() {
     eventually("the restarted server back in", || status().up);
     eventually("the restarted server answering calls", || status().answered >= answered_before + 200);
 
-    stop.store(true, Ordering::Relaxed);
-    let errors: Vec<String> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let (_, errors) = load.finish();
     // Idempotent calls that met the dead server were retried elsewhere within the budget.
     assert!(errors.is_empty(), "{} calls failed: {:?}", errors.len(), &errors[..errors.len().min(5)]);
     for (mut child, _) in servers {

@@ -19,6 +19,10 @@ use super::tls::TlsConfig;
 /// cmdid of the hello that presents the token (a built-in: any server answers it).
 pub const HELLO: u32 = 2;
 
+/// cmdid of the capabilities request every server answers: `{"notices":true}` in its params
+/// asks for notice lines on this connection (docs/protocol.md).
+pub const CAPABILITIES: u32 = 3;
+
 /// cmdid of the built-in ping every server answers (`"pong"`): what a pool probes a
 /// server with.
 pub const PING: u32 = 0;

@@ -86,6 +86,17 @@ pub struct Limits {
     /// defers beyond it gets its request answered 503 at once (load is shed before memory,
     /// descriptors or an upstream run out).
     pub max_deferred_per_core: usize,
+    /// How long a connection the server is closing keeps reading and answering after it was
+    /// told so (if it asked for notices: a notice line, and `"closing":true` on its replies),
+    /// before the server sends FIN: a client that acts on the notice moves its calls
+    /// elsewhere meanwhile, and a request that crossed the notice is answered, not lost.
+    /// Cut short when the peer closes first; bounded by the shutdown timeout.
+    pub drain_grace: Duration,
+    /// Close connections this old, through the same notice and grace as a shutdown, so
+    /// persistent connections are recycled and rebalance onto new or restarted servers
+    /// (`None`: never). Each connection's age is cut by up to a tenth, at random, so those
+    /// opened together do not all reconnect at once.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -98,6 +109,8 @@ impl Default for Limits {
             line_timeout: DEFAULT_LINE_TIMEOUT,
             slow_request: None,
             max_deferred: DEFAULT_MAX_DEFERRED,
+            drain_grace: Duration::ZERO,
+            max_connection_age: None,
             deferred_timeout: Some(DEFAULT_DEFERRED_TIMEOUT),
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
             max_deferred_per_core: DEFAULT_MAX_DEFERRED_PER_CORE,
@@ -207,6 +220,10 @@ pub struct Connection {
     line_started: Option<Instant>,
     /// When the server's shutdown deadline closes this connection.
     drain_deadline: Option<Instant>,
+    /// While draining: until when it keeps serving after the notice, before FIN.
+    grace_until: Option<Instant>,
+    /// While serving: when it is old enough to be closed ([`Limits::max_connection_age`]).
+    retire_at: Option<Instant>,
     /// Until it is admitted (TLS handshake, token hello): when it is closed if not by then.
     admit_by: Option<Instant>,
     /// Shared by every connection of the server (one pointer here, not a copy each).
@@ -293,6 +310,8 @@ impl Connection {
             last_activity: now,
             line_started: None,
             drain_deadline: None,
+            grace_until: None,
+            retire_at: limits.max_connection_age.map(|age| now + jittered(age, now)),
             admit_by: None,
             limits,
             span: tracing::enabled!(tracing::Level::DEBUG)
@@ -787,24 +806,38 @@ impl Connection {
         }
     }
 
-    /// The server is shutting down at `now` and closes what is left at `deadline`: stop
-    /// taking new requests once those that arrived are answered, then FIN.
-    pub fn on_shutdown(&mut self, deadline: Instant) {
-        if self.state == State::Serving {
-            self.state = State::Draining;
-        }
+    /// The server is shutting down at `now` and closes what is left at `deadline`: tell a
+    /// peer that asked for notices (a notice line now, `"closing":true` on its replies from
+    /// now on; a plain peer gets the bytes it always did), keep answering for
+    /// [`Limits::drain_grace`], then FIN once every request that arrived is answered.
+    pub fn on_shutdown(&mut self, now: Instant, deadline: Instant) {
+        self.begin_closing(now, deadline);
         if !matches!(self.state, State::Closed(_)) {
-            self.drain_deadline = Some(deadline);
+            self.drain_deadline = Some(self.drain_deadline.map_or(deadline, |own| own.min(deadline)));
+        }
+    }
+
+    /// A serving connection starts draining at `now`: the notice, the grace (ending by
+    /// `deadline` at the latest), then FIN.
+    fn begin_closing(&mut self, now: Instant, deadline: Instant) {
+        if self.state != State::Serving {
+            return;
+        }
+        self.state = State::Draining;
+        self.retire_at = None;
+        let grace = self.limits.drain_grace;
+        self.grace_until = (!grace.is_zero()).then(|| (now + grace).min(deadline));
+        self.session.mark_closing();
+        if self.session.wants_notices() {
+            super::reply::write_closing_notice(self.out.sink(), grace);
         }
     }
 
     /// The next instant [`on_timeout`](Self::on_timeout) has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let own = self.close_deadline();
-        match (own, self.out.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let grace = self.grace_until.filter(|_| self.state == State::Draining);
+        let retire = self.retire_at.filter(|_| self.state == State::Serving);
+        [self.close_deadline(), self.out.next_deadline(), grace, retire].into_iter().flatten().min()
     }
 
     /// When one of the connection's own deadlines closes it.
@@ -838,6 +871,14 @@ impl Connection {
             self.out.expire(now, stats);
             self.resume_if_below();
         }
+        // Old enough: drained like a shutdown, and closed at the latest a line timeout after
+        // the grace if the peer keeps sending.
+        if self.state == State::Serving && self.retire_at.is_some_and(|at| at <= now) {
+            stats.connection_retired();
+            let deadline = now + self.limits.drain_grace + self.limits.line_timeout;
+            self.begin_closing(now, deadline);
+            self.drain_deadline = Some(deadline);
+        }
         if self.close_deadline().is_none_or(|at| at > now) {
             return;
         }
@@ -863,6 +904,9 @@ impl Connection {
     /// bytes the kernel holds that were not read yet (`FIONREAD`); it is asked only while
     /// draining, where those bytes are requests still owed a reply.
     pub fn poll(&mut self, now: Instant, unread: impl FnOnce() -> usize) -> Step {
+        if self.grace_until.is_some_and(|until| until <= now) {
+            self.grace_until = None;
+        }
         let output_done = self.output_done() && self.session.backlog() == 0;
         match self.state {
             State::Closed(reason) => Step::Close(reason),
@@ -872,7 +916,9 @@ impl Connection {
             }
             State::Desynced if output_done => self.shutdown_write(now),
             State::Refusing if output_done && !self.is_handshaking() => self.shutdown_write(now),
-            State::Draining if output_done && unread() == 0 => self.shutdown_write(now),
+            State::Draining if output_done && self.grace_until.is_none() && unread() == 0 => {
+                self.shutdown_write(now)
+            }
             _ => Step::Wait,
         }
     }
@@ -889,6 +935,16 @@ impl Connection {
         self.state = State::Lingering { since: now };
         Step::ShutdownWrite
     }
+}
+
+/// `age` less up to a tenth of it, picked by hashing `now` (the clock is the only varying
+/// input the core has): connections opened together are not all recycled at once.
+fn jittered(age: Duration, now: Instant) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    now.hash(&mut hasher);
+    let per_mille = u32::try_from(hasher.finish() % 1000).unwrap_or(0);
+    age - age / 10 * per_mille / 1000
 }
 
 /// Every rule, deterministically: the clock is `t0` plus offsets, never the real one.
@@ -958,6 +1014,8 @@ mod tests {
             deferred_timeout: None,
             hello_timeout: Duration::from_secs(10),
             max_deferred_per_core: 1000,
+            drain_grace: Duration::ZERO,
+            max_connection_age: None,
         }
     }
 
@@ -1278,7 +1336,7 @@ mod tests {
     fn draining_answers_what_arrived_waits_for_unread_bytes_then_fins() {
         let (mut f, mut conn) = Fixture::new(limits());
         f.recv(&mut conn, ECHO_LINE, 0);
-        conn.on_shutdown(f.at(10_000));
+        conn.on_shutdown(f.at(0), f.at(10_000));
         assert_eq!(conn.state(), State::Draining);
         assert_eq!(conn.poll(f.at(1), || panic!("not asked while replies are owed")), Step::Wait);
         f.send_all(&mut conn, 1);
@@ -1291,12 +1349,117 @@ mod tests {
         assert_eq!(conn.poll(f.at(3), || 0), Step::Close(CloseReason::Finished));
     }
 
+    const CLOSING_ECHO_REPLY: &[u8] = b"{\"code\":0,\"closing\":true,\"data\":{\"x\":\"0123456789\"}}\n";
+
+    #[test]
+    fn a_peer_that_asked_for_notices_is_told_then_served_through_the_grace_then_fin() {
+        let grace = Duration::from_millis(500);
+        let (mut f, mut conn) = Fixture::new(Limits { drain_grace: grace, ..limits() });
+        f.recv(&mut conn, b"{\"cmdid\":3,\"id\":1,\"params\":{\"notices\":true,\"later\":1}}\n", 0);
+        assert_eq!(f.send_all(&mut conn, 0), b"{\"code\":0,\"id\":1,\"data\":{\"notices\":true}}\n");
+        conn.on_shutdown(f.at(10), f.at(10_000));
+        // The notice goes out at once, on its own line.
+        assert_eq!(f.send_all(&mut conn, 10), b"{\"notice\":\"closing\",\"grace_ms\":500}\n");
+        // A request that crossed it is answered, marked; errors too.
+        f.recv(&mut conn, ECHO_LINE, 100);
+        assert_eq!(f.send_all(&mut conn, 100), CLOSING_ECHO_REPLY);
+        f.recv(&mut conn, b"{\"cmdid\":77777}\n", 101);
+        assert_eq!(
+            f.send_all(&mut conn, 101),
+            b"{\"code\":404,\"closing\":true,\"error\":\"unknown cmdid 77777\"}\n"
+        );
+        assert_eq!(conn.poll(f.at(200), || 0), Step::Wait, "FIN waits for the grace");
+        assert!(conn.wants_read());
+        assert_eq!(conn.poll_timeout(), Some(f.at(510)));
+        assert_eq!(conn.poll(f.at(509), || 0), Step::Wait);
+        conn.on_timeout(f.at(510), f.stats.core(0));
+        assert_eq!(conn.state(), State::Draining);
+        assert_eq!(conn.poll(f.at(510), || 0), Step::ShutdownWrite);
+        conn.on_peer_closed(f.at(511));
+        assert_eq!(conn.poll(f.at(511), || 0), Step::Close(CloseReason::Finished));
+    }
+
+    #[test]
+    fn a_plain_peer_gets_the_same_bytes_through_a_drain_and_its_close_ends_the_grace() {
+        let (mut f, mut conn) = Fixture::new(Limits { drain_grace: Duration::from_secs(5), ..limits() });
+        f.recv(&mut conn, ECHO_LINE, 0);
+        assert_eq!(f.send_all(&mut conn, 0), ECHO_REPLY);
+        conn.on_shutdown(f.at(1), f.at(10_000));
+        assert_eq!(f.send_all(&mut conn, 1), b"", "no line it did not ask for");
+        // Answered through the grace, byte for byte as before the drain.
+        f.recv(&mut conn, ECHO_LINE, 2);
+        assert_eq!(f.send_all(&mut conn, 2), ECHO_REPLY);
+        assert_eq!(conn.poll(f.at(2), || 0), Step::Wait);
+        conn.on_peer_closed(f.at(3));
+        assert_eq!(conn.poll(f.at(3), || 0), Step::Close(CloseReason::PeerClosed));
+    }
+
+    #[test]
+    fn an_old_connection_is_told_drained_and_closed_like_at_a_shutdown() {
+        let age = Duration::from_secs(10);
+        let grace = Duration::from_secs(1);
+        let limits =
+            Limits { max_connection_age: Some(age), drain_grace: grace, idle_timeout: None, ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        f.recv(&mut conn, b"{\"cmdid\":3,\"params\":{\"notices\":true}}\n", 0);
+        f.send_all(&mut conn, 0);
+        // Its age, less at most a tenth.
+        let retire = conn.poll_timeout().expect("an age");
+        assert!(retire >= f.at(9_000) && retire <= f.at(10_000), "{:?}", retire - f.t0);
+        conn.on_timeout(retire - Duration::from_millis(1), f.stats.core(0));
+        assert_eq!(conn.state(), State::Serving);
+        conn.on_timeout(retire, f.stats.core(0));
+        assert_eq!(conn.state(), State::Draining);
+        assert_eq!(f.total().connections_retired, 1);
+        let since = (retire - f.t0).as_millis() as u64;
+        assert_eq!(f.send_all(&mut conn, since), b"{\"notice\":\"closing\",\"grace_ms\":1000}\n");
+        f.recv(&mut conn, ECHO_LINE, since + 10);
+        assert_eq!(f.send_all(&mut conn, since + 10), CLOSING_ECHO_REPLY);
+        assert_eq!(conn.poll(f.at(since + 10), || 0), Step::Wait);
+        assert_eq!(conn.poll_timeout(), Some(retire + grace));
+        assert_eq!(conn.poll(retire + grace, || 0), Step::ShutdownWrite);
+        conn.on_peer_closed(retire + grace);
+        assert_eq!(conn.poll(retire + grace, || 0), Step::Close(CloseReason::Finished));
+    }
+
+    #[test]
+    fn a_peer_that_keeps_sending_past_its_age_and_grace_is_closed_a_line_timeout_later() {
+        let limits =
+            Limits { max_connection_age: Some(Duration::from_secs(10)), idle_timeout: None, ..limits() };
+        let (mut f, mut conn) = Fixture::new(limits);
+        let retire = conn.poll_timeout().expect("an age");
+        conn.on_timeout(retire, f.stats.core(0));
+        let since = (retire - f.t0).as_millis() as u64;
+        f.recv(&mut conn, ECHO_LINE, since);
+        f.send_all(&mut conn, since);
+        // More keeps arriving: no FIN while requests are unread, then the deadline.
+        assert_eq!(conn.poll(f.at(since), || 40), Step::Wait);
+        assert_eq!(conn.poll_timeout(), Some(retire + limits.line_timeout));
+        conn.on_timeout(retire + limits.line_timeout, f.stats.core(0));
+        assert_eq!(conn.state(), State::Closed(CloseReason::ShutdownDeadline));
+    }
+
+    #[test]
+    fn asking_for_notices_takes_only_a_boolean_and_can_be_undone() {
+        let (mut f, mut conn) = Fixture::new(limits());
+        f.recv(&mut conn, b"{\"cmdid\":3,\"params\":{\"notices\":\"yes\"}}\n", 0);
+        let reply = String::from_utf8(f.send_all(&mut conn, 0)).unwrap();
+        assert!(reply.starts_with("{\"code\":400,\"error\":\"params.notices: invalid type"), "{reply}");
+        f.recv(&mut conn, b"{\"cmdid\":3,\"params\":{\"notices\":true}}\n{\"cmdid\":3,\"params\":{\"notices\":false}}\n{\"cmdid\":3}\n", 1);
+        assert_eq!(
+            f.send_all(&mut conn, 1),
+            b"{\"code\":0,\"data\":{\"notices\":true}}\n{\"code\":0,\"data\":{\"notices\":false}}\n{\"code\":0,\"data\":{\"notices\":false}}\n"
+        );
+        conn.on_shutdown(f.at(2), f.at(10_000));
+        assert_eq!(f.send_all(&mut conn, 2), b"");
+    }
+
     #[test]
     fn the_shutdown_deadline_closes_whatever_is_left() {
         let (mut f, mut conn) = Fixture::new(Limits { idle_timeout: None, ..limits() });
         f.recv(&mut conn, ECHO_LINE, 0);
         conn.start_send().unwrap(); // the peer never reads it
-        conn.on_shutdown(f.at(10_000));
+        conn.on_shutdown(f.at(0), f.at(10_000));
         assert_eq!(conn.poll_timeout(), Some(f.at(10_000)));
         conn.on_timeout(f.at(9_999), f.stats.core(0));
         assert_eq!(conn.state(), State::Draining);

@@ -44,7 +44,7 @@ mod tls;
 #[cfg(test)]
 mod testing;
 
-pub use access::{Access, HELLO, HelloToken, PING, TokenError};
+pub use access::{Access, CAPABILITIES, HELLO, HelloToken, PING, TokenError};
 pub use acl::{Acl, AclError};
 pub use connection::{
     CloseReason, Connection, DEFAULT_DEFERRED_TIMEOUT, DEFAULT_HELLO_TIMEOUT, DEFAULT_LINE_TIMEOUT,

@@ -87,7 +87,41 @@ pub struct Output {
     expected: usize,
 }
 
+/// Where the next reply will begin: its buffer (named by the deferral slots before it) and
+/// its offset there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReplyMark {
+    slots: usize,
+    at: usize,
+}
+
+/// Added to every reply of a connection the server is closing (docs/protocol.md).
+const CLOSING: &[u8] = b"\"closing\":true,";
+
 impl Output {
+    /// Where the reply written next will begin.
+    pub(crate) fn reply_mark(&mut self) -> ReplyMark {
+        let slots = self.slots();
+        ReplyMark { slots, at: self.sink().len() }
+    }
+
+    /// Adds `"closing":true` to the reply written since `mark`, if it was written there (not
+    /// deferred): after its `{"code":N,`, which every reply begins with.
+    pub(crate) fn mark_closing(&mut self, mark: ReplyMark) {
+        if self.slots() != mark.slots {
+            return;
+        }
+        let sink = self.sink();
+        if let Some(comma) = sink.get(mark.at..).and_then(|reply| memchr::memchr(b',', reply)) {
+            let at = mark.at + comma + 1;
+            sink.splice(at..at, CLOSING.iter().copied());
+        }
+    }
+
+    fn slots(&self) -> usize {
+        self.deferred.as_ref().map_or(0, |d| d.queue.len())
+    }
+
     /// Where the next reply goes: behind the last deferred reply while one waits, else the
     /// bytes ready to send.
     #[inline]

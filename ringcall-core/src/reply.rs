@@ -203,6 +203,15 @@ pub(crate) fn end_ok(out: &mut Vec<u8>, data_start: usize) {
     out.extend_from_slice(b"}\n");
 }
 
+/// Writes the notice line a connection that asked for notices gets when the server begins
+/// closing it: `{"notice":"closing","grace_ms":N}\n` (no `code`: it answers no request).
+pub(crate) fn write_closing_notice(out: &mut Vec<u8>, grace: std::time::Duration) {
+    out.extend_from_slice(b"{\"notice\":\"closing\",\"grace_ms\":");
+    let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    out.extend_from_slice(itoa::Buffer::new().format(ms).as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
 /// Writes a whole error reply line: `{"code":N,"id":…,"error":"message"}\n`.
 pub(crate) fn write_error(
     out: &mut Vec<u8>,

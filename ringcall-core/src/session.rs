@@ -129,8 +129,8 @@ pub struct Session {
     /// Length of the last line completed in the carry buffer: a new carried line gets that
     /// room up front (a stream of large lines then copies each once, not once per doubling).
     carry_hint: u32,
-    /// The connection may call commands: it presented the token, or none is asked for.
-    greeted: bool,
+    /// What the peer presented and agreed to, and whether the server is closing.
+    terms: Terms,
     /// Bytes received after the output reached its limits (`max_pending_output` reply bytes,
     /// or `max_deferred` pending replies), not read as requests yet: they are read, in order
     /// and before anything received later, once the peer has read its replies
@@ -157,7 +157,18 @@ impl Session {
 
     /// Whether the connection presented the token, or none is asked for.
     pub fn greeted(&self) -> bool {
-        self.greeted
+        self.terms.greeted
+    }
+
+    /// Whether the peer asked for notice lines ([`CAPABILITIES`](crate::CAPABILITIES)).
+    pub fn wants_notices(&self) -> bool {
+        self.terms.notices
+    }
+
+    /// The server is closing this connection: every reply written from now on carries
+    /// `"closing":true` if the peer asked for notices.
+    pub(crate) fn mark_closing(&mut self) {
+        self.terms.closing = true
     }
 
     /// Bytes of the buffer holding incomplete lines, used or not.
@@ -305,6 +316,45 @@ pub trait Dispatch {
     /// Runs the handler of `request`'s cmdid, which answers through `responder` now or
     /// defers. With `timed`, measures when it started and how long it ran.
     fn dispatch(&self, request: &Request<'_, '_>, responder: Responder<'_>, timed: bool) -> Dispatched;
+}
+
+/// What a connection's peer presented and agreed to, and whether the server is closing it:
+/// read and set as its lines are handled.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Terms {
+    /// It may call commands: it presented the token, or none is asked for.
+    greeted: bool,
+    /// It asked for notice lines (`{"cmdid":3,"params":{"notices":true}}`).
+    notices: bool,
+    /// The server is closing it: replies carry `"closing":true` (with `notices`).
+    closing: bool,
+}
+
+/// Answers the capabilities request (cmdid 3): takes the ones this server has that the peer
+/// asked for (unknown names are ignored, so a client may ask for what a later server has)
+/// and replies with every capability now on. Returns the reply code.
+fn negotiate(request: &Request<'_, '_>, terms: &mut Terms, out: &mut Vec<u8>) -> u16 {
+    #[derive(serde::Deserialize)]
+    struct Asked {
+        #[serde(default)]
+        notices: Option<bool>,
+    }
+    match request.params::<Asked>() {
+        Ok(asked) => {
+            if let Some(notices) = asked.notices {
+                terms.notices = notices;
+            }
+            begin_ok(out, request.id());
+            let data_start = out.len();
+            Reply::new(out).object().bool("notices", terms.notices);
+            end_ok(out, data_start);
+            0
+        }
+        Err(e) => {
+            write_error(out, e.code(), request.id(), format_args!("{}", e.message()));
+            e.code()
+        }
+    }
 }
 
 /// What [`Dispatch::dispatch`] did.
@@ -457,8 +507,8 @@ impl<D: Dispatch> Processor<D> {
         out: &mut Output,
         identity: Option<&str>,
     ) -> Flow {
-        if !session.greeted && self.access.token.is_none() {
-            session.greeted = true;
+        if !session.terms.greeted && self.access.token.is_none() {
+            session.terms.greeted = true;
         }
         let max_line = self.limits.max_line;
         let mut pos = 0;
@@ -475,7 +525,7 @@ impl<D: Dispatch> Processor<D> {
             session.carry_hint = u32::try_from(line_len).unwrap_or(u32::MAX);
             carry.resize(line_len + PADDING, 0);
             let peer = session.peer.as_deref().copied();
-            let flow = self.handle_line(carry, line_len, out, peer, identity, &mut session.greeted);
+            let flow = self.handle_line(carry, line_len, out, peer, identity, &mut session.terms);
             // Kept while the next line is carried too (below), so a stream of long lines
             // does not grow the carry from nothing for each.
             carry.clear();
@@ -520,14 +570,14 @@ impl<D: Dispatch> Processor<D> {
             match find_newline(&buf[pos..len]) {
                 Some(nl) if nl > self.limits.max_line => return Err(self.too_long(session, out)),
                 Some(nl) => {
-                    let greeted = &mut session.greeted;
+                    let terms = &mut session.terms;
                     if self.handle_line(
                         &mut buf[pos..],
                         nl,
                         out,
                         session.peer.as_deref().copied(),
                         identity,
-                        greeted,
+                        terms,
                     ) == Flow::Close
                     {
                         return Err(self.refused(session));
@@ -577,7 +627,7 @@ impl<D: Dispatch> Processor<D> {
         // Within the capacity the read left for it: no reallocation.
         buf.resize(total + PADDING, 0);
         let peer = session.peer.as_deref().copied();
-        if self.handle_line(&mut buf, line_len, out, peer, identity, &mut session.greeted) == Flow::Close {
+        if self.handle_line(&mut buf, line_len, out, peer, identity, &mut session.terms) == Flow::Close {
             return self.refused(session);
         }
         match self.lines(session, &mut buf, line_len + 1, total, out, identity) {
@@ -683,20 +733,22 @@ impl<D: Dispatch> Processor<D> {
         out: &mut Output,
         peer: Option<std::net::SocketAddr>,
         identity: Option<&str>,
-        greeted: &mut bool,
+        terms: &mut Terms,
     ) -> Flow {
         let len = content_len(&buf[..len]);
         if is_blank(&buf[..len]) {
             return Flow::Continue;
         }
         self.stats().request();
+        // Only a peer that asked for notices gets the mark: others see the bytes they always did.
+        let reply_at = (terms.closing && terms.notices).then(|| out.reply_mark());
         let mut tape = std::mem::replace(&mut self.tape, Tape(Vec::new())).reset();
         let mut pristine = std::mem::take(&mut self.pristine);
         let (parsed, sent) = parse_line(buf, len, &mut self.buffers, &mut tape, &mut pristine);
         let mut flow = Flow::Continue;
-        let code = if !*greeted {
+        let code = if !terms.greeted {
             if self.greet(parsed.is_ok().then_some((&tape, sent)), out) {
-                *greeted = true;
+                terms.greeted = true;
                 Some(0)
             } else {
                 let peer = peer.map(tracing::field::display);
@@ -706,7 +758,7 @@ impl<D: Dispatch> Processor<D> {
             }
         } else {
             match parsed {
-                Ok(()) => self.dispatch(&tape, sent, out, peer, identity),
+                Ok(()) => self.dispatch(&tape, sent, out, peer, identity, terms),
                 Err(e) => {
                     write_error(
                         out.sink(),
@@ -720,6 +772,9 @@ impl<D: Dispatch> Processor<D> {
         };
         self.tape = tape.reset();
         self.pristine = pristine;
+        if let Some(mark) = reply_at {
+            out.mark_closing(mark);
+        }
         if let Some(code) = code {
             self.stats().reply(code);
         }
@@ -775,6 +830,7 @@ impl<D: Dispatch> Processor<D> {
         out: &mut Output,
         peer: Option<std::net::SocketAddr>,
         identity: Option<&str>,
+        terms: &mut Terms,
     ) -> Option<u16> {
         let request = match decode(tape, sent, &self.empty_params, &self.context, identity) {
             Ok(request) => request,
@@ -783,6 +839,9 @@ impl<D: Dispatch> Processor<D> {
                 return Some(400);
             }
         };
+        if request.cmdid() == super::access::CAPABILITIES {
+            return Some(negotiate(&request, terms, out.sink()));
+        }
         if let Some(code) = self.refused_by_acl(&request, out) {
             return Some(code);
         }

@@ -26,6 +26,7 @@ pub struct CoreStats {
     backpressure_pauses: AtomicU64,
     idle_timeouts: AtomicU64,
     hello_timeouts: AtomicU64,
+    connections_retired: AtomicU64,
     deferred_shed: AtomicU64,
     line_timeouts: AtomicU64,
     deferred: AtomicU64,
@@ -116,6 +117,11 @@ impl CoreStats {
         bump(&self.hello_timeouts, 1);
     }
 
+    /// A connection reached its maximum age and began draining.
+    pub fn connection_retired(&self) {
+        bump(&self.connections_retired, 1);
+    }
+
     /// A connection was closed for not finishing a line within `--line-timeout`.
     #[inline]
     pub fn line_timeout(&self) {
@@ -186,6 +192,7 @@ impl CoreStats {
             backpressure_pauses: self.backpressure_pauses.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
             hello_timeouts: self.hello_timeouts.load(Relaxed),
+            connections_retired: self.connections_retired.load(Relaxed),
             deferred_shed: self.deferred_shed.load(Relaxed),
             line_timeouts: self.line_timeouts.load(Relaxed),
             deferred: self.deferred.load(Relaxed),
@@ -224,6 +231,8 @@ pub struct StatsSnapshot {
     /// Connections closed for not finishing their TLS handshake or token hello within
     /// `--hello-timeout`.
     pub hello_timeouts: u64,
+    /// Connections drained and closed for reaching `--max-connection-age`.
+    pub connections_retired: u64,
     /// Requests answered 503 because `max_deferred_per_core` deferred replies were pending.
     pub deferred_shed: u64,
     /// Connections closed by `--line-timeout`.
@@ -264,6 +273,7 @@ impl StatsSnapshot {
         self.backpressure_pauses += other.backpressure_pauses;
         self.idle_timeouts += other.idle_timeouts;
         self.hello_timeouts += other.hello_timeouts;
+        self.connections_retired += other.connections_retired;
         self.deferred_shed += other.deferred_shed;
         self.line_timeouts += other.line_timeouts;
         self.deferred += other.deferred;

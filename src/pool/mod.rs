@@ -237,20 +237,23 @@ impl Endpoint {
     /// One of its connections (the least busy), connecting it if needed.
     async fn connection(&self, config: &PoolConfig, pick: u64) -> Result<Arc<Mux>, ClientError> {
         let (slot, existing) = {
-            let conns = lock(&self.conns);
-            let live: Vec<(usize, &Arc<Mux>)> = conns
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| c.as_ref().filter(|c| !c.is_closed()).map(|c| (i, c)))
-                .collect();
+            let mut conns = lock(&self.conns);
+            // A connection the server is closing takes nothing new: let it go (it closes
+            // once its outstanding calls are answered) and connect again in its place.
+            for conn in conns.iter_mut() {
+                if conn.as_ref().is_some_and(|c| c.is_closing()) {
+                    conn.take();
+                }
+            }
+            let live: Vec<(usize, &Arc<Mux>)> =
+                conns.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (i, c))).collect();
             if live.len() == conns.len() {
                 let best = live.iter().min_by_key(|(_, c)| c.in_flight()).expect("at least one connection");
                 return Ok(best.1.clone());
             }
             // Fill an empty slot (spread over slots by the caller's random pick).
-            let empty = (0..conns.len())
-                .map(|i| (i + pick as usize) % conns.len())
-                .find(|&i| conns[i].as_ref().is_none_or(|c| c.is_closed()));
+            let empty =
+                (0..conns.len()).map(|i| (i + pick as usize) % conns.len()).find(|&i| conns[i].is_none());
             (empty.expect("a free slot"), live.first().map(|(_, c)| (*c).clone()))
         };
         match Mux::connect(&self.addr, config.connect_timeout, config.tls.as_ref(), config.token.as_ref())

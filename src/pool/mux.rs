@@ -2,6 +2,11 @@
 //! `id`, a reader task matches replies to callers by that id, and a caller learns whether its
 //! request was written before the connection failed (a request whose line never fully
 //! reached the server was never run: the server drops an unterminated line).
+//!
+//! Each connection asks for notices at connect: when the server is about to close it (a
+//! shutdown, a connection's age), a notice line (or `"closing":true` on a reply) marks it
+//! closing — the pool sends it nothing more, its outstanding replies still arrive, and once
+//! the last caller lets go of it its write side closes, so the server can finish early.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +40,8 @@ pub(crate) struct Mux {
     pending: Arc<Mutex<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
     closed: Arc<AtomicBool>,
+    /// The server said it is closing this connection: send nothing new on it.
+    closing: Arc<AtomicBool>,
 }
 
 impl Mux {
@@ -74,9 +81,10 @@ impl Mux {
             pending: Arc::new(Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(1),
             closed: Arc::new(AtomicBool::new(false)),
+            closing: Arc::new(AtomicBool::new(false)),
         });
-        let (pending, closed) = (mux.pending.clone(), mux.closed.clone());
-        tokio::spawn(read_replies(BufReader::new(read), pending, closed));
+        let (pending, closed, closing) = (mux.pending.clone(), mux.closed.clone(), mux.closing.clone());
+        tokio::spawn(read_replies(BufReader::new(read), pending, closed, closing));
         if let Some(token) = token {
             let refused = |why: String| {
                 mux.close();
@@ -93,7 +101,20 @@ impl Mux {
                 }
             }
         }
+        // A server without notices answers 404: the connection works, untold.
+        if let Err(Failure::NotWritten(e) | Failure::Written(e)) =
+            mux.call(&crate::client::Call::notices(), None).await
+        {
+            mux.close();
+            return Err(connect_err(std::io::Error::other(format!("asking for notices failed: {e}"))));
+        }
         Ok(mux)
+    }
+
+    /// Whether the server said it is closing the connection (or it closed): nothing new
+    /// goes on it.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire) || self.is_closed()
     }
 
     /// Whether the connection has failed or closed.
@@ -161,7 +182,12 @@ fn lock(pending: &Mutex<HashMap<u64, Waiter>>) -> std::sync::MutexGuard<'_, Hash
 
 /// Reads replies until the connection ends, handing each to the caller its id names; then
 /// fails every call still waiting.
-async fn read_replies(mut read: Reader, pending: Arc<Mutex<HashMap<u64, Waiter>>>, closed: Arc<AtomicBool>) {
+async fn read_replies(
+    mut read: Reader,
+    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
+    closed: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
+) {
     let mut line = Vec::new();
     let why = loop {
         line.clear();
@@ -171,7 +197,14 @@ async fn read_replies(mut read: Reader, pending: Arc<Mutex<HashMap<u64, Waiter>>
             Ok(_) => {}
             Err(e) => break ClientError::Io(e),
         }
-        let id = reply_id(&mut line.clone());
+        let (id, notice) = reply_id(&mut line.clone());
+        if notice {
+            closing.store(true, Ordering::Release);
+        }
+        if notice && id.is_none() {
+            // A notice line answers no request.
+            continue;
+        }
         let Some(id) = id else {
             // A reply without an id answers no request of ours: a 503 refusal (the server's
             // core was full: nothing it was sent ran) or a 413. It closes the connection.
@@ -205,6 +238,13 @@ async fn read_replies(mut read: Reader, pending: Arc<Mutex<HashMap<u64, Waiter>>
     }
 }
 
-fn reply_id(line: &mut [u8]) -> Option<u64> {
-    simd_json::to_owned_value(line).ok()?.get("id")?.as_u64()
+/// The reply's id, and whether the line says the server is closing the connection (a
+/// notice line, or `"closing":true` on a reply).
+fn reply_id(line: &mut [u8]) -> (Option<u64>, bool) {
+    let Ok(value) = simd_json::to_owned_value(line) else {
+        return (None, false);
+    };
+    let notice = value.get("notice").and_then(|n| n.as_str()) == Some("closing")
+        || value.get("closing").and_then(|c| c.as_bool()) == Some(true);
+    (value.get("id").and_then(|id| id.as_u64()), notice)
 }

@@ -70,3 +70,85 @@ fn spawn_server_with_log(
     }
     (child, addr)
 }
+
+/// Steady load through a [`Pool`](ringcall::pool::Pool): `threads` threads calling echo one
+/// call after another, each call carrying a token its reply must echo (a reply to another
+/// call fails the test).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    workers: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    pub fn start(
+        pool: &std::sync::Arc<ringcall::pool::Pool>,
+        threads: usize,
+        options: ringcall::pool::CallOptions,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let workers = (0..threads)
+            .map(|t| {
+                let (pool, stop, calls, answered) =
+                    (pool.clone(), stop.clone(), calls.clone(), answered.clone());
+                std::thread::spawn(move || {
+                    let mut errors = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let token = format!("{t}-{i}");
+                        let call = ringcall::client::Call::with_params(
+                            10000,
+                            &serde_json::json!({ "token": token }),
+                        )
+                        .unwrap();
+                        match pool.call(&call, options) {
+                            Ok(reply) => {
+                                assert_eq!(reply.code, 0, "{reply:?}");
+                                let got = ringcall::simd_json::prelude::ValueObjectAccessAsScalar::get_str(
+                                    &reply.data,
+                                    "token",
+                                );
+                                assert_eq!(got, Some(token.as_str()), "a reply to another call");
+                                answered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                    errors
+                })
+            })
+            .collect();
+        Self { stop, calls, answered, workers }
+    }
+
+    /// Calls returned so far, answered or failed.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the threads; returns every call's count and the errors of those that failed,
+    /// having checked each call returned exactly once.
+    pub fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let errors: Vec<String> = self.workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        let total = self.calls.load(std::sync::atomic::Ordering::Relaxed);
+        let answered = self.answered.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(answered + errors.len() as u64, total, "every call returned once");
+        (total, errors)
+    }
+}
+
+/// Waits until `done` holds (a failsafe, not a timing assertion).
+pub fn eventually(what: &str, done: impl Fn() -> bool) {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < give_up, "never happened: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -469,7 +469,7 @@ impl<W> Engine<W> {
         }
         if let (Phase::Draining { deadline }, false) = (phase, slot.notified) {
             slot.notified = true;
-            conn.on_shutdown(deadline);
+            conn.on_shutdown(now, deadline);
         }
         if conn.wants_replay() {
             conn.replay(processor, now);
