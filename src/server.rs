@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// Admit a connection only after its first line presents this token
     /// ([`HelloToken`](ringcall_core::HelloToken)); `None`: no hello is asked for.
     pub token: Option<ringcall_core::HelloToken>,
+    /// Share the port with another server process of the same user (`SO_REUSEPORT`): for a
+    /// hand-over, start the new binary with it while the old one serves, then stop the old
+    /// one (docs/operations.md). Off: start-up fails while another process listens there.
+    pub share_port: bool,
 }
 
 /// The default listen address.
@@ -66,6 +70,7 @@ impl Default for ServerConfig {
             tls: None,
             token: None,
             balance_connections: true,
+            share_port: false,
         }
     }
 }
@@ -213,6 +218,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Share the port with another server process of this user, for a hand-over (see
+    /// [`ServerConfig::share_port`]).
+    pub fn share_port(mut self, share: bool) -> Self {
+        self.config.share_port = share;
+        self
+    }
+
     /// At shutdown, keep serving each connection this long after telling it the server is
     /// closing it, before FIN (default 0: FIN once what arrived is answered). See
     /// [`Limits::drain_grace`](crate::Limits::drain_grace).
@@ -348,8 +360,12 @@ impl ServerBuilder {
         // epoll-mt is one work-stealing runtime behind one listener; every other backend
         // runs one worker per core, each with its own SO_REUSEPORT listener.
         let workers_wanted = if config.backend == Backend::EpollMt { 1 } else { threads };
-        let (listeners, local_addr) = sys::reuseport_listeners(config.addr, workers_wanted)
-            .map_err(|e| ServerError::listen(config.addr, e))?;
+        let (listeners, local_addr) = if config.share_port {
+            sys::shared_listeners(config.addr, workers_wanted).map(|listeners| (listeners, config.addr))
+        } else {
+            sys::reuseport_listeners(config.addr, workers_wanted)
+        }
+        .map_err(|e| ServerError::listen(config.addr, e))?;
         if config.tls.is_none() && !local_addr.ip().is_loopback() {
             tracing::warn!(
                 addr = %local_addr,

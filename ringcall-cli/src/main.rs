@@ -297,6 +297,12 @@ struct ServeArgs {
     /// restarted servers. Give clients notices and a --drain-grace too.
     #[arg(long, allow_hyphen_values = true, value_parser = positive_seconds)]
     max_connection_age: Option<f64>,
+    /// Share --addr with another `ringcall serve` of this user (SO_REUSEPORT): for a
+    /// hand-over, start the new server with it while the old one serves, then stop the old
+    /// one with SIGTERM (docs/operations.md). Without it, start-up fails while another
+    /// process listens on the port.
+    #[arg(long)]
+    share_port: bool,
     /// Print a one-line stats summary every this many seconds (it is logged at debug level
     /// every 10 s otherwise).
     #[arg(long, allow_hyphen_values = true, value_parser = positive_seconds)]
@@ -502,6 +508,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         token: args.token_file.as_deref().map(ringcall::HelloToken::from_file).transpose()?,
         balance_connections: !args.no_balance,
+        share_port: args.share_port,
     };
     let server = ringcall::ServerBuilder::config(config.clone())
         .addr(args.addr.as_str())

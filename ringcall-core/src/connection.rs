@@ -1440,6 +1440,17 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_asks_for_notices_while_draining_is_told_at_once() {
+        let (mut f, mut conn) = Fixture::new(Limits { drain_grace: Duration::from_secs(1), ..limits() });
+        conn.on_shutdown(f.at(0), f.at(10_000));
+        f.recv(&mut conn, b"{\"cmdid\":3,\"params\":{\"notices\":true}}\n", 1);
+        assert_eq!(
+            f.send_all(&mut conn, 1),
+            b"{\"code\":0,\"data\":{\"notices\":true}}\n{\"notice\":\"closing\",\"grace_ms\":1000}\n"
+        );
+    }
+
+    #[test]
     fn asking_for_notices_takes_only_a_boolean_and_can_be_undone() {
         let (mut f, mut conn) = Fixture::new(limits());
         f.recv(&mut conn, b"{\"cmdid\":3,\"params\":{\"notices\":\"yes\"}}\n", 0);

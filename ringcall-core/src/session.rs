@@ -332,8 +332,9 @@ pub(crate) struct Terms {
 
 /// Answers the capabilities request (cmdid 3): takes the ones this server has that the peer
 /// asked for (unknown names are ignored, so a client may ask for what a later server has)
-/// and replies with every capability now on. Returns the reply code.
-fn negotiate(request: &Request<'_, '_>, terms: &mut Terms, out: &mut Vec<u8>) -> u16 {
+/// and replies with every capability now on. A peer that asks for notices on a connection
+/// already closing is told at once, after the reply. Returns the reply code.
+fn negotiate(request: &Request<'_, '_>, terms: &mut Terms, out: &mut Vec<u8>, grace: Duration) -> u16 {
     #[derive(serde::Deserialize)]
     struct Asked {
         #[serde(default)]
@@ -348,6 +349,9 @@ fn negotiate(request: &Request<'_, '_>, terms: &mut Terms, out: &mut Vec<u8>) ->
             let data_start = out.len();
             Reply::new(out).object().bool("notices", terms.notices);
             end_ok(out, data_start);
+            if terms.closing && terms.notices {
+                super::reply::write_closing_notice(out, grace);
+            }
             0
         }
         Err(e) => {
@@ -840,7 +844,7 @@ impl<D: Dispatch> Processor<D> {
             }
         };
         if request.cmdid() == super::access::CAPABILITIES {
-            return Some(negotiate(&request, terms, out.sink()));
+            return Some(negotiate(&request, terms, out.sink(), self.limits.drain_grace));
         }
         if let Some(code) = self.refused_by_acl(&request, out) {
             return Some(code);

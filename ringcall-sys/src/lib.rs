@@ -43,7 +43,17 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
 ///
 /// Before that, a plain bind (no `SO_REUSEPORT`) checks that nobody listens there yet:
 /// without it a second server on the same port would silently join the group and take half
-/// the connections. Port 0 is resolved once, so every listener shares the chosen port.
+/// the connections. Port 0 is resolved once, so every listener shares the chosen port. With
+/// `share`, that check is skipped on purpose: the listeners join the group of another
+/// process of the same user on the port (a hand-over to a new binary), or start it.
+pub fn shared_listeners(addr: SocketAddr, n: usize) -> io::Result<Vec<OwnedFd>> {
+    if addr.port() == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "sharing a port needs a port number, not 0"));
+    }
+    (0..n).map(|_| listen(addr, true)).collect()
+}
+
+/// [`shared_listeners`]' counterpart for a port this process must have to itself.
 ///
 /// A port still held by a listener that is being closed (a server killed a moment ago, whose
 /// io_uring ring the kernel tears down asynchronously, holding the listener until then) is
