@@ -51,7 +51,7 @@ def test_a_timed_out_call_never_gets_another_calls_reply(fake_server):
     peer = fake_server(script)
 
     async def main():
-        async with ringcall.AsyncClient("127.0.0.1", peer.port) as client:
+        async with ringcall.AsyncClient("127.0.0.1", peer.port, notices=False) as client:
             first = asyncio.ensure_future(client.call(10000, {"n": 1}, timeout=0.1))
             second = asyncio.ensure_future(client.call(10000, {"n": 2}, timeout=10))
             with pytest.raises(ringcall.TimeoutError):
@@ -78,7 +78,7 @@ def test_a_lost_connection_fails_the_calls_in_flight_and_the_next_call_reconnect
     peer = fake_server(script)
 
     async def main():
-        async with ringcall.AsyncClient("127.0.0.1", peer.port) as client:
+        async with ringcall.AsyncClient("127.0.0.1", peer.port, notices=False) as client:
             with pytest.raises(ringcall.ConnectionError):
                 await client.call(0)
             assert await client.call(0) == "again"

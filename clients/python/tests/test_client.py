@@ -171,7 +171,7 @@ def test_a_timed_out_call_never_gets_another_calls_reply(fake_server):
         reader.read()
 
     peer = fake_server(script)
-    with ringcall.Client("127.0.0.1", peer.port) as client:
+    with ringcall.Client("127.0.0.1", peer.port, notices=False) as client:
         first = client.submit(10000, {"n": 1})
         with pytest.raises(ringcall.TimeoutError):
             first.result(timeout=0.1)
@@ -185,7 +185,7 @@ def test_a_server_that_answers_garbage_is_a_protocol_error(fake_server):
         time.sleep(1)
 
     peer = fake_server(script)
-    with ringcall.Client("127.0.0.1", peer.port) as client:
+    with ringcall.Client("127.0.0.1", peer.port, notices=False) as client:
         with pytest.raises(ringcall.ProtocolError):
             client.call(0)
 

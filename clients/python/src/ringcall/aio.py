@@ -9,7 +9,7 @@ import collections
 import itertools
 
 from ._protocol import CLOSING_CODES, decode_reply, encode_request
-from .client import DEFAULT_PORT, HELLO
+from .client import CAPABILITIES, DEFAULT_PORT, HELLO, notice_in
 from .errors import ConnectionError, ProtocolError, RingcallError, ServerError, TimeoutError
 
 # Longest reply line accepted (the server's own default request limit is 1 MiB; replies can
@@ -22,8 +22,10 @@ class AsyncClient:
 
     ``client = AsyncClient("127.0.0.1", 8889)`` then ``await client.call(10000, {...})``
     returns the reply's ``data``. It connects on first use and again after the connection was
-    lost. Errors are those of the blocking client: :class:`ServerError`, :class:`TimeoutError`,
-    :class:`ConnectionError`.
+    lost, or after the server said it is closing it (``notices``, as for the blocking
+    :class:`Client`: the calls in flight finish on the old connection, new ones go on a new
+    one). Errors are those of the blocking client: :class:`ServerError`,
+    :class:`TimeoutError`, :class:`ConnectionError`.
     """
 
     def __init__(
@@ -36,8 +38,10 @@ class AsyncClient:
         tls=None,
         server_hostname=None,
         token=None,
+        notices=True,
     ):
-        """``tls``, ``server_hostname`` and ``token`` as for the blocking :class:`Client`."""
+        """``tls``, ``server_hostname``, ``token`` and ``notices`` as for the blocking
+        :class:`Client`."""
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -45,20 +49,28 @@ class AsyncClient:
         self._tls = tls
         self._server_hostname = server_hostname
         self._token = token
+        self._notices = notices
         self._ids = itertools.count(1)
         self._writer = None
         self._reader_task = None
         self._in_flight = collections.deque()
         self._broken = None
+        # Per connection: the server said it is closing it.
+        self._closing = {"closing": False}
         self._connecting = None
 
     async def _connect(self):
-        if self._writer is not None and self._broken is None:
+        if self._writer is not None and self._broken is None and not self._closing["closing"]:
             return
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
         try:
             await asyncio.shield(self._connecting)
+        except (ConnectionError, TimeoutError, asyncio.TimeoutError) as e:
+            # The connection failed before any call went on it: none of them ran.
+            if self._writer is not None:
+                self._fail(self._in_flight, f"setting up the connection failed: {e!r}")
+            raise ConnectionError(f"{self.host}:{self.port}: setting up the connection failed: {e!r}", sent=False) from None
         finally:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
@@ -76,22 +88,48 @@ class AsyncClient:
         self._writer = writer
         self._broken = None
         self._in_flight = collections.deque()
-        self._reader_task = asyncio.ensure_future(self._read(reader, self._in_flight))
+        self._closing = {"closing": False}
+        self._reader_task = asyncio.ensure_future(self._read(reader, writer, self._in_flight, self._closing))
         if self._token is not None:
             # The first line of the connection, before any call waiting for it.
-            call_id = next(self._ids)
-            future = asyncio.get_running_loop().create_future()
-            self._in_flight.append((call_id, HELLO, future))
-            writer.write(encode_request(HELLO, {"token": self._token}, call_id))
-            await asyncio.wait_for(future, self.connect_timeout)
+            await self._first(HELLO, {"token": self._token})
+        if self._notices:
+            try:
+                await self._first(CAPABILITIES, {"notices": True})
+            except ServerError as e:
+                if e.code != 404:  # 404: a server from before notices
+                    raise
 
-    async def _read(self, reader, in_flight):
+    async def _first(self, cmdid, params):
+        """A call of the connection's own, before any call waiting for it."""
+        call_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._in_flight.append((call_id, cmdid, future))
+        self._writer.write(encode_request(cmdid, params, call_id))
+        await asyncio.wait_for(future, self.connect_timeout)
+
+    async def _read(self, reader, writer, in_flight, closing):
         reason, kind = "the server closed the connection", ConnectionError
+
+        def let_go_if_done():
+            # Closing and nothing in flight: the write side closes, so the server finishes.
+            if closing["closing"] and not in_flight and writer.can_write_eof():
+                try:
+                    writer.write_eof()
+                except OSError:
+                    pass
+
         try:
             while True:
                 line = await reader.readline()
                 if not line:
                     break
+                notice = notice_in(line)
+                if notice is not None:
+                    closing["closing"] = True
+                if notice == "notice":
+                    let_go_if_done()
+                    continue
                 if not in_flight:
                     reason, kind = f"a reply nobody asked for: {line[:200]!r}", ProtocolError
                     break
@@ -116,18 +154,23 @@ class AsyncClient:
                     continue
                 if not future.done():
                     future.set_result(data)
+                let_go_if_done()
         except (OSError, ValueError, asyncio.IncompleteReadError) as e:
             reason = f"connection lost: {e!r}"
-        self._fail(in_flight, reason, kind)
+        self._fail(in_flight, reason, kind, writer)
 
-    def _fail(self, in_flight, reason, kind=ConnectionError):
-        self._broken = reason
+    def _fail(self, in_flight, reason, kind=ConnectionError, writer=None):
+        """Fails the calls in flight on a connection (the current one unless ``writer``
+        names an older one, which a notice replaced) and closes it."""
+        writer = self._writer if writer is None else writer
+        if writer is self._writer:
+            self._broken = reason
         while in_flight:
             _, _, future = in_flight.popleft()
             if not future.done():
                 future.set_exception(kind(f"{self.host}:{self.port}: {reason}"))
-        if self._writer is not None:
-            self._writer.close()
+        if writer is not None:
+            writer.close()
 
     def submit(self, cmdid, params=None):
         """Sends one call at once if connected, and returns an awaitable of its ``data``."""
@@ -136,7 +179,13 @@ class AsyncClient:
     async def _call(self, cmdid, params):
         call_id = next(self._ids)
         line = encode_request(cmdid, params, call_id)
-        await self._connect()
+        # A connection told to close while this call waited for it takes nothing new.
+        for _ in range(3):
+            await self._connect()
+            if not self._closing["closing"] and self._broken is None:
+                break
+        else:
+            raise ConnectionError(f"{self.host}:{self.port}: every new connection was closing", sent=False)
         future = asyncio.get_running_loop().create_future()
         self._in_flight.append((call_id, cmdid, future))
         self._writer.write(line)

@@ -24,6 +24,20 @@ DEFAULT_PORT = 8889
 #: cmdid of the token hello (servers started with ``--token-file``).
 HELLO = 2
 
+#: cmdid of the capabilities request: ``{"notices": true}`` asks the server to say so before
+#: it closes the connection (a notice line, and ``"closing":true`` on later replies).
+CAPABILITIES = 3
+
+
+def notice_in(line):
+    """Whether ``line`` says the server is closing the connection: a notice line (it answers
+    no call), or a reply marked ``"closing":true`` (right after its code)."""
+    if line.startswith(b'{"notice"'):
+        return "notice"
+    if b'"closing":true' in line[:40]:
+        return "marked"
+    return None
+
 
 def tls_context(cafile, certfile=None, keyfile=None):
     """An ``ssl.SSLContext`` for the ``tls=`` argument of the clients: trusts the CA
@@ -111,6 +125,9 @@ class _Connection:
         self.replied = threading.Condition(self.lock)
         self.buffer = bytearray()
         self.broken = None
+        # The server said it is closing this connection: nothing new goes on it; once its
+        # calls in flight are answered, its write side is closed (so the server can finish).
+        self.closing = False
         if self.tls is not None:
             # Application data that came with the handshake's last flight.
             self.buffer += self._decipher(b"")
@@ -169,6 +186,8 @@ class _Connection:
             with self.lock:
                 if self.broken is not None:
                     raise ConnectionError(f"{self.address}: {self.broken}", sent=False)
+                if self.closing:
+                    raise ConnectionError(f"{self.address}: the server is closing the connection", sent=False)
                 # Appended in the order of the writes: replies come back in that order.
                 self.in_flight.append((call_id, cmdid, future))
             try:
@@ -286,6 +305,12 @@ class _Connection:
 
     def _hand_out(self, line):
         with self.lock:
+            notice = notice_in(line)
+            if notice is not None:
+                self.closing = True
+            if notice == "notice":
+                self._let_go_if_done()
+                return
             if not self.in_flight:
                 self._break(f"a reply nobody asked for: {line[:200]!r}", ProtocolError)
                 return
@@ -301,7 +326,17 @@ class _Connection:
                     self._break(f"the server closed the connection after replying {e.code}")
             except RingcallError as e:
                 future.set_exception(e)
+            self._let_go_if_done()
             self.replied.notify_all()
+
+    def _let_go_if_done(self):
+        """A closing connection with nothing in flight closes its write side: the server
+        sees the client is done and closes without waiting out its grace (with the lock)."""
+        if self.closing and not self.in_flight and self.broken is None:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def _break(self, reason, kind=ConnectionError):
         """Fails every call in flight and closes the socket (with ``self.lock`` held)."""
@@ -339,6 +374,11 @@ class Client:
     ``tls`` (an ``ssl.SSLContext``, e.g. from :func:`tls_context`) speaks TLS, checking the
     server's certificate for ``server_hostname`` (default: ``host``); ``token`` is presented
     as the first line of every connection, for servers started with ``--token-file``.
+
+    With ``notices`` (the default) each connection asks the server to say when it is about to
+    close it (a shutdown, a connection's age): new calls then go on a new connection while
+    the calls in flight are answered on the old one, so a server's graceful restart fails no
+    call. A server from before notices answers the request 404 and is used all the same.
     """
 
     def __init__(
@@ -351,6 +391,7 @@ class Client:
         tls=None,
         server_hostname=None,
         token=None,
+        notices=True,
     ):
         self.host = host
         self.port = port
@@ -358,6 +399,7 @@ class Client:
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self._tls = None if tls is None else (tls, server_hostname)
         self._token = token
+        self._notices = notices
         self._conn = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -365,6 +407,9 @@ class Client:
     def _connection(self):
         with self._lock:
             conn = self._conn
+            if conn is not None and conn.closing and conn.pid == os.getpid():
+                # Its calls in flight finish on it; new ones go on a new connection.
+                conn = self._conn = None
             if conn is not None and (conn.broken is not None or conn.pid != os.getpid()):
                 if conn.pid == os.getpid():
                     conn.close()
@@ -372,8 +417,15 @@ class Client:
                 conn = self._conn = None
             if conn is None:
                 conn = _Connection(self.host, self.port, self.connect_timeout, self._tls)
-                if self._token is not None:
-                    self._hello(conn)
+                try:
+                    if self._token is not None:
+                        self._hello(conn)
+                    if self._notices:
+                        self._ask_notices(conn)
+                except (ConnectionError, TimeoutError) as e:
+                    # The connection failed before any call went on it: none of them ran.
+                    conn.close()
+                    raise ConnectionError(f"{conn.address}: setting up the connection failed: {e}", sent=False) from None
                 self._conn = conn
             return conn
 
@@ -387,12 +439,33 @@ class Client:
             conn.close()
             raise
 
+    def _ask_notices(self, conn):
+        """Asks the server of a new connection for notices; one without them answers 404."""
+        call_id = next(self._ids)
+        line = encode_request(CAPABILITIES, {"notices": True}, call_id)
+        try:
+            conn.send(line, call_id, CAPABILITIES, self.connect_timeout).result()
+        except ServerError as e:
+            if e.code != 404:
+                conn.close()
+                raise
+        except BaseException:
+            conn.close()
+            raise
+
     def submit(self, cmdid, params=None):
         """Sends one call and returns it in flight, a :class:`Call`: ``.result(timeout)``
         gives its ``data``."""
         call_id = next(self._ids)
         line = encode_request(cmdid, params, call_id)
-        return self._connection().send(line, call_id, cmdid, self.timeout)
+        conn = self._connection()
+        try:
+            return conn.send(line, call_id, cmdid, self.timeout)
+        except ConnectionError as e:
+            # The connection was told it is closing just now: nothing was sent; a new one.
+            if e.sent or not conn.closing:
+                raise
+            return self._connection().send(line, call_id, cmdid, self.timeout)
 
     def call(self, cmdid, params=None, *, timeout=None):
         """One call: returns the reply's ``data``."""
