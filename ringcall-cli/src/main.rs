@@ -173,6 +173,12 @@ struct BenchArgs {
     /// only): measures new connections per second, with TLS full handshakes per second.
     #[arg(long, conflicts_with = "rate")]
     reconnect_after: Option<u64>,
+    /// Ask each connection for notices, and when a server says it is closing one (a
+    /// graceful restart, a connection's age), finish its requests in flight and go on over a
+    /// new one: a load that runs across deploys without counting them as errors (closed
+    /// loop; drives connections with tokio rather than the io_uring load engine).
+    #[arg(long, conflicts_with = "rate")]
+    notices: bool,
     #[command(flatten)]
     access: ClientAccessArgs,
 }
@@ -712,6 +718,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             tls: args.access.tls(&args.addr)?,
             token: args.access.token()?,
             requests_per_connection: args.reconnect_after,
+            notices: args.notices,
         },
     };
     let report = ringcall_cli::bench::run(&config)?;

@@ -1,7 +1,8 @@
 //! A one-host hand-over: a new `ringcall serve --share-port` starts on the address while the
 //! old one serves, and the old one is stopped with SIGTERM — under a storm of new connections
-//! (one request each) and steady calls through a pool on persistent connections. No
-//! connection attempt is refused or reset and no call fails.
+//! (one request each), pipelined load on persistent connections (`ringcall bench --notices`)
+//! and steady calls through a pool. No connection attempt is refused or reset and no call
+//! fails.
 //!
 //! Each test runs in a network namespace of its own (so it can set
 //! `net.ipv4.tcp_migrate_req`, which moves the connections still queued on the old server's
@@ -52,13 +53,18 @@ fn a_hand_over_refuses_no_connection_and_fails_no_call(backend: Backend) {
         let (old, _) = spawn_server(backend, &args, None);
         let pool = std::sync::Arc::new(Pool::with_endpoints(&[ADDR], PoolConfig::default()).unwrap());
         let load = Load::start(&pool, 4, CallOptions::default());
-        let storm = std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"))
-            .args(["bench", "--addr", ADDR, "-c", "4", "-P", "1", "--reconnect-after", "1"])
-            .args(["-d", "6", "--warmup", "0", "--output", "json"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn the storm");
+        let bench = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ringcall"))
+                .args(["bench", "--addr", ADDR, "-d", "6", "--warmup", "0", "--output", "json"])
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn ringcall bench")
+        };
+        let storm = bench(&["-c", "4", "-P", "1", "--reconnect-after", "1"]);
+        // Pipelined calls on persistent connections, moved to a new connection on a notice.
+        let pipelined = bench(&["-c", "4", "-P", "16", "--notices"]);
         eventually("calls flowing to the old server", || load.calls() >= 500);
         // The new binary joins the port; then the old one drains and exits.
         let (mut new, _) = spawn_server(backend, &args, None);
@@ -70,12 +76,25 @@ fn a_hand_over_refuses_no_connection_and_fails_no_call(backend: Backend) {
         eventually("calls flowing to the new server", || load.calls() >= after + 2_000);
         let out = storm.wait_with_output().unwrap();
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench's JSON report");
+        let out = pipelined.wait_with_output().unwrap();
+        let moved: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench's JSON report");
         let (total, errors) = load.finish();
         eprintln!(
-            "{backend}: storm {} new connections, {} failed; pool {total} calls, {} failed",
+            "{backend}: storm {} new connections, {} failed; pipelined {} requests over {} connections, {} failed; \
+             pool {total} calls, {} failed",
             report["requests"],
             report["errors"],
+            moved["requests"],
+            moved["connections_opened"],
+            moved["errors"],
             errors.len()
+        );
+        assert!(moved["requests"].as_u64().unwrap() > 0, "{moved}");
+        assert_eq!((&moved["errors"], &moved["invalid_replies"]), (&0.into(), &0.into()), "{moved}");
+        assert_eq!(
+            moved["unanswered"],
+            serde_json::json!({"closed": 0, "reset": 0, "timed_out": 0, "other": 0}),
+            "{moved}"
         );
         assert!(report["requests"].as_u64().unwrap() > 0, "{report}");
         assert_eq!(report["errors"], 0, "connection attempts refused or reset: {report}");

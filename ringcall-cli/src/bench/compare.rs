@@ -610,6 +610,7 @@ pub fn run(config: &CompareConfig) -> Result<Comparison, CompareError> {
                         tls: client_tls.clone().filter(|_| workload.tls),
                         token: None,
                         requests_per_connection: workload.reconnect_after,
+                        notices: false,
                     },
                 };
                 let mut kept = measure(config, server, &bench, workload, round, &pinned)?;

@@ -76,14 +76,25 @@ pub struct ConnectOptions {
     /// Close each connection after this many requests and open a new one (closed loop): the
     /// rate of new connections (with TLS, of full handshakes) under load.
     pub requests_per_connection: Option<u64>,
+    /// Ask each connection for notices (protocol cmdid 3), and when the server says it is
+    /// closing one, send nothing more on it, take its replies, and go on over a new one: a
+    /// load that runs across a server's graceful restart.
+    pub notices: bool,
 }
 
 impl ConnectOptions {
     /// Whether connections are plain TCP, kept for the whole run: what the io_uring load
     /// engine drives (it presents a token itself).
     fn plain_and_persistent(&self) -> bool {
-        self.tls.is_none() && self.requests_per_connection.is_none()
+        self.tls.is_none() && self.requests_per_connection.is_none() && !self.notices
     }
+}
+
+/// Whether a reply line says the server is closing its connection: a notice line, or a reply
+/// marked `"closing":true` (right after its code).
+fn says_closing(line: &[u8]) -> bool {
+    line.starts_with(b"{\"notice\"")
+        || memchr::memmem::find(&line[..line.len().min(40)], b"\"closing\":true").is_some()
 }
 
 impl BenchConfig {
@@ -456,6 +467,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> LoadIo for T {}
 struct Dialer {
     tls: Option<(tokio_rustls::TlsConnector, ringcall::rustls::pki_types::ServerName<'static>)>,
     token: Option<ringcall::HelloToken>,
+    notices: bool,
 }
 
 impl Dialer {
@@ -466,6 +478,7 @@ impl Dialer {
                 .as_ref()
                 .map(|tls| (tokio_rustls::TlsConnector::from(tls.config()), tls.server_name().clone())),
             token: options.token.clone(),
+            notices: options.notices,
         }
     }
 
@@ -475,27 +488,45 @@ impl Dialer {
     }
 
     /// Makes `stream` ready for requests: its TLS handshake, then (with TLS; a plain one is
-    /// greeted before) its token hello.
+    /// greeted before) its token hello, then with notices the request for them.
     async fn upgrade(&self, stream: TcpStream) -> std::io::Result<Box<dyn LoadIo>> {
         stream.set_nodelay(true)?;
-        let Some((connector, name)) = &self.tls else { return Ok(Box::new(stream)) };
-        let mut stream = connector.connect(name.clone(), stream).await?;
-        if let Some(token) = &self.token {
-            stream.write_all(&token.hello_line(0)).await?;
-            stream.flush().await?;
-            let mut reply = Vec::new();
-            let mut byte = [0u8; 256];
-            while !reply.contains(&b'\n') {
-                let n = stream.read(&mut byte).await?;
-                if n == 0 {
-                    return Err(std::io::Error::other("closed before answering the token hello"));
+        let mut stream: Box<dyn LoadIo> = match &self.tls {
+            None => Box::new(stream),
+            Some((connector, name)) => {
+                let mut stream = connector.connect(name.clone(), stream).await?;
+                if let Some(token) = &self.token {
+                    let reply = exchange(&mut stream, &token.hello_line(0)).await?;
+                    check_hello_reply(&reply)?;
                 }
-                reply.extend_from_slice(&byte[..n]);
+                Box::new(stream)
             }
-            check_hello_reply(&reply)?;
+        };
+        if self.notices {
+            // A server from before notices answers 404: the load runs all the same.
+            exchange(&mut stream, b"{\"cmdid\":3,\"params\":{\"notices\":true}}\n").await?;
         }
-        Ok(Box::new(stream))
+        Ok(stream)
     }
+}
+
+/// Writes `line` on a connection with nothing else in flight and reads its reply line.
+async fn exchange(
+    stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    line: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    stream.write_all(line).await?;
+    stream.flush().await?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 256];
+    while !reply.contains(&b'\n') {
+        let n = stream.read(&mut byte).await?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed before answering"));
+        }
+        reply.extend_from_slice(&byte[..n]);
+    }
+    Ok(reply)
 }
 
 /// Presents `token` on a plain stream, before the load starts, and checks the reply.
@@ -551,6 +582,8 @@ async fn connection(
     // Requests this connection may still carry before it is replaced by a new one.
     let per_connection = config.connect.requests_per_connection;
     let mut budget = per_connection.unwrap_or(u64::MAX);
+    // The server said it is closing this connection: nothing new goes on it.
+    let mut closing = false;
 
     if interval.is_none() {
         let now = Instant::now();
@@ -622,6 +655,12 @@ async fn connection(
         while let Some(nl) = memchr::memchr(b'\n', &buf[start..filled]) {
             let line = &buf[start..start + nl];
             start += nl + 1;
+            if config.connect.notices && says_closing(line) {
+                closing = true;
+                if line.starts_with(b"{\"notice\"") {
+                    continue;
+                }
+            }
             match flight.reply(&mut result, line, now) {
                 Reply::Measured => {
                     replies += 1;
@@ -641,11 +680,10 @@ async fn connection(
             // A reply longer than the buffer: grow it.
             buf.resize(buf.len() * 2, 0);
         }
-        if interval.is_none() {
+        if interval.is_none() && !closing {
             flight.issue_up_to(replies as usize, &mut budget, &config, &shared, &mut out, now);
         }
-        if let Some(per_connection) = per_connection
-            && budget == 0
+        if (closing || (per_connection.is_some() && budget == 0))
             && flight.is_empty()
             && !Flight::stopping(&config, &shared)
         {
@@ -663,7 +701,8 @@ async fn connection(
                 result.connects += 1;
             }
             filled = 0;
-            budget = per_connection;
+            budget = per_connection.unwrap_or(u64::MAX);
+            closing = false;
             let now = Instant::now();
             flight.issue_up_to(config.pipeline, &mut budget, &config, &shared, &mut out, now);
         }
