@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Client, Load, eventually, spawn_server};
+use common::{Client, Load, eventually, none_failed, spawn_server};
 use ringcall::Backend;
 use ringcall::pool::{CallOptions, Pool, PoolConfig};
 
@@ -81,18 +81,6 @@ fn a_rolling_restart_fails_no_call(backend: Backend) {
     }
     none_failed(load, &format!("{backend}: through three rolling restarts"));
     kill_all(servers);
-}
-
-/// Stops `load` and checks none of its calls failed (`what` says where, in the output).
-fn none_failed(load: Load, what: &str) {
-    let (total, errors) = load.finish();
-    eprintln!("{what}: {total} calls, {} failed", errors.len());
-    assert!(
-        errors.is_empty(),
-        "{} of {total} calls failed: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
-    );
 }
 
 fn kill_all(servers: Vec<(std::process::Child, std::net::SocketAddr)>) {

@@ -2,7 +2,9 @@
 //! processes on 127.0.0.1, with the committed configuration (only its addresses rewritten).
 //! Connections are spread over the three; one server is killed (SIGKILL) mid-run; every new
 //! connection through HAProxy is then answered by the other two, and the dead server is
-//! marked down by the ping health check.
+//! marked down by the ping health check. And a rolling restart behind it (each server in turn
+//! stopped with SIGTERM and started again) under a pool's calls through HAProxy fails no
+//! call: the servers' notices reach the pool through the proxy.
 
 #[macro_use]
 mod common;
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, spawn_server};
+use common::{Client, Load, eventually, none_failed, spawn_server};
 use ringcall::Backend;
 
 /// Kills what the test started, however it ends.
@@ -105,23 +107,28 @@ fn connections_accepted(addr: SocketAddr) -> u64 {
     total[start..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
 }
 
-#[test]
-fn haproxy_spreads_connections_and_routes_new_ones_around_a_killed_server() {
+/// Three `ringcall serve` (with `args`) behind HAProxy: the children (servers first, HAProxy
+/// last), the servers' addresses, HAProxy's address and its admin socket, once it sees all
+/// three up. `None` where HAProxy is not installed (the test is skipped, or fails in CI).
+fn behind_haproxy(
+    name: &str,
+    args: &[&str],
+) -> Option<(Killed, Vec<SocketAddr>, SocketAddr, PathBuf, PathBuf)> {
     let Some(haproxy) = haproxy() else {
         common::skip(
             "RINGCALL_REQUIRE_HAPROXY",
             "haproxy is not installed (apt-get install haproxy; .ci/run installs it)",
         );
-        return;
+        return None;
     };
     let mut children = Killed(Vec::new());
     let mut servers = Vec::new();
     for _ in 0..3 {
-        let (child, addr) = spawn_server(Backend::Epoll, &["--threads", "1"], None);
+        let (child, addr) = spawn_server(Backend::Epoll, args, None);
         children.0.push(child);
         servers.push(addr);
     }
-    let dir = std::env::temp_dir().join(format!("ringcall-haproxy-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ringcall-haproxy-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let admin = dir.join("admin.sock");
     let frontend = free_port();
@@ -140,6 +147,15 @@ fn haproxy_spreads_connections_and_routes_new_ones_around_a_killed_server() {
     children.0.push(proxy);
     wait_for("three servers up", &admin, |s| s.len() == 3 && s.iter().all(|(_, st)| st == "UP"));
     let through: SocketAddr = format!("127.0.0.1:{frontend}").parse().unwrap();
+    Some((children, servers, through, admin, dir))
+}
+
+#[test]
+fn haproxy_spreads_connections_and_routes_new_ones_around_a_killed_server() {
+    let Some((mut children, servers, through, admin, dir)) = behind_haproxy("kill", &["--threads", "1"])
+    else {
+        return;
+    };
 
     // Persistent connections are spread: leastconn gives each server a third.
     let before: Vec<u64> = servers.iter().map(|&s| connections_accepted(s)).collect();
@@ -185,5 +201,33 @@ fn haproxy_spreads_connections_and_routes_new_ones_around_a_killed_server() {
         assert_eq!(client.call("{\"cmdid\":0}\n"), "{\"code\":0,\"data\":\"pong\"}\n");
     }
     assert!(TcpStream::connect(killed).is_err(), "the killed server is gone");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_rolling_restart_behind_haproxy_fails_no_call() {
+    let args = ["--threads", "1", "--drain-grace", "1"];
+    let Some((mut children, servers, through, admin, dir)) = behind_haproxy("rolling", &args) else {
+        return;
+    };
+    let config = ringcall::pool::PoolConfig { connections_per_endpoint: 6, ..Default::default() };
+    let pool =
+        std::sync::Arc::new(ringcall::pool::Pool::with_endpoints(&[&through.to_string()], config).unwrap());
+    // Not idempotent: a call written before a failure may not be sent again.
+    let load = Load::start(&pool, 8, ringcall::pool::CallOptions::default());
+    eventually("calls flowing", || load.calls() >= 1_000);
+    for (i, addr) in servers.iter().enumerate() {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(children.0[i].id() as libc::pid_t, libc::SIGTERM) }, 0);
+        assert!(children.0[i].wait().unwrap().success(), "{addr} drained and exited cleanly");
+        let (restarted, _) =
+            spawn_server(Backend::Epoll, &[&args[..], &["--addr", &addr.to_string()]].concat(), None);
+        children.0[i] = restarted;
+        let name = format!("ringcall-{}", i + 1);
+        wait_for("the restarted server up", &admin, |s| s.iter().any(|(n, st)| *n == name && st == "UP"));
+        let now = load.calls();
+        eventually("calls flowing after the restart", || load.calls() >= now + 1_000);
+    }
+    none_failed(load, "through HAProxy across three rolling restarts");
     let _ = std::fs::remove_dir_all(&dir);
 }

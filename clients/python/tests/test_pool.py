@@ -23,7 +23,7 @@ def eventually(what, done, within=30.0):
         time.sleep(0.01)
 
 
-@pytest.fixture(params=["uring", "epoll"])
+@pytest.fixture(params=["uring", "tokio-uring", "epoll", "epoll-mt"])
 def three(request):
     servers = [Server(backend=request.param, extra=DRAIN) for _ in range(3)]
     yield request.param, servers

@@ -152,3 +152,15 @@ pub fn eventually(what: &str, done: impl Fn() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// Stops `load` and checks none of its calls failed (`what` says where, in the output).
+pub fn none_failed(load: Load, what: &str) {
+    let (total, errors) = load.finish();
+    eprintln!("{what}: {total} calls, {} failed", errors.len());
+    assert!(
+        errors.is_empty(),
+        "{} of {total} calls failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+}
