@@ -67,9 +67,8 @@ class AsyncClient:
         try:
             await asyncio.shield(self._connecting)
         except (ConnectionError, TimeoutError, asyncio.TimeoutError) as e:
-            # The connection failed before any call went on it: none of them ran.
-            if self._writer is not None:
-                self._fail(self._in_flight, f"setting up the connection failed: {e!r}")
+            # The new connection failed before any call went on it (`_open` closed it): none
+            # of them ran. A connection it replaces keeps serving its calls in flight.
             raise ConnectionError(f"{self.host}:{self.port}: setting up the connection failed: {e!r}", sent=False) from None
         finally:
             if self._connecting is not None and self._connecting.done():
@@ -90,15 +89,19 @@ class AsyncClient:
         self._in_flight = collections.deque()
         self._closing = {"closing": False}
         self._reader_task = asyncio.ensure_future(self._read(reader, writer, self._in_flight, self._closing))
-        if self._token is not None:
-            # The first line of the connection, before any call waiting for it.
-            await self._first(HELLO, {"token": self._token})
-        if self._notices:
-            try:
-                await self._first(CAPABILITIES, {"notices": True})
-            except ServerError as e:
-                if e.code != 404:  # 404: a server from before notices
-                    raise
+        try:
+            if self._token is not None:
+                # The first line of the connection, before any call waiting for it.
+                await self._first(HELLO, {"token": self._token})
+            if self._notices:
+                try:
+                    await self._first(CAPABILITIES, {"notices": True})
+                except ServerError as e:
+                    if e.code != 404:  # 404: a server from before notices
+                        raise
+        except BaseException as e:
+            self._fail(self._in_flight, f"setting up the connection failed: {e!r}", writer=writer)
+            raise
 
     async def _first(self, cmdid, params):
         """A call of the connection's own, before any call waiting for it."""
