@@ -33,6 +33,12 @@ ringcall::routes! {
     Shipped { 10000 => ringcall::handlers::echo }
 }
 
+/// The processor of core 0 of a one-core server routing the shipped echo, counting into
+/// `stats`.
+fn processor(stats: std::sync::Arc<StatsRegistry>, limits: Limits) -> Processor<Dispatcher<Shipped>> {
+    Processor::new(0, Dispatcher::new(0, 1, Arc::new(Shipped)), stats, limits)
+}
+
 fn request_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_path");
     // `metrics`: per-command counts and handler times on, as while metrics are served.
@@ -44,8 +50,7 @@ fn request_path(c: &mut Criterion) {
         if metrics {
             stats.time_handlers();
         }
-        let mut processor =
-            Processor::new(0, Dispatcher::new(0, 1, Arc::new(Shipped)), stats, Limits::default());
+        let mut processor = processor(stats, Limits::default());
         let mut session = Session::new();
         let mut out = Output::at(std::time::Instant::now());
         group.throughput(Throughput::Elements(pipelined as u64));
@@ -74,12 +79,8 @@ fn request_sizes(c: &mut Criterion) {
     for (name, bytes) in [("1KiB", 1 << 10), ("16KiB", 16 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
         let request = echo_request(bytes);
         let len = request.len();
-        let mut processor = Processor::new(
-            0,
-            Dispatcher::new(0, 1, Arc::new(Shipped)),
-            StatsRegistry::new(1),
-            Limits { max_line: 2 << 20, ..Limits::default() },
-        );
+        let mut processor =
+            processor(StatsRegistry::new(1), Limits { max_line: 2 << 20, ..Limits::default() });
         let mut session = Session::new();
         let mut out = Output::at(std::time::Instant::now());
         group.throughput(Throughput::Bytes(len as u64));
@@ -134,12 +135,8 @@ fn request_shapes(c: &mut Criterion) {
         let received = line.repeat(pipelined);
         let len = received.len();
         let mut buf = vec![0; len + PADDING];
-        let mut processor = Processor::new(
-            0,
-            Dispatcher::new(0, 1, Arc::new(Shipped)),
-            StatsRegistry::new(1),
-            Limits { max_pending_output: 4 << 20, ..Limits::default() },
-        );
+        let mut processor =
+            processor(StatsRegistry::new(1), Limits { max_pending_output: 4 << 20, ..Limits::default() });
         let mut session = Session::new();
         let mut out = Output::at(std::time::Instant::now());
         group.throughput(Throughput::Elements(pipelined as u64));

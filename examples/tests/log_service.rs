@@ -35,6 +35,25 @@ fn files(dir: &std::path::Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Whether `backend` runs on this host (without io_uring, `uring` is skipped, or fails where
+/// RINGCALL_REQUIRE_ALL_BACKENDS is set).
+fn runs_here(backend: Backend) -> bool {
+    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
+        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
+        return false;
+    }
+    true
+}
+
+/// The service's arguments: `threads` workers on `backend`, its files in `dir`.
+fn service_args(backend: Backend, threads: &str, dir: &std::path::Path) -> Vec<String> {
+    ["--addr", "127.0.0.1:0", "--threads", threads, "--backend", backend.name(), "--dir"]
+        .into_iter()
+        .map(String::from)
+        .chain([dir.to_str().unwrap().to_owned()])
+        .collect()
+}
+
 /// Sends `n` appends pipelined on one connection and returns their acknowledgements.
 fn append_all(client: &mut Client, round: usize, n: usize) -> Vec<(usize, usize, usize)> {
     let batch: String = (0..n)
@@ -47,13 +66,12 @@ fn append_all(client: &mut Client, round: usize, n: usize) -> Vec<(usize, usize,
 }
 
 fn acknowledged_records_survive_kill_9_and_a_restart_appends_after_them(backend: Backend) {
-    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
-        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
+    if !runs_here(backend) {
         return;
     }
     let dir = TempDir::new(&format!("log-{backend}"));
-    let args = ["--addr", "127.0.0.1:0", "--threads", "2", "--backend", backend.name(), "--dir"];
-    let args: Vec<&str> = args.iter().copied().chain([dir.0.to_str().unwrap()]).collect();
+    let args = service_args(backend, "2", &dir.0);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut acked = Vec::new();
     for round in 0..2 {
         let (service, addr) = Running::start("log_service", &args);
@@ -131,16 +149,15 @@ impl Drop for SmallDisk {
 /// freed and the service restarted, the next record starts a line of its own. A second
 /// process on the same directory is refused at start-up, naming the directory.
 fn a_full_disk_leaves_no_torn_or_failed_record_and_one_process_owns_a_directory(backend: Backend) {
-    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
-        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
+    if !runs_here(backend) {
         return;
     }
     let Some(disk) = SmallDisk::new(&format!("full-{backend}")) else { return };
     let ballast = disk.0.0.join("ballast");
     std::fs::write(&ballast, vec![0u8; 64 << 10]).unwrap();
     let logs = disk.0.0.join("logs");
-    let args = ["--addr", "127.0.0.1:0", "--threads", "1", "--backend", backend.name(), "--dir"];
-    let args: Vec<&str> = args.iter().copied().chain([logs.to_str().unwrap()]).collect();
+    let args = service_args(backend, "1", &logs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (service, addr) = Running::start("log_service", &args);
 
     // A second process on the directory stops at start-up, with the reason.
@@ -214,13 +231,12 @@ fn a_full_disk_leaves_no_torn_or_failed_record_and_one_process_owns_a_directory(
 
 /// 2004 stores the params object byte for byte as it was sent, and tail reads it back so.
 fn structured_records_are_stored_as_sent(backend: Backend) {
-    if backend == Backend::Uring && Backend::Auto.resolve() != Backend::Uring {
-        common::skip("RINGCALL_REQUIRE_ALL_BACKENDS", "io_uring is not available here");
+    if !runs_here(backend) {
         return;
     }
     let dir = TempDir::new(&format!("log-json-{backend}"));
-    let args = ["--addr", "127.0.0.1:0", "--threads", "1", "--backend", backend.name(), "--dir"];
-    let args: Vec<&str> = args.iter().copied().chain([dir.0.to_str().unwrap()]).collect();
+    let args = service_args(backend, "1", &dir.0);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (_service, addr) = Running::start("log_service", &args);
     let mut client = Client::connect(addr);
     // As Python's json.dumps sends it: spaced, non-ASCII as \u escapes; and a number spelled

@@ -11,14 +11,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Client, Load, eventually, none_failed, spawn_server};
+use common::{Client, Load, eventually, none_failed, sigterm, spawn_server};
 use ringcall::Backend;
 use ringcall::pool::{CallOptions, Pool, PoolConfig};
-
-fn sigterm(child: &std::process::Child) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
-}
 
 const ECHO: &str = "{\"cmdid\":10000,\"params\": {\"who\": \"tornado\", \"n\": 1}}\n";
 const ECHO_REPLY: &str = "{\"code\":0,\"data\":{\"who\": \"tornado\", \"n\": 1}}\n";

@@ -69,8 +69,7 @@ fn a_hand_over_refuses_no_connection_and_fails_no_call(backend: Backend) {
         // The new binary joins the port; then the old one drains and exits.
         let (mut new, _) = spawn_server(backend, &args, None);
         let mut old = old;
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(old.id() as libc::pid_t, libc::SIGTERM) }, 0);
+        common::sigterm(&old);
         assert!(old.wait().unwrap().success(), "the old server drained and exited cleanly");
         let after = load.calls();
         eventually("calls flowing to the new server", || load.calls() >= after + 2_000);

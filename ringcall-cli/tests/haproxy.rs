@@ -217,8 +217,7 @@ fn a_rolling_restart_behind_haproxy_fails_no_call() {
     let load = Load::start(&pool, 8, ringcall::pool::CallOptions::default());
     eventually("calls flowing", || load.calls() >= 1_000);
     for (i, addr) in servers.iter().enumerate() {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(children.0[i].id() as libc::pid_t, libc::SIGTERM) }, 0);
+        common::sigterm(&children.0[i]);
         assert!(children.0[i].wait().unwrap().success(), "{addr} drained and exited cleanly");
         let (restarted, _) =
             spawn_server(Backend::Epoll, &[&args[..], &["--addr", &addr.to_string()]].concat(), None);

@@ -164,3 +164,9 @@ pub fn none_failed(load: Load, what: &str) {
         &errors[..errors.len().min(5)]
     );
 }
+
+/// Sends SIGTERM to `child` (the graceful stop).
+pub fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+}

@@ -34,7 +34,7 @@ def notice_in(line):
     no call), or a reply marked ``"closing":true`` (right after its code)."""
     if line.startswith(b'{"notice"'):
         return "notice"
-    if b'"closing":true' in line[:40]:
+    if line.find(b'"closing":true', 0, 40) >= 0:
         return "marked"
     return None
 
